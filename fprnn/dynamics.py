@@ -1,0 +1,83 @@
+"""Network dynamics that share the fixed points r = f(W r + x) (eq 2.2).
+
+Each dynamics is written as a fixed-point map on its own state u, u* = g(u*), so that one
+forward-Euler step with step size dt/τ is u ← u + (dt/τ)(g(u) − u):
+
+- ``rate``     τ dr/dt = −r + f(W r + x)          (eq 2.1), state r, g(r) = f(W r + x)
+- ``voltage``  τ dv/dt = −v + W f(v) + x, r = f(v), state v, g(v) = W f(v) + x
+- ``discrete`` r(n+1) = f(W r(n) + x)             (eq 2.4), state r; a "step" is the map itself
+
+Batches are row-major: u, x are (m, N), rows = samples, so W r is ``r @ W.T``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .activations import Activation
+
+Tensor = torch.Tensor
+#: g(u, rows): the map on the states of the samples ``rows`` (None: all of them).
+StateMap = Callable[[Tensor, "Tensor | None"], Tensor]
+
+
+@dataclass(frozen=True)
+class Dynamics:
+    name: str
+    continuous: bool
+    state_is_voltage: bool = False
+
+    def state_map(self, W: Tensor, x: Tensor, act: Activation) -> StateMap:
+        """The map g whose fixed point is this dynamics' equilibrium, restricted to ``rows``."""
+        if self.state_is_voltage:
+            def g(v: Tensor, rows: Tensor | None = None) -> Tensor:
+                xr = x if rows is None else x[rows]
+                return act.f(v) @ W.T + xr
+        else:
+            def g(r: Tensor, rows: Tensor | None = None) -> Tensor:
+                xr = x if rows is None else x[rows]
+                return act.f(r @ W.T + xr)
+        return g
+
+    def rate(self, u: Tensor, act: Activation) -> Tensor:
+        """Firing rates r from the state u."""
+        return act.f(u) if self.state_is_voltage else u
+
+    def state_from_rate(self, r: Tensor, W: Tensor, x: Tensor) -> Tensor:
+        """The state that corresponds to rates r (at a fixed point v = z = W r + x)."""
+        return r @ W.T + x if self.state_is_voltage else r
+
+    def euler_dt(self, dt: float) -> float:
+        """Step size of one simulated step: dt/τ for continuous time, 1 for the discrete map."""
+        return dt if self.continuous else 1.0
+
+    def stability(self, W: Tensor, gain: Tensor) -> Tensor:
+        """Per-sample stability value s_i of the fixed point with gains ``gain`` (m, N);
+        stable iff s_i < 1. Continuous time (J = (−I + G W)/τ, eq 2.3): s_i = max Re λ(G_i W).
+        Discrete time (eq 2.4): s_i = ρ(G_i W)."""
+        lam = torch.linalg.eigvals(gain.unsqueeze(-1) * W)  # G_i W: row j of W scaled by g_ij
+        return lam.real.amax(-1) if self.continuous else lam.abs().amax(-1)
+
+
+DYNAMICS: dict[str, Dynamics] = {
+    "rate": Dynamics("rate", continuous=True),
+    "voltage": Dynamics("voltage", continuous=True, state_is_voltage=True),
+    "discrete": Dynamics("discrete", continuous=False),
+}
+
+
+def get_dynamics(spec: str | Dynamics) -> Dynamics:
+    if isinstance(spec, Dynamics):
+        return spec
+    try:
+        return DYNAMICS[spec]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown dynamics {spec!r}; choose one of {sorted(DYNAMICS)}") from None
+
+
+def eig_W(W: Tensor) -> tuple[float, float]:
+    """(max Re λ(W), ρ(W)): the authors' proxy for stability, computed on W alone."""
+    lam = torch.linalg.eigvals(W.detach())
+    return float(lam.real.max()), float(lam.abs().max())

@@ -1,0 +1,194 @@
+"""The weight-update rules of Zhu & Rosenbaum (2024) as batched tensor algebra.
+
+Common signature ``rule(W, r, gain, grad_r, lr) -> dW``:
+W (N, N); r, gain = f'(z), grad_r = ∇_r L per sample are (m, N), rows = samples, with
+z = r Wᵀ + x. The result is the mean over samples of the per-sample update, to be *added*:
+W ← W + dW. No rule but ``w1(method="exact")`` forms a per-sample N×N matrix.
+
+With ``return_info=True`` a rule returns ``(dW, info)``; ``info`` holds what the caller needs to
+judge the step (convergence of the adjoint, samples outside w2's domain).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class DomainError(ValueError):
+    """w2's exact step leaves the domain where the reparameterization is invertible."""
+
+
+def _check(W: Tensor, r: Tensor, gain: Tensor, grad_r: Tensor, lr) -> None:
+    if not isinstance(W, Tensor) or W.dim() != 2 or W.shape[0] != W.shape[1]:
+        raise ValueError(f"W must be a square (N, N) tensor, got shape {tuple(getattr(W, 'shape', ()))}")
+    n = W.shape[0]
+    for name, t in (("r", r), ("gain", gain), ("grad_r", grad_r)):
+        if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[1] != n:
+            raise ValueError(
+                f"{name} must be (m, N) = (m, {n}) to match W {tuple(W.shape)}, "
+                f"got shape {tuple(getattr(t, 'shape', ()))}")
+        if t.dtype != W.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but W has {W.dtype}; use one dtype")
+        if t.device != W.device:
+            raise ValueError(f"{name} is on {t.device} but W is on {W.device}")
+    if not (r.shape[0] == gain.shape[0] == grad_r.shape[0]):
+        raise ValueError(f"r, gain, grad_r must have the same number of rows, got shapes "
+                         f"{tuple(r.shape)}, {tuple(gain.shape)}, {tuple(grad_r.shape)}")
+    if r.shape[0] == 0:
+        raise ValueError("the batch is empty (m = 0)")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+
+
+def _out(dW: Tensor, info: dict, return_info: bool):
+    return (dW, info) if return_info else dW
+
+
+# --- the factors of the reparameterized rules (../shared/notes/rules.md) -------------------
+
+def factors(W: Tensor, r: Tensor, gain: Tensor, grad_r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows of a_i = (I − W G_i) G_i δ_i, c_i = (I − G_i W) r_i and b_i = (I − G_i W)ᵀ c_i,
+    so that eq 2.19 reads ΔW3_i = −η a_i b_iᵀ. Cost: three (m×N)·(N×N) products."""
+    gd = gain * grad_r
+    A = gd - (gain * gd) @ W.T
+    C = r - gain * (r @ W.T)
+    B = C - (gain * C) @ W
+    return A, B, C
+
+
+def w3(W, r, gain, grad_r, lr, *, return_info: bool = False):
+    """Linearized reparameterized rule, eq 2.19:
+    ΔW3_i = −η (I − W G_i) G_i δ_i r_iᵀ (I − G_i W)ᵀ (I − G_i W), mean over samples."""
+    _check(W, r, gain, grad_r, lr)
+    A, B, _ = factors(W, r, gain, grad_r)
+    return _out(-(lr / r.shape[0]) * (A.T @ B), {}, return_info)
+
+
+def w2(W, r, gain, grad_r, lr, *, shared_gain: bool = False, return_info: bool = False):
+    """Exact reparameterized rule, eq 2.17 (steepest descent under the metric of eq 2.12).
+
+    The per-sample change of A = [G − G W G]⁻¹ (eq 2.16) is rank one, so by Sherman–Morrison
+    ΔW2_i = −η a_i b_iᵀ / (1 − η κ_i), κ_i = c_iᵀ G_i a_i — no inverse, defined where gains are 0.
+
+    ``shared_gain=True`` (linear model, G = I): the batch form of eq 3.8, one exact step of the
+    batch-averaged ΔA, by Woodbury: ΔW2 = −(η/m) Aᵀ (I_m − (η/m) B Dᵀ)⁻¹ B (an m×m solve).
+
+    A step that leaves the domain (1 − η κ_i ≤ 0, or a singular I_m − (η/m) B Dᵀ) raises
+    :class:`DomainError`; with ``return_info=True`` it is reported as ``info["out_of_domain"]``
+    instead and the returned dW is zero (never inf/NaN)."""
+    _check(W, r, gain, grad_r, lr)
+    m = r.shape[0]
+    A, B, C = factors(W, r, gain, grad_r)
+    if shared_gain:
+        if not bool((gain == 1).all()):
+            raise ValueError("w2(shared_gain=True) is the linear model's batch rule (eq 3.8): "
+                             "it needs gain ≡ 1 (identity activation)")
+        K = torch.eye(m, dtype=W.dtype, device=W.device) - (lr / m) * (B @ grad_r.T)
+        S, info_ = torch.linalg.solve_ex(K, B)
+        dW = -(lr / m) * (A.T @ S)
+        bad = int(info_ != 0) or not bool(torch.isfinite(dW).all())
+        info = {"out_of_domain": int(bool(bad)), "min_denominator": float(torch.linalg.det(K)) if bad else None}
+    else:
+        kappa = (C * gain * A).sum(1)
+        denom = 1 - lr * kappa
+        out = denom <= 0
+        n_out = int(out.sum())
+        info = {"out_of_domain": n_out, "min_denominator": float(denom.min())}
+        dW = -(lr / m) * (A / denom.clamp_min(torch.finfo(W.dtype).tiny).unsqueeze(1)).T @ B
+        if n_out == 0 and not bool(torch.isfinite(dW).all()):
+            info["out_of_domain"] = n_out = m
+    if info["out_of_domain"]:
+        if not return_info:
+            where = (f"{info['out_of_domain']} of {m} samples have 1 − η κ_i ≤ 0 "
+                     f"(min {info['min_denominator']:.3g})" if not shared_gain
+                     else "I_m − (η/m) B Dᵀ is singular")
+            raise DomainError(f"w2 step with lr={lr} leaves the domain of the reparameterization: "
+                              f"{where}; lower lr")
+        dW = torch.zeros_like(W)
+    return _out(dW, info, return_info)
+
+
+def w4(W, r, gain, grad_r, lr, *, return_info: bool = False):
+    """The rule of the authors' published code (reparameterization A = [I − W G]⁻¹, eq 2.18):
+    ΔW4_i = −η (I − W G_i) δ_i r_iᵀ (I − W G_i)ᵀ (I − W G_i)."""
+    _check(W, r, gain, grad_r, lr)
+    A4 = grad_r - (gain * grad_r) @ W.T
+    C4 = r - (gain * r) @ W.T
+    B4 = C4 - gain * (C4 @ W)
+    return _out(-(lr / r.shape[0]) * (A4.T @ B4), {}, return_info)
+
+
+def w1(W, r, gain, grad_r, lr, *, method: str = "exact", tol: float = 1e-8, max_iter: int = 1000,
+       chunk: int = 64, return_info: bool = False):
+    """Euclidean gradient descent, eq 2.6: ΔW1_i = −η G_i (I − G_i W)^{−T} δ_i r_iᵀ = −η p_i r_iᵀ.
+
+    p_i = g_i ⊙ u_i with (I − G_i W)ᵀ u_i = δ_i.
+    - ``method="exact"``: batched LU solves, ``chunk`` samples at a time (O(m N³));
+    - ``method="adjoint"``: the iteration P ← G ⊙ (D + P W) (recurrent backprop), O(k m N²);
+      it converges only while the discrete map is contracting: ``info["converged"]`` says so and,
+      without ``return_info``, non-convergence raises RuntimeError."""
+    _check(W, r, gain, grad_r, lr)
+    m, n = r.shape
+    info: dict = {}
+    if method == "exact":
+        eye = torch.eye(n, dtype=W.dtype, device=W.device)
+        P = torch.empty_like(grad_r)
+        for s in range(0, m, chunk):
+            g = gain[s:s + chunk]
+            M = eye - W.T.unsqueeze(0) * g.unsqueeze(1)              # (I − G_i W)ᵀ = I − Wᵀ G_i
+            U, err = torch.linalg.solve_ex(M, grad_r[s:s + chunk].unsqueeze(-1))
+            if bool((err != 0).any()):
+                info["singular"] = int((err != 0).sum())
+            P[s:s + chunk] = g * U.squeeze(-1)
+        if info.get("singular") and not return_info:
+            raise ValueError(f"w1: I − G_i W is singular for {info['singular']} samples (the fixed "
+                             f"point is not hyperbolic)")
+    elif method == "adjoint":
+        gd = gain * grad_r
+        P = gd.clone()
+        scale = float(gd.abs().max()) or 1.0
+        info["converged"] = False
+        for k in range(1, max_iter + 1):
+            P_new = gd + gain * (P @ W)
+            delta = float((P_new - P).abs().max())
+            P = P_new
+            if not math.isfinite(delta):
+                break
+            if delta <= tol * scale:
+                info["converged"] = True
+                break
+        info["iters"] = k
+        if not info["converged"] and not return_info:
+            raise RuntimeError(f"w1 adjoint iteration did not converge in {k} iterations "
+                               f"(last change {delta:.3g}); the map r ← f(Wr + x) is not "
+                               f"contracting: use method='exact'")
+    else:
+        raise ValueError(f"unknown w1 method {method!r}; choose 'exact' or 'adjoint'")
+    return _out(-(lr / m) * (P.T @ r), info, return_info)
+
+
+def angle(dWa: Tensor, dWb: Tensor) -> float:
+    """θ_αβ = arccos(⟨ΔW_α, ΔW_β⟩_F / (‖ΔW_α‖_F ‖ΔW_β‖_F)) in degrees (section 3.1.6)."""
+    if dWa.shape != dWb.shape:
+        raise ValueError(f"angle needs equal shapes, got {tuple(dWa.shape)} and {tuple(dWb.shape)}")
+    na, nb = torch.linalg.norm(dWa), torch.linalg.norm(dWb)
+    if float(na) == 0 or float(nb) == 0:
+        return float("nan")
+    cos = (dWa * dWb).sum() / (na * nb)
+    return math.degrees(math.acos(max(-1.0, min(1.0, float(cos)))))
+
+
+#: name → rule, for configs and the training loop. ``bptt`` lives on the model (autograd).
+RULES: dict[str, Callable] = {"w1": w1, "w2": w2, "w3": w3, "w4": w4}
+
+
+def get_rule(name: str) -> Callable:
+    try:
+        return RULES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown rule {name!r}; choose one of {sorted(RULES)} (or 'bptt' for "
+                         f"autograd through the unrolled solver)") from None

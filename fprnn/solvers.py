@@ -1,0 +1,292 @@
+"""Batched fixed-point solvers with per-sample stopping.
+
+Every solver takes a map ``g(u, rows)`` (see :mod:`fprnn.dynamics`) and a start ``u0`` (m, N),
+and returns a :class:`Solution`: the states and per-sample stats. The residual of sample i is
+‖g(u_i) − u_i‖∞ at the returned u_i (for rate dynamics: ‖f(W r + x) − r‖∞). A sample stops
+costing compute once its residual is ≤ ``tol``; a sample that does not get there within the
+budget, or whose state stops being finite, is reported in ``converged`` — never hidden.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .dynamics import StateMap
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Solution:
+    u: Tensor                # (m, N) the state at which each residual was measured
+    iters: Tensor            # (m,) evaluations of g spent on each sample
+    residual: Tensor         # (m,) ‖g(u) − u‖∞ per sample
+    converged: Tensor        # (m,) bool: residual ≤ tol (always False for a fixed-step run without tol)
+    tol: float | None = None
+    solver: str = ""
+
+    @property
+    def max_residual(self) -> float:
+        return float(self.residual.max()) if self.residual.numel() else 0.0
+
+    @property
+    def mean_residual(self) -> float:
+        return float(self.residual.mean()) if self.residual.numel() else 0.0
+
+    @property
+    def iters_mean(self) -> float:
+        return float(self.iters.float().mean()) if self.iters.numel() else 0.0
+
+    @property
+    def n_nonconverged(self) -> int:
+        return int((~self.converged).sum())
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "iters": self.iters_mean,
+            "iters_max": float(self.iters.max()) if self.iters.numel() else 0.0,
+            "max_residual": self.max_residual,
+            "mean_residual": self.mean_residual,
+            "nonconverged": float(self.n_nonconverged),
+        }
+
+
+def _check_positive(name: str, value, integer: bool = False, allow_none: bool = False):
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if integer:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        kind = "a positive integer" if integer else "a positive finite number"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+class _Tracker:
+    """Book-keeping shared by the solvers. The solver iterates a *working set* of samples
+    (``rows``; None = all). A sample that finishes (residual ≤ tol, or not finite) has its state
+    recorded and is marked dead; dead rows are dropped from the working set only once they make
+    up ``compact_at`` of it, because compacting copies the solver's whole state."""
+
+    def __init__(self, u0: Tensor, tol: float | None, compact_at: float = 0.25):
+        if u0.dim() != 2:
+            raise ValueError(f"u0 must be (m, N), got shape {tuple(u0.shape)}")
+        m = u0.shape[0]
+        self.tol, self.compact_at = tol, compact_at
+        self.u = u0.clone()
+        self.iters = torch.zeros(m, dtype=torch.long, device=u0.device)
+        self.residual = torch.full((m,), math.inf, dtype=u0.dtype, device=u0.device)
+        self.converged = torch.zeros(m, dtype=torch.bool, device=u0.device)
+        self.rows: Tensor | None = None          # working set (indices into the batch)
+        self.live = torch.ones(m, dtype=torch.bool, device=u0.device)  # over the working set
+        self.done = m == 0
+        self.stalled = torch.zeros(m, dtype=torch.bool, device=u0.device)
+
+    def _orig(self, idx: Tensor) -> Tensor:
+        return idx if self.rows is None else self.rows[idx]
+
+    def _write(self, idx: Tensor, x: Tensor, res: Tensor, k: int) -> None:
+        orig = self._orig(idx)
+        self.u[orig] = x[idx]
+        self.residual[orig] = res[idx]
+        self.iters[orig] = k
+        if self.tol is not None:
+            self.converged[orig] = res[idx] <= self.tol
+
+    def update(self, x: Tensor, res: Tensor, k: int, stalled: Tensor | None = None) -> Tensor | None:
+        """Take the residuals ``res`` of the working set's states ``x`` after ``k`` evaluations
+        (``stalled``: rows that leave unconverged, to be handed to another method).
+        Returns a mask to compact the solver's state with, or None to keep it as it is."""
+        finished = ~torch.isfinite(res)
+        if self.tol is not None:
+            finished |= res <= self.tol
+        if stalled is not None:
+            stalled = stalled & ~finished & self.live
+            finished |= stalled
+        finished &= self.live
+        if not bool(finished.any()):
+            return None
+        self._write(finished.nonzero().squeeze(1), x, res, k)
+        if stalled is not None and bool(stalled.any()):
+            self.stalled[self._orig(stalled.nonzero().squeeze(1))] = True
+        self.live &= ~finished
+        n_live = int(self.live.sum())
+        if n_live == 0:
+            self.done = True
+            return None
+        if n_live > (1 - self.compact_at) * self.live.numel():
+            return None
+        keep = self.live
+        self.rows = self._orig(keep.nonzero().squeeze(1))
+        self.live = torch.ones(n_live, dtype=torch.bool, device=keep.device)
+        return keep
+
+    def finish(self, x: Tensor, res: Tensor, k: int) -> None:
+        """The budget is spent: record the samples still running, unconverged."""
+        if not self.done:
+            self._write(self.live.nonzero().squeeze(1), x, res, k)
+            self.done = True
+
+    def solution(self, name: str) -> Solution:
+        return Solution(self.u, self.iters, self.residual, self.converged, self.tol, name)
+
+
+def _residual(g: StateMap, x: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+    gx = g(x, rows)
+    return gx, (gx - x).abs().amax(1)
+
+
+def iterate(g: StateMap, u0: Tensor, *, tol: float | None = 1e-5, max_iter: int = 500,
+            damping: float = 1.0) -> Solution:
+    """(Damped) fixed-point iteration u ← (1 − α) u + α g(u), α = ``damping``.
+
+    With α = 1 this is the discrete network (eq 2.4); with α = dt/τ it is forward Euler of the
+    continuous one (eq 2.1), which converges wherever the fixed point is stable for the continuous
+    dynamics and α is small enough, also where the plain map oscillates."""
+    _check_positive("tol", tol, allow_none=True)
+    _check_positive("max_iter", max_iter, integer=True)
+    if not (isinstance(damping, (int, float)) and 0 < damping <= 1):
+        raise ValueError(f"damping must be in (0, 1], got {damping!r}")
+    return _iterate(g, u0, tol, int(max_iter), float(damping), "iterate", evals=True).solution("iterate")
+
+
+def _iterate(g, u0, tol, n, damping, name, evals, stall: float = 0.0, window: int = 5):
+    """Damped iteration; with ``stall`` > 0 a sample whose residual has not shrunk by that
+    factor over the last ``window`` steps leaves the loop early (flagged in ``t.stalled``)."""
+    t = _Tracker(u0, tol)
+    x = u0
+    norms = u0.new_zeros(u0.shape[0], window) if stall else None
+    for k in range(n):
+        gx, res = _residual(g, x, t.rows)
+        stalled = None
+        if stall:
+            if k >= window:
+                stalled = res > stall * norms[:, k % window]
+            norms[:, k % window] = res
+        keep = t.update(x, res, k + 1 if evals else k, stalled)
+        if t.done:
+            break
+        x = x + damping * (gx - x)
+        if keep is not None:
+            x = x[keep]
+            if stall:
+                norms = norms[keep]
+    else:
+        t.finish(x, _residual(g, x, t.rows)[1], n + 1 if evals else n)
+    return t
+
+
+def euler(g: StateMap, u0: Tensor, *, dt: float = 0.01, steps: int = 500,
+          tol: float | None = None) -> Solution:
+    """Forward Euler of τ du/dt = −u + g(u) with step dt/τ = ``dt`` for ``steps`` steps;
+    ``iters`` counts steps taken.
+
+    The paper's forward pass is dt/τ = 0.01 for 500 steps from r = 0 (section 3.2); it stops
+    short of the fixed point, which the returned residual shows. With ``tol`` a sample stops
+    early once its residual is ≤ tol."""
+    _check_positive("dt", dt)
+    _check_positive("steps", steps, integer=True)
+    _check_positive("tol", tol, allow_none=True)
+    if dt > 1:
+        raise ValueError(f"dt (= dt/τ) must be ≤ 1, got {dt!r}")
+    return _iterate(g, u0, tol, int(steps), float(dt), "euler", evals=False).solution("euler")
+
+
+def anderson(g: StateMap, u0: Tensor, *, tol: float = 1e-5, max_iter: int = 200,
+             memory: int = 5, damping: float = 1.0, ridge: float = 1e-6,
+             mix_above: float = 0.5) -> Solution:
+    """Anderson acceleration (type II) of u = g(u), batched with a per-sample history.
+
+    Each sample mixes its last ``memory`` evaluations with weights α (Σα = 1) that minimise
+    ‖Σ α_k (g(u_k) − u_k)‖ (relative ``ridge``); the next iterate is
+    ``damping`` · Σ α_k g(u_k) + (1 − damping) · Σ α_k u_k. Being a secant (GMRES-like) method it
+    also converges where the plain map oscillates or diverges (e.g. W = −2I with tanh).
+
+    Safeguarded start, per sample: all samples first take plain damped steps — for random
+    networks Anderson saves few steps and a plain step costs less. A sample whose residual has
+    not shrunk by the factor ``mix_above`` over the last ``memory`` steps (it stalls, oscillates
+    or grows) leaves and continues under Anderson mixing, within the same ``max_iter`` budget.
+    ``mix_above=0`` mixes every sample from the start (classic Anderson)."""
+    _check_positive("tol", tol)
+    _check_positive("max_iter", max_iter, integer=True)
+    _check_positive("memory", memory, integer=True)
+    if not (isinstance(damping, (int, float)) and 0 < damping <= 1):
+        raise ValueError(f"damping must be in (0, 1], got {damping!r}")
+    if not (isinstance(ridge, (int, float)) and ridge >= 0):
+        raise ValueError(f"ridge must be a non-negative number, got {ridge!r}")
+    if not (isinstance(mix_above, (int, float)) and 0 <= mix_above < 1):
+        raise ValueError(f"mix_above must be in [0, 1), got {mix_above!r}")
+    memory, max_iter = int(memory), int(max_iter)
+    if mix_above == 0:
+        return _anderson(g, u0, tol, max_iter, memory, damping, ridge).solution("anderson")
+    t = _iterate(g, u0, tol, max_iter, float(damping), "anderson", evals=True,
+                 stall=float(mix_above), window=memory)
+    if bool(t.stalled.any()):
+        idx = t.stalled.nonzero().squeeze(1)
+        spent = int(t.iters[idx].min())
+        def g_sub(u, rows=None):
+            return g(u, idx if rows is None else idx[rows])
+        t2 = _anderson(g_sub, t.u[idx], tol, max(max_iter - spent, 1), memory, damping, ridge)
+        t.u[idx], t.residual[idx], t.converged[idx] = t2.u, t2.residual, t2.converged
+        t.iters[idx] = (t.iters[idx] + t2.iters).clamp(max=max_iter)
+    return t.solution("anderson")
+
+
+def _anderson(g, u0, tol, max_iter, memory, damping, ridge) -> _Tracker:
+    t = _Tracker(u0, tol)
+    m, n = u0.shape
+    X = u0.new_zeros(m, memory, n)           # past iterates u_k
+    F = u0.new_zeros(m, memory, n)           # past g(u_k)
+    R = u0.new_zeros(m, memory, n)           # past residuals g(u_k) − u_k
+    H = u0.new_zeros(m, memory, memory)      # their Gram matrix, one new row per step
+    eye = torch.eye(memory, dtype=u0.dtype, device=u0.device)
+    tiny = torch.finfo(u0.dtype).tiny
+    x = u0
+    for k in range(max_iter):
+        gx, rn = _residual(g, x, t.rows)
+        keep = t.update(x, rn, k + 1)
+        if t.done:
+            break
+        res = gx - x
+        slot = k % memory
+        X[:, slot], F[:, slot], R[:, slot] = x, gx, res
+        row = (R * res.unsqueeze(1)).sum(-1)
+        H[:, slot, :], H[:, :, slot] = row, row
+        h = min(k + 1, memory)
+        if h == 1:
+            x = x + damping * res
+        else:
+            Hh = H[:, :h, :h]
+            scale = Hh.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(tiny)
+            w, info = torch.linalg.solve_ex(Hh + (ridge * scale)[:, None, None] * eye[:h, :h],
+                                            Hh.new_ones(Hh.shape[0], h, 1))
+            alpha = (w / w.sum(1, keepdim=True)).transpose(1, 2)      # (a, 1, h), Σα = 1
+            new = (alpha @ F[:, :h]).squeeze(1)
+            if damping != 1:
+                new = damping * new + (1 - damping) * (alpha @ X[:, :h]).squeeze(1)
+            ok = (info == 0) & torch.isfinite(new).all(-1)           # else: the plain step
+            x = torch.where(ok.unsqueeze(1), new, x + damping * res)
+        if keep is not None:
+            x, X, F, R, H = x[keep], X[keep], F[keep], R[keep], H[keep]
+    else:
+        t.finish(x, _residual(g, x, t.rows)[1], max_iter + 1)
+    t.iters.clamp_(max=max_iter)
+    return t
+
+
+def direct(W: Tensor, x: Tensor) -> Solution:
+    """Exact fixed point of the linear network r = W r + x (f = identity): one LU solve of
+    (I − W) rᵢ = xᵢ for all samples. Residual is measured, not assumed."""
+    eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+    r = torch.linalg.solve(eye - W, x.T).T
+    res = (r @ W.T + x - r).abs().amax(1)
+    ok = torch.isfinite(res)
+    return Solution(r, torch.ones_like(res, dtype=torch.long), res, ok, None, "direct")
+
+
+#: Solvers that work on any map g(u, rows); ``direct`` needs the linear model (see model.py).
+SOLVERS: dict[str, Callable[..., Solution]] = {"anderson": anderson, "iterate": iterate, "euler": euler}
+ALL_SOLVERS = sorted([*SOLVERS, "direct"])

@@ -1,0 +1,174 @@
+"""Batched rules against per-sample formulas with explicit inverses, finite differences and
+hand-computed cases (float64)."""
+import math
+
+import pytest
+import torch
+
+from fprnn import reference as ref
+from fprnn import rules
+from fprnn.activations import get_activation
+from fprnn.dynamics import get_dynamics
+from fprnn.solvers import anderson
+
+D64 = torch.float64
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def instance(N, m, zeros=False, sigma=0.6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = sigma * torch.randn(N, N, generator=g, dtype=D64) / math.sqrt(N)
+    r = 0.5 * torch.randn(m, N, generator=g, dtype=D64)
+    gain = torch.rand(m, N, generator=g, dtype=D64) * 0.99 + 0.01   # in (0, 1]
+    if zeros:
+        gain[torch.rand(m, N, generator=g) < 0.3] = 0.0
+    D = torch.randn(m, N, generator=g, dtype=D64)
+    return W, r, gain, D
+
+
+SIZES = [(10, 5), (25, 12), (40, 20)]
+
+
+@pytest.mark.parametrize("N,m", SIZES)
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("name", ["w1", "w3", "w4"])
+def test_rule_matches_per_sample_formula(name, N, m, zeros):
+    W, r, gain, D = instance(N, m, zeros)
+    got = rules.RULES[name](W, r, gain, D, 0.3)
+    assert rel(got, getattr(ref, name)(W, r, gain, D, 0.3)) < 1e-10
+
+
+@pytest.mark.parametrize("N,m", SIZES)
+def test_w2_matches_eq_2_17(N, m):
+    W, r, gain, D = instance(N, m)
+    for lr in (0.01, 0.1):
+        assert rel(rules.w2(W, r, gain, D, lr), ref.w2(W, r, gain, D, lr)) < 1e-10
+
+
+def test_w2_with_zero_gains_is_the_limit_of_eq_2_17():
+    """eq 2.17 needs G⁻¹; the inverse-free form is its limit as gains → 0."""
+    W, r, gain, D = instance(20, 8, zeros=True)
+    got = rules.w2(W, r, gain, D, 0.1)
+    errs = []
+    for eps in (1e-3, 1e-4):
+        g_eps = torch.where(gain == 0, torch.full_like(gain, eps), gain)
+        errs.append(rel(got, ref.w2(W, r, g_eps, D, 0.1)))
+    assert errs[1] < 1e-3 and errs[1] < errs[0] / 5
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("N,m", [(12, 5), (30, 10)])
+def test_w2_shared_gain_matches_eq_3_8(N, m):
+    W, r, _, D = instance(N, m)
+    ones = torch.ones_like(r)
+    X = r - r @ W.T                                     # linear model: x = (I − W) r
+    for lr in (0.03, 1.0, 3.0):
+        got = rules.w2(W, r, ones, D, lr, shared_gain=True)
+        assert rel(got, ref.w2_linear_batch(W, X, D, lr)) < 1e-10
+
+
+def test_w2_tends_to_w3_as_lr_goes_to_zero():
+    W, r, gain, D = instance(20, 8)
+    d = [rel(rules.w2(W, r, gain, D, lr) / lr, rules.w3(W, r, gain, D, lr) / lr) for lr in (1e-2, 1e-3, 1e-4)]
+    assert d[0] > d[1] > d[2] and d[2] < 1e-3 and d[1] / d[2] > 5
+
+
+def test_w2_domain_error_and_flag():
+    W, r, gain, D = instance(10, 4)
+    _, B, C = rules.factors(W, r, gain, D)
+    A = rules.factors(W, r, gain, D)[0]
+    kappa = (C * gain * A).sum(1)
+    assert kappa.max() > 0
+    lr = 2.0 / float(kappa.max())                       # 1 − η κ_i = −1 for the largest κ
+    with pytest.raises(rules.DomainError, match=r"1 − η κ_i ≤ 0"):
+        rules.w2(W, r, gain, D, lr)
+    dW, info = rules.w2(W, r, gain, D, lr, return_info=True)
+    assert info["out_of_domain"] >= 1 and torch.isfinite(dW).all() and float(dW.abs().max()) == 0
+
+
+def test_w1_equals_finite_differences_of_the_loss_at_the_fixed_point():
+    """−ΔW1/η is ∇_W J where J(W) = (1/m) Σ ½‖r_i(W) − y_i‖², r_i solved to 1e-13."""
+    N, m = 15, 6
+    act, dyn = get_activation("tanh"), get_dynamics("rate")
+    g = torch.Generator().manual_seed(1)
+    W = 0.7 * torch.randn(N, N, generator=g, dtype=D64) / math.sqrt(N)
+    x = torch.randn(m, N, generator=g, dtype=D64)
+    y = torch.randn(m, N, generator=g, dtype=D64)
+
+    def solve(W):
+        sol = anderson(dyn.state_map(W, x, act), torch.zeros_like(x), tol=1e-14, max_iter=500)
+        assert bool(sol.converged.all())
+        return sol.u
+
+    def J(W):
+        return 0.5 * ((solve(W) - y) ** 2).sum(1).mean()
+
+    r = solve(W)
+    gain = act.df(r @ W.T + x)
+    dW1 = rules.w1(W, r, gain, r - y, 1.0)
+    for s in range(3):
+        E = torch.randn(N, N, generator=g, dtype=D64)
+        h = 1e-5
+        fd = (J(W + h * E) - J(W - h * E)) / (2 * h)
+        assert abs(float(fd) - float((-dW1 * E).sum())) < 1e-8 * max(1.0, abs(float(fd)))
+
+
+def test_w1_adjoint_and_its_failure_report():
+    W, r, gain, D = instance(20, 6, sigma=0.5)
+    dW, info = rules.w1(W, r, gain, D, 0.2, method="adjoint", tol=1e-14, return_info=True)
+    assert info["converged"] and rel(dW, ref.w1(W, r, gain, D, 0.2)) < 1e-10
+    Wbig = 3.0 * torch.eye(20, dtype=D64)
+    ones = torch.ones_like(r)
+    _, info = rules.w1(Wbig, r, ones * 0.9, D, 0.2, method="adjoint", max_iter=50, return_info=True)
+    assert info["converged"] is False and info["iters"] <= 50
+    with pytest.raises(RuntimeError, match="did not converge"):
+        rules.w1(Wbig, r, ones * 0.9, D, 0.2, method="adjoint", max_iter=50)
+
+
+def test_angle_hand_computed():
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    assert rules.angle(a, torch.tensor([[1.0, 1.0], [0.0, 0.0]])) == pytest.approx(45.0)
+    assert rules.angle(a, torch.tensor([[0.0, 0.0], [0.0, 2.0]])) == pytest.approx(90.0)
+    assert rules.angle(a, -3 * a) == pytest.approx(180.0)
+    assert rules.angle(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, math.sqrt(3)]])) == pytest.approx(60.0)
+
+
+@pytest.mark.parametrize("name", ["w1", "w2", "w3", "w4"])
+def test_rules_reject_bad_input_with_shapes(name):
+    W, r, gain, D = instance(6, 3)
+    rule = rules.RULES[name]
+    with pytest.raises(ValueError, match=r"grad_r must be \(m, N\) = \(m, 6\).*\(3, 5\)"):
+        rule(W, r, gain, D[:, :5], 0.1)
+    with pytest.raises(ValueError, match="gain has dtype torch.float32 but W has torch.float64"):
+        rule(W, r, gain.float(), D, 0.1)
+    with pytest.raises(ValueError, match="same number of rows"):
+        rule(W, r, gain[:2], D, 0.1)
+    with pytest.raises(ValueError, match="lr must be a positive finite number, got -1"):
+        rule(W, r, gain, D, -1)
+    with pytest.raises(ValueError, match="lr must be a positive finite number, got nan"):
+        rule(W, r, gain, D, float("nan"))
+    with pytest.raises(ValueError, match=r"W must be a square"):
+        rule(W[:, :5], r, gain, D, 0.1)
+
+
+def test_unknown_rule_lists_choices():
+    with pytest.raises(ValueError, match=r"unknown rule 'w9'.*\['w1', 'w2', 'w3', 'w4'\]"):
+        rules.get_rule("w9")
+
+
+def test_no_per_sample_matrices_in_fast_rules():
+    """w2, w3, w4 never form an (m, N, N) tensor; w1-exact does (one LU per sample)."""
+    W, r, gain, D = instance(64, 32)
+
+    def shapes(fn):
+        with torch.autograd.profiler.profile(record_shapes=True) as prof:
+            fn(W, r, gain, D, 0.01)
+        return {tuple(s) for ev in prof.function_events for s in (ev.input_shapes or []) if s}
+
+    for name in ("w2", "w3", "w4"):
+        seen = shapes(rules.RULES[name])
+        assert (32, 64) in seen and not any(len(s) == 3 and s[-2:] == (64, 64) for s in seen), name
+    assert any(len(s) == 3 and s[-2:] == (64, 64) for s in shapes(rules.w1))
