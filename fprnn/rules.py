@@ -123,7 +123,7 @@ def w4(W, r, gain, grad_r, lr, *, return_info: bool = False):
 
 
 def w1(W, r, gain, grad_r, lr, *, method: str = "exact", tol: float = 1e-8, max_iter: int = 1000,
-       chunk: int = 64, return_info: bool = False):
+       chunk: int = 32, return_info: bool = False):
     """Euclidean gradient descent, eq 2.6: ΔW1_i = −η G_i (I − G_i W)^{−T} δ_i r_iᵀ = −η p_i r_iᵀ.
 
     p_i = g_i ⊙ u_i with (I − G_i W)ᵀ u_i = δ_i.

@@ -154,26 +154,25 @@ def iterate(g: StateMap, u0: Tensor, *, tol: float | None = 1e-5, max_iter: int 
 
 
 def _iterate(g, u0, tol, n, damping, name, evals, stall: float = 0.0, window: int = 5):
-    """Damped iteration; with ``stall`` > 0 a sample whose residual has not shrunk by that
-    factor over the last ``window`` steps leaves the loop early (flagged in ``t.stalled``)."""
+    """Damped iteration; with ``stall`` > 0, every ``window`` steps a sample whose residual has
+    not shrunk by that factor since the last check leaves the loop (flagged in ``t.stalled``)."""
     t = _Tracker(u0, tol)
-    x = u0
-    norms = u0.new_zeros(u0.shape[0], window) if stall else None
+    x, last = u0, None
     for k in range(n):
         gx, res = _residual(g, x, t.rows)
         stalled = None
-        if stall:
-            if k >= window:
-                stalled = res > stall * norms[:, k % window]
-            norms[:, k % window] = res
+        if stall and k % window == 0:
+            if last is not None:
+                stalled = res > stall * last
+            last = res
         keep = t.update(x, res, k + 1 if evals else k, stalled)
         if t.done:
             break
         x = x + damping * (gx - x)
         if keep is not None:
             x = x[keep]
-            if stall:
-                norms = norms[keep]
+            if last is not None:
+                last = last[keep]
     else:
         t.finish(x, _residual(g, x, t.rows)[1], n + 1 if evals else n)
     return t
@@ -197,7 +196,7 @@ def euler(g: StateMap, u0: Tensor, *, dt: float = 0.01, steps: int = 500,
 
 def anderson(g: StateMap, u0: Tensor, *, tol: float = 1e-5, max_iter: int = 200,
              memory: int = 5, damping: float = 1.0, ridge: float = 1e-6,
-             mix_above: float = 0.5) -> Solution:
+             mix_above: float = 0.95) -> Solution:
     """Anderson acceleration (type II) of u = g(u), batched with a per-sample history.
 
     Each sample mixes its last ``memory`` evaluations with weights α (Σα = 1) that minimise

@@ -1,0 +1,148 @@
+"""Benchmark of the core: ``python -m fprnn.bench`` prints tables of
+
+1. each rule at m=512, N=300, tanh, float32, against per-sample Python loops (the authors'
+   approach, :mod:`fprnn.reference`) and one (m×N)·(N×N) matmul, as ratios in the same run;
+2. each solver's iterations and milliseconds to residual 1e-5 from r = 0, for Gaussian and MNIST
+   inputs, at W = 0.5 Z/√N and W = 0.95 Z/√N and at W scaled to ρ(W) = 0.95, plus the residual
+   the paper's forward pass (Euler, dt/τ 0.01 × 500) leaves.
+
+Times are medians of interleaved repeats; the machine is shared, so read ratios, not absolutes.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+import torch
+
+from . import reference, rules, solvers
+from .activations import get_activation
+from .dynamics import get_dynamics
+
+
+def timeit(fn, repeats: int) -> float:
+    """Median wall time of fn() in ms (after one warm-up call)."""
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(ts)
+
+
+def table(title: str, header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    w = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.rjust(w[i]) for i, c in enumerate(r)) + " |"
+    out = [f"\n## {title}", line(cells[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|"]
+    return "\n".join(out + [line(r) for r in cells[1:]])
+
+
+def bench_rules(m: int, N: int, repeats: int, loop_samples: int) -> str:
+    g = torch.Generator().manual_seed(0)
+    W = 0.5 * torch.randn(N, N, generator=g) / math.sqrt(N)
+    x = torch.randn(m, N, generator=g)
+    act, dyn = get_activation("tanh"), get_dynamics("rate")
+    r = solvers.anderson(dyn.state_map(W, x, act), torch.zeros_like(x)).u
+    gain = act.df(r @ W.T + x)
+    D = 0.1 * torch.randn(m, N, generator=g)
+    lr = 0.1
+    t_mm = timeit(lambda: r @ W.T, repeats * 5)
+    # The loops run on `loop_samples` samples and are scaled to m: they are linear in m.
+    k = min(loop_samples, m)
+    scale = m / k
+    loops = {
+        "w1": scale * timeit(lambda: reference.w1(W, r[:k], gain[:k], D[:k], lr), 1),
+        "w3": scale * timeit(lambda: reference.w3(W, r[:k], gain[:k], D[:k], lr), 1),
+    }
+    rows = []
+    for name, fn in [("w1 (exact)", lambda: rules.w1(W, r, gain, D, lr)),
+                     ("w1 (adjoint)", lambda: rules.w1(W, r, gain, D, lr, method="adjoint", tol=1e-6)),
+                     ("w2", lambda: rules.w2(W, r, gain, D, lr)),
+                     ("w3", lambda: rules.w3(W, r, gain, D, lr)),
+                     ("w4", lambda: rules.w4(W, r, gain, D, lr))]:
+        t = timeit(fn, repeats)
+        base = name.split()[0]
+        loop = loops.get(base, loops["w3"] if base in ("w2", "w4") else None)
+        rows.append([name, t, t / t_mm, loop if base in loops else "", loop / t if loop else ""])
+    rows.append(["per-sample loop w1", loops["w1"], loops["w1"] / t_mm, "", ""])
+    rows.append(["per-sample loop w3", loops["w3"], loops["w3"] / t_mm, "", ""])
+    rows.append(["one (m×N)·(N×N) matmul", t_mm, 1.0, "", ""])
+    return table(f"Rules: m={m}, N={N}, tanh, float32 (loops timed on {k} samples, scaled to m)",
+                 ["rule", "ms", "× matmul", "loop ms", "loop / rule (w2, w4 vs w3's loop)"], rows)
+
+
+def _weights(N: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    Z = torch.randn(N, N, generator=g) / math.sqrt(N)
+    rho = float(torch.linalg.eigvals(Z).abs().max())
+    return {"0.5 Z/√N": 0.5 * Z, "0.95 Z/√N": 0.95 * Z, "ρ(W)=0.95": 0.95 * Z / rho}
+
+
+def bench_solvers(m: int, N: int, repeats: int, data_root: str | None) -> str:
+    g = torch.Generator().manual_seed(1)
+    act, dyn = get_activation("tanh"), get_dynamics("rate")
+    inputs = {"gaussian": torch.randn(m, N, generator=g)}
+    note = ""
+    if data_root:
+        try:
+            from .mnist import load_mnist
+            p, _ = load_mnist(data_root, train=False, download=False)
+            W_in = torch.randn(N, 784, generator=torch.Generator().manual_seed(2)) / math.sqrt(784)
+            inputs["mnist"] = p[:m] @ W_in.T
+        except FileNotFoundError:
+            note = f" (MNIST not found under {data_root}: gaussian inputs only)"
+    configs = [("anderson (default)", solvers.anderson, {}),
+               ("anderson classic", solvers.anderson, {"mix_above": 0}),
+               ("iterate", solvers.iterate, {}),
+               ("iterate damped 0.5", solvers.iterate, {"damping": 0.5})]
+    rows = []
+    for iname, x in inputs.items():
+        for wname, W in _weights(N, g).items():
+            gmap = dyn.state_map(W, x, act)
+            u0 = torch.zeros_like(x)
+            sols = {s: fn(gmap, u0, tol=1e-5, **kw) for s, fn, kw in configs}
+            ts = {s: [] for s, _, _ in configs}
+            for _ in range(repeats):          # interleaved, so drift hits every solver alike
+                for sname, fn, kw in configs:
+                    t0 = time.perf_counter()
+                    fn(gmap, u0, tol=1e-5, **kw)
+                    ts[sname].append(1e3 * (time.perf_counter() - t0))
+            t_it = statistics.median(ts["iterate"])
+            for sname, _, _ in configs:
+                sol, t = sols[sname], statistics.median(ts[sname])
+                rows.append([iname, wname, sname, sol.iters_mean, int(sol.iters.max()),
+                             sol.n_nonconverged, t, f"{t / t_it:.2f}× iterate"])
+            e = solvers.euler(gmap, u0, dt=0.01, steps=500)
+            rows.append([iname, wname, "euler_paper (0.01×500)", 500.0, 500, e.n_nonconverged,
+                         timeit(lambda: solvers.euler(gmap, u0, dt=0.01, steps=500), 1),
+                         f"residual left: max {e.max_residual:.3g}, mean {e.mean_residual:.3g}"])
+    for r in rows:
+        r += [""] * (8 - len(r))
+    return table(f"Solvers to residual 1e-5 from r=0: m={m}, N={N}, tanh, float32{note}",
+                 ["inputs", "W", "solver", "iters mean", "iters max", "not conv.", "ms", "note"], rows)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--m", type=int, default=512)
+    ap.add_argument("--N", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--loop-samples", type=int, default=64,
+                    help="samples the per-sample loops run on (scaled to m; they are linear in m)")
+    ap.add_argument("--data", default=os.environ.get("FPRNN_DATA", "data"),
+                    help="folder holding MNIST/raw (default $FPRNN_DATA or data/)")
+    ap.add_argument("--only", choices=["rules", "solvers"], default=None)
+    a = ap.parse_args(argv)
+    print(f"# fprnn benchmark — torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if a.only in (None, "rules"):
+        print(bench_rules(a.m, a.N, a.repeats, a.loop_samples), flush=True)
+    if a.only in (None, "solvers"):
+        print(bench_solvers(a.m, a.N, a.repeats, a.data), flush=True)
+
+
+if __name__ == "__main__":
+    main()
