@@ -161,9 +161,12 @@ def _iterate(g, u0, tol, n, damping, name, evals, stall: float = 0.0, window: in
     for k in range(n):
         gx, res = _residual(g, x, t.rows)
         stalled = None
-        if stall and k % window == 0:
+        if stall and k % window == 0 and k > 0:   # from r0 the first steps are a transient
             if last is not None:
-                stalled = res > stall * last
+                # slow, stalled or growing — or too slow to make it within the budget
+                ratio = res / last.clamp_min(torch.finfo(res.dtype).tiny)
+                need = torch.log(tol / res) / torch.log(ratio.clamp(max=1 - 1e-7)) * window
+                stalled = (ratio > stall) | (need > n - k)
             last = res
         keep = t.update(x, res, k + 1 if evals else k, stalled)
         if t.done:
@@ -196,7 +199,7 @@ def euler(g: StateMap, u0: Tensor, *, dt: float = 0.01, steps: int = 500,
 
 def anderson(g: StateMap, u0: Tensor, *, tol: float = 1e-5, max_iter: int = 200,
              memory: int = 5, damping: float = 1.0, ridge: float = 1e-6,
-             mix_above: float = 0.95) -> Solution:
+             mix_above: float = 1.0) -> Solution:
     """Anderson acceleration (type II) of u = g(u), batched with a per-sample history.
 
     Each sample mixes its last ``memory`` evaluations with weights α (Σα = 1) that minimise
@@ -206,8 +209,10 @@ def anderson(g: StateMap, u0: Tensor, *, tol: float = 1e-5, max_iter: int = 200,
 
     Safeguarded start, per sample: all samples first take plain damped steps — for random
     networks Anderson saves few steps and a plain step costs less. A sample whose residual has
-    not shrunk by the factor ``mix_above`` over the last ``memory`` steps (it stalls, oscillates
-    or grows) leaves and continues under Anderson mixing, within the same ``max_iter`` budget.
+    not shrunk by the factor ``mix_above`` over the last ``memory`` steps (it is slow, stalls,
+    oscillates or grows), or shrinks too slowly to reach ``tol`` within ``max_iter``, leaves and
+    continues under Anderson mixing from where it is, with a fresh budget of ``max_iter``
+    (so a sample costs at most 2·max_iter evaluations).
     ``mix_above=0`` mixes every sample from the start (classic Anderson)."""
     _check_positive("tol", tol)
     _check_positive("max_iter", max_iter, integer=True)
@@ -216,8 +221,8 @@ def anderson(g: StateMap, u0: Tensor, *, tol: float = 1e-5, max_iter: int = 200,
         raise ValueError(f"damping must be in (0, 1], got {damping!r}")
     if not (isinstance(ridge, (int, float)) and ridge >= 0):
         raise ValueError(f"ridge must be a non-negative number, got {ridge!r}")
-    if not (isinstance(mix_above, (int, float)) and 0 <= mix_above < 1):
-        raise ValueError(f"mix_above must be in [0, 1), got {mix_above!r}")
+    if not (isinstance(mix_above, (int, float)) and 0 <= mix_above <= 1):
+        raise ValueError(f"mix_above must be in [0, 1], got {mix_above!r}")
     memory, max_iter = int(memory), int(max_iter)
     if mix_above == 0:
         return _anderson(g, u0, tol, max_iter, memory, damping, ridge).solution("anderson")
@@ -225,12 +230,11 @@ def anderson(g: StateMap, u0: Tensor, *, tol: float = 1e-5, max_iter: int = 200,
                  stall=float(mix_above), window=memory)
     if bool(t.stalled.any()):
         idx = t.stalled.nonzero().squeeze(1)
-        spent = int(t.iters[idx].min())
         def g_sub(u, rows=None):
             return g(u, idx if rows is None else idx[rows])
-        t2 = _anderson(g_sub, t.u[idx], tol, max(max_iter - spent, 1), memory, damping, ridge)
+        t2 = _anderson(g_sub, t.u[idx], tol, max_iter, memory, damping, ridge)
         t.u[idx], t.residual[idx], t.converged[idx] = t2.u, t2.residual, t2.converged
-        t.iters[idx] = (t.iters[idx] + t2.iters).clamp(max=max_iter)
+        t.iters[idx] += t2.iters
     return t.solution("anderson")
 
 

@@ -1,0 +1,156 @@
+"""LightningDataModules: MNIST (section 3.2) and the synthetic linear regression (eq 3.4)."""
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+from .mnist import load_mnist
+from .model import get_dtype
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation drawn from (seed, epoch) alone, so that the data order does not depend on
+    the global RNG and a resumed run sees the same batches. Lightning calls ``set_epoch``."""
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, int(seed), shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _positive_int(name, v, allow_none=False):
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive integer{' or null' if allow_none else ''}, got {v!r}")
+
+
+class MNISTDataModule(pl.LightningDataModule):
+    """Flattened MNIST, pixels in [0, 1]. Validation and test use the full 10,000-image test set
+    (``test_subset`` takes its first k images instead, for quick checks)."""
+
+    task = "classification"
+    n_in, n_out = 784, 10
+
+    def __init__(self, root: str = "data", download: bool = True, shuffle: bool = True,
+                 batch_size: int = 512, eval_batch_size: int = 2000, train_subset: int | None = None,
+                 test_subset: int | None = None, seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        _positive_int("batch_size", batch_size)
+        _positive_int("eval_batch_size", eval_batch_size)
+        _positive_int("train_subset", train_subset, allow_none=True)
+        _positive_int("test_subset", test_subset, allow_none=True)
+        self.root, self.download, self.shuffle = root, download, shuffle
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.train_subset, self.test_subset = train_subset, test_subset
+        self.seed, self.num_workers = seed, num_workers
+        self.train_set = self.test_set = None
+
+    def prepare_data(self) -> None:
+        from .mnist import ensure_mnist
+        ensure_mnist(self.root, self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        x, y = load_mnist(self.root, train=True, download=self.download)
+        xt, yt = load_mnist(self.root, train=False, download=self.download)
+        if self.train_subset:
+            x, y = x[: self.train_subset], y[: self.train_subset]
+        if self.test_subset:
+            xt, yt = xt[: self.test_subset], yt[: self.test_subset]
+        self.train_set, self.test_set = TensorDataset(x, y), TensorDataset(xt, yt)
+
+    def probe_batch(self, k: int = 16):
+        """A fixed batch of k training inputs, for stability probes."""
+        self.setup()
+        return self.train_set.tensors[0][:k], self.train_set.tensors[1][:k]
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size,
+                          sampler=EpochShuffle(len(self.train_set), self.seed, self.shuffle),
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return DataLoader(self.test_set, batch_size=self.eval_batch_size, num_workers=self.num_workers)
+
+    test_dataloader = val_dataloader
+
+
+class _Repeat(Dataset):
+    """The full batch as one item, ``n`` times: one epoch = n full-batch steps."""
+
+    def __init__(self, tensors, n):
+        self.tensors, self.n = tensors, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.tensors
+
+
+class LinearRegressionDataModule(pl.LightningDataModule):
+    """The linear task of section 3.1, eq 3.4: X = σx Z (N×m), Ŵ = σw Z/√N,
+    Y = (I − Ŵ)⁻¹ X + σy Z. Batches are rows: (X (m, N), Y (m, N)), always the full batch.
+    ``steps_per_epoch`` full-batch steps make one epoch (validation runs between epochs)."""
+
+    task = "regression"
+    n_out = None
+
+    def __init__(self, N: int = 200, m: int = 100, sigma_x: float = 0.1, sigma_y: float = 0.01,
+                 sigma_w: float = 0.5, seed: int = 0, dtype: str = "float64", steps_per_epoch: int = 100):
+        super().__init__()
+        _positive_int("N", N)
+        _positive_int("m", m)
+        _positive_int("steps_per_epoch", steps_per_epoch)
+        for name, v in (("sigma_x", sigma_x), ("sigma_y", sigma_y), ("sigma_w", sigma_w)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+        self.N, self.m, self.steps_per_epoch = N, m, steps_per_epoch
+        self.n_in = None
+        dt = get_dtype(dtype)
+        g = torch.Generator().manual_seed(int(seed) + 12345)
+        Z = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+        X = sigma_x * Z(N, m)
+        self.W_hat = sigma_w * Z(N, N) / math.sqrt(N)
+        Y = torch.linalg.solve(torch.eye(N, dtype=torch.float64) - self.W_hat, X) + sigma_y * Z(N, m)
+        self.X, self.Y = X.T.contiguous().to(dt), Y.T.contiguous().to(dt)   # rows = samples
+
+    def W_star(self) -> torch.Tensor:
+        """The minimum-norm minimiser, eq 3.3: W* = (Y − X) Y⁺ (columns = samples)."""
+        X, Y = self.X.T, self.Y.T
+        return (Y - X) @ torch.linalg.pinv(Y)
+
+    def loss(self, W: torch.Tensor) -> float:
+        """J(W) = (1/m) ‖(I − W)⁻¹ X − Y‖²_F, eq 3.1."""
+        X, Y = self.X.T.to(W.dtype), self.Y.T.to(W.dtype)
+        R = torch.linalg.solve(torch.eye(self.N, dtype=W.dtype, device=W.device) - W, X.to(W.device))
+        return float(((R - Y.to(W.device)) ** 2).sum() / self.m)
+
+    def probe_batch(self, k: int = 16):
+        return self.X[:k], self.Y[:k]
+
+    def setup(self, stage: str | None = None) -> None:
+        pass
+
+    def train_dataloader(self):
+        return DataLoader(_Repeat((self.X, self.Y), self.steps_per_epoch), batch_size=None)
+
+    def val_dataloader(self):
+        return DataLoader(_Repeat((self.X, self.Y), 1), batch_size=None)
+
+    test_dataloader = val_dataloader

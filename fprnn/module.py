@@ -1,0 +1,233 @@
+"""LightningModule: fixed-point forward pass + a hand-computed rule, applied by a torch optimizer."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+
+from . import rules
+from .dynamics import eig_W
+from .model import FixedPointRNN
+
+Tensor = torch.Tensor
+ALL_RULES = sorted([*rules.RULES, "bptt"])
+TASKS = ("classification", "regression")
+
+
+def loss_and_grad(task: str, model: FixedPointRNN, r: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-sample losses L_i, their gradients δ_i = ∇_r L_i (rows), and logits (classification).
+
+    classification: L = cross-entropy of softmax(W_out r), δ = W_outᵀ (softmax − onehot);
+    regression: L = ‖r − y‖², δ = 2 (r − y) (section 3.1)."""
+    if task == "classification":
+        logits = model.readout(r)
+        losses = F.cross_entropy(logits, y, reduction="none")
+        delta = (torch.softmax(logits, 1) - F.one_hot(y, logits.shape[1]).to(r.dtype)) @ model.W_out
+        return losses, delta, logits
+    diff = r - y
+    return (diff ** 2).sum(1), 2 * diff, None
+
+
+class FixedPointModule(pl.LightningModule):
+    """Trains ``model.W`` on fixed points with a rule from :mod:`fprnn.rules` (or ``bptt``).
+
+    Each step solves the batch's fixed point, computes ∇_r L per sample, asks the rule for ΔW and
+    hands −ΔW to the optimizer as W's gradient: plain SGD with lr = 1 (the default) makes
+    W ← W + ΔW exactly, as in the paper; momentum or Adam then act on the rule's direction.
+
+    Faults — a fixed point that did not converge (solvers with a tolerance), NaN/inf in r, the
+    loss or ΔW, w2 leaving its domain — never reach W. With ``on_fault="skip"`` the step is
+    skipped and counted; ``max_faults`` consecutive faults end training with status "diverged".
+    ``on_fault="stop"`` ends it at the first fault.
+    """
+
+    def __init__(self, model: FixedPointRNN, rule: str = "w3", lr: float = 0.25, task: str = "classification",
+                 rule_kwargs: dict | None = None, optimizer: Callable | None = None,
+                 on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0):
+        super().__init__()
+        if rule not in ALL_RULES:
+            raise ValueError(f"unknown rule {rule!r}; choose one of {ALL_RULES}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+        if on_fault not in ("skip", "stop"):
+            raise ValueError(f"on_fault must be 'skip' or 'stop', got {on_fault!r}")
+        if isinstance(max_faults, bool) or not isinstance(max_faults, int) or max_faults < 1:
+            raise ValueError(f"max_faults must be a positive integer, got {max_faults!r}")
+        if task == "classification" and model.W_out is None:
+            raise ValueError("classification needs a read-out: set model.n_out to the number of classes")
+        self.automatic_optimization = False
+        self.model, self.rule_name, self.lr, self.task = model, rule, float(lr), task
+        self.rule_kwargs = dict(rule_kwargs or {})
+        self.rule = None if rule == "bptt" else rules.get_rule(rule)
+        self.optimizer_factory = optimizer
+        self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
+        self.save_hyperparameters(ignore=["model", "optimizer"])
+        for split in ("train", "val", "test"):
+            setattr(self, f"{split}_loss", torchmetrics.MeanMetric())
+            if task == "classification":
+                setattr(self, f"{split}_acc", torchmetrics.Accuracy("multiclass", num_classes=model.n_out))
+        # run bookkeeping (saved in checkpoints, so a resumed run reports the whole run)
+        self.faults = self.consecutive_faults = self.skipped = 0
+        self.status = "running"
+        self.fault_log: list[str] = []
+        self.step_ms: list[float] = []
+        self.iters_sum = 0.0
+        self.last_solver: dict[str, float] = {}
+        self.last_dW: Tensor | None = None
+
+    # -- optimizer --------------------------------------------------------------------
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            return torch.optim.SGD([self.model.W], lr=1.0)
+        return self.optimizer_factory([self.model.W])
+
+    # -- the step ---------------------------------------------------------------------
+    def _fault(self, what: str) -> None:
+        self.faults += 1
+        self.consecutive_faults += 1
+        self.skipped += 1
+        self.fault_log.append(f"step {self.global_step}: {what}")
+        self.log("train/faults", float(self.faults), on_step=True)
+        if self.on_fault == "stop" or self.consecutive_faults >= self.max_faults:
+            self.status = "diverged"
+            self.trainer.should_stop = True
+
+    def _cast(self, p: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return p.to(self.model.W.dtype), (y if self.task == "classification" else y.to(self.model.W.dtype))
+
+    def compute_update(self, p: Tensor, y: Tensor) -> dict[str, Any]:
+        """Everything one step needs, without touching W: the fixed point, losses, ΔW and the
+        first fault found (None if the step is sound)."""
+        model = self.model
+        p, y = self._cast(p, y)
+        x = model.input(p)
+        fp = model.fixed_point(x)
+        sol = fp.solution
+        out: dict[str, Any] = {"fp": fp, "fault": None}
+        if not torch.isfinite(fp.r).all():
+            out["fault"] = "non-finite fixed point"
+        elif sol.tol is not None and sol.n_nonconverged > self.max_nonconverged * len(fp.r):
+            out["fault"] = (f"fixed point not converged for {sol.n_nonconverged}/{len(fp.r)} samples "
+                            f"(max residual {sol.max_residual:.3g})")
+        losses, delta, logits = loss_and_grad(self.task, model, fp.r, y)
+        out.update(losses=losses, logits=logits, y=y)
+        if out["fault"] is None and not torch.isfinite(losses).all():
+            out["fault"] = "non-finite loss"
+        if out["fault"] is not None:
+            return out
+        if self.rule is not None:
+            dW, info = self.rule(model.W.detach(), fp.r, fp.gain, delta, self.lr,
+                                 return_info=True, **self.rule_kwargs)
+            if info.get("out_of_domain"):
+                out["fault"] = (f"w2 left its domain for {info['out_of_domain']} samples "
+                                f"(min 1 − ηκ = {info['min_denominator']})")
+            elif info.get("singular"):
+                out["fault"] = f"I − G W singular for {info['singular']} samples"
+            elif info.get("converged") is False:
+                out["fault"] = f"w1 adjoint did not converge in {info['iters']} iterations"
+        else:
+            r = model.unrolled(x)
+            bl, _, _ = loss_and_grad(self.task, model, r, y)
+            (g,) = torch.autograd.grad(self.lr * bl.mean(), model.W)
+            dW = -g
+        if out["fault"] is None and not torch.isfinite(dW).all():
+            out["fault"] = "non-finite ΔW"
+        out["dW"] = dW
+        return out
+
+    def training_step(self, batch, batch_idx):
+        if self.status == "diverged":
+            return None
+        t0 = time.perf_counter()
+        out = self.compute_update(*batch)
+        fault = out["fault"]
+        fault = self.sync_fault(fault)
+        if fault is not None:
+            self._fault(fault)
+        else:
+            dW = self.reduce_update(out["dW"], out)
+            opt = self.optimizers()
+            opt.zero_grad(set_to_none=False)
+            self.model.W.grad = -dW
+            opt.step()
+            self.consecutive_faults = 0
+            self.last_dW = dW
+        self.step_ms.append(1e3 * (time.perf_counter() - t0))
+        sol = out["fp"].solution
+        self.iters_sum += sol.iters_mean
+        self.last_solver = sol.stats()
+        bs = len(out["losses"])
+        self.train_loss(out["losses"].detach().float().mean() if torch.isfinite(out["losses"]).all()
+                        else torch.tensor(float("nan")))
+        logs = {"train/loss": self.train_loss, "solver/iters": sol.iters_mean,
+                "solver/max_residual": sol.max_residual, "solver/nonconverged": float(sol.n_nonconverged)}
+        if self.task == "classification":
+            self.train_acc(out["logits"].argmax(1), out["y"])
+            logs["train/acc"] = self.train_acc
+        self.log_dict(logs, on_step=True, on_epoch=True, prog_bar=False, batch_size=bs)
+        self.log("loss", out["losses"].mean(), prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
+        return None
+
+    # hooks for multi-device training (identity on one device)
+    def sync_fault(self, fault: str | None) -> str | None:
+        return fault
+
+    def reduce_update(self, dW: Tensor, out: dict) -> Tensor:
+        return dW
+
+    # -- evaluation -------------------------------------------------------------------
+    def _eval_step(self, batch, split: str):
+        p, y = self._cast(*batch)
+        fp = self.model.fixed_point(self.model.input(p))
+        losses, _, logits = loss_and_grad(self.task, self.model, fp.r, y)
+        getattr(self, f"{split}_loss")(losses.float())
+        logs = {f"{split}/loss": getattr(self, f"{split}_loss")}
+        if self.task == "classification":
+            acc = getattr(self, f"{split}_acc")
+            acc(logits.argmax(1), y)
+            logs[f"{split}/acc"] = acc
+        logs[f"{split}/max_residual"] = fp.solution.max_residual
+        self.log_dict(logs, on_step=False, on_epoch=True, prog_bar=(split == "val"), batch_size=len(p),
+                      sync_dist=True, reduce_fx="mean")
+        self.eval_max_residual = max(getattr(self, "eval_max_residual", 0.0), fp.solution.max_residual)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    # -- stability --------------------------------------------------------------------
+    @torch.no_grad()
+    def probe_stability(self, p: Tensor) -> dict[str, float]:
+        """Per-sample stability of the fixed points of a probe batch, and eig(W) itself."""
+        p = p.to(self.model.W.dtype).to(self.model.W.device)
+        fp = self.model.fixed_point(self.model.input(p))
+        s = self.model.stability(fp)
+        re_W, rho_W = eig_W(self.model.W)
+        return {"max_re_eig": float(s.max()), "frac_stable": float((s < 1).float().mean()),
+                "max_re_eig_W": re_W, "spectral_radius_W": rho_W}
+
+    # -- checkpoint state -------------------------------------------------------------
+    _STATE = ("faults", "consecutive_faults", "skipped", "status", "fault_log", "step_ms", "iters_sum")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["fprnn"] = {k: getattr(self, k) for k in self._STATE}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for k, v in checkpoint.get("fprnn", {}).items():
+            setattr(self, k, v)
+
+    def summary(self) -> dict[str, Any]:
+        n = max(len(self.step_ms), 1)
+        return {"step_ms_median": statistics.median(self.step_ms) if self.step_ms else None,
+                "solver_iters_mean": self.iters_sum / n, "faults": self.faults,
+                "skipped_steps": self.skipped, "fault_log": self.fault_log[-20:]}

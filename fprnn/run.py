@@ -1,0 +1,156 @@
+"""One training run from a Hydra config: build, fit, test, and leave results behind.
+
+Writes into the run directory: ``results.json`` (always, also for a diverged or failed run),
+``weights.pt`` (W, W_in, W_out), ``checkpoints/last.ckpt``, CSV logs and the offline W&B run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+# W&B is offline unless the user asks for online (an account is then needed).
+OmegaConf.register_new_resolver(
+    "wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online", replace=True)
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    if cfg.get("run_dir"):
+        return Path(cfg.run_dir)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        return Path.cwd()
+
+
+def _finite(x):
+    if isinstance(x, torch.Tensor):
+        x = float(x)
+    return x if x is None or not isinstance(x, float) or math.isfinite(x) else str(x)
+
+
+def _plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+
+
+def check_compatible(model, data) -> None:
+    """Sizes of model and data must agree; say which value is wrong."""
+    n_in = getattr(data, "n_in", None)
+    if n_in is not None and model.n_in != n_in:
+        raise ValueError(f"model.n_in={model.n_in} does not match the data's input size {n_in}")
+    if n_in is None and model.n_in is not None:
+        raise ValueError(f"this data feeds x directly: set model.n_in=null (got {model.n_in})")
+    n_out = getattr(data, "n_out", None)
+    if data.task == "classification" and model.n_out != n_out:
+        raise ValueError(f"model.n_out={model.n_out} does not match the data's {n_out} classes")
+    if data.task == "regression":
+        if model.n_out is not None:
+            raise ValueError(f"regression reads r out directly: set model.n_out=null (got {model.n_out})")
+        if getattr(data, "N", model.N) != model.N:
+            raise ValueError(f"model.N={model.N} does not match the data's dimension N={data.N}")
+
+
+def build(cfg: DictConfig, run_dir: Path):
+    """Instantiate data, model, module, loggers, callbacks and trainer from the config."""
+    import hydra
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+
+    from .module import FixedPointModule
+
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    data = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    check_compatible(model, data)
+    optimizer = hydra.utils.instantiate(cfg.optimizer) if cfg.get("optimizer") else None
+    module = FixedPointModule(model, rule=cfg.rule.name, lr=cfg.lr, task=data.task,
+                              rule_kwargs=_plain(cfg.rule.get("kwargs")), optimizer=optimizer,
+                              **_plain(cfg.get("fault")))
+    loggers = [hydra.utils.instantiate(c, save_dir=str(run_dir))
+               for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0)]
+    if cfg.get("progress_bar", True):
+        callbacks.append(RichProgressBar())
+    callbacks += [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                                      default_root_dir=str(run_dir))
+    return data, model, module, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    run_dir = _run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {"status": "failed", "rule": cfg.rule.name, "lr": cfg.lr,
+                               "solver": cfg.solver.name, "seed": cfg.seed, "run_dir": str(run_dir)}
+    module = trainer = data = None
+    error = None
+    try:
+        data, model, module, trainer = build(cfg, run_dir)
+        results["task"] = data.task
+        ckpt = cfg.get("ckpt_path")
+        if cfg.get("resume") and not ckpt and (run_dir / "checkpoints" / "last.ckpt").exists():
+            ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+        module.fit_metrics = {k: _finite(v) for k, v in trainer.callback_metrics.items()}
+        if module.status == "running":
+            module.status = "finished"
+        module.eval_max_residual = 0.0
+        tested = trainer.test(module, datamodule=data, verbose=False)[0]
+        results["test_loss"] = tested.get("test/loss")
+        results["test_acc"] = tested.get("test/acc")
+        results["solver_max_residual"] = module.eval_max_residual
+    except Exception as e:  # recorded, then re-raised: a crash is not a result
+        error = e
+        results["error"] = "".join(traceback.format_exception_only(type(e), e)).strip()
+    finally:
+        if module is not None:
+            results.update(finish(cfg, run_dir, data, module, trainer, results))
+        results["wall_s"] = time.perf_counter() - t0
+        if trainer is None or trainer.is_global_zero:
+            (run_dir / "results.json").write_text(json.dumps({k: _finite(v) for k, v in results.items()}, indent=2))
+        _close_wandb(trainer, failed=error is not None)
+    if error is not None:
+        raise error
+    return results
+
+
+def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str, Any]:
+    """Final numbers of a run that got as far as building: status, losses, stability, weights."""
+    out: dict[str, Any] = {"status": module.status if results.get("error") is None else "failed",
+                           "steps": int(trainer.global_step) if trainer is not None else 0}
+    out.update(module.summary())
+    metrics = getattr(module, "fit_metrics", None) or (trainer.callback_metrics if trainer is not None else {})
+    out["train_loss"] = _finite(metrics.get("train/loss_epoch"))
+    if "train/acc_epoch" in metrics:
+        out["train_acc"] = _finite(metrics.get("train/acc_epoch"))
+    W = module.model.W.detach()
+    if torch.isfinite(W).all():
+        p, _ = data.probe_batch(int(cfg.get("probe_size", 16)))
+        out.update(module.probe_stability(p))
+        if data.task == "regression":
+            out["loss_W"] = data.loss(W)
+            out["loss_W_star"] = data.loss(data.W_star().to(W.dtype))
+            out["test_loss"] = out["loss_W"]
+    if trainer is None or trainer.is_global_zero:
+        m = module.model
+        torch.save({"W": m.W.detach().cpu(), "W_in": None if m.W_in is None else m.W_in.cpu(),
+                    "W_out": None if m.W_out is None else m.W_out.cpu()}, run_dir / "weights.pt")
+    return out
+
+
+def _close_wandb(trainer, failed: bool) -> None:
+    try:
+        import wandb
+        if wandb.run is not None:
+            wandb.finish(exit_code=1 if failed else 0, quiet=True)
+    except Exception:
+        pass
