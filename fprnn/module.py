@@ -66,6 +66,9 @@ class FixedPointModule(pl.LightningModule):
         self.automatic_optimization = False
         self.model, self.rule_name, self.lr, self.task = model, rule, float(lr), task
         self.rule_kwargs = dict(rule_kwargs or {})
+        if self.rule_kwargs.get("shared_gain") == "auto":
+            # the linear model's w2 is the batch form of eq 3.8; a nonlinear one is per sample
+            self.rule_kwargs["shared_gain"] = bool(model.act.is_identity)
         self.rule = None if rule == "bptt" else rules.get_rule(rule)
         self.optimizer_factory = optimizer
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged

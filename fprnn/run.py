@@ -58,6 +58,18 @@ def check_compatible(model, data) -> None:
             raise ValueError(f"model.N={model.N} does not match the data's dimension N={data.N}")
 
 
+def _instantiate(node, **kw):
+    """hydra.utils.instantiate, but a ValueError from our constructors reaches the user as is."""
+    import hydra
+    from hydra.errors import InstantiationException
+    try:
+        return hydra.utils.instantiate(node, **kw)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, FileNotFoundError)):
+            raise e.__cause__ from None
+        raise
+
+
 def build(cfg: DictConfig, run_dir: Path):
     """Instantiate data, model, module, loggers, callbacks and trainer from the config."""
     import hydra
@@ -67,8 +79,8 @@ def build(cfg: DictConfig, run_dir: Path):
     from .module import FixedPointModule
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    data = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
+    data = _instantiate(cfg.data)
+    model = _instantiate(cfg.model)
     check_compatible(model, data)
     optimizer = hydra.utils.instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     module = FixedPointModule(model, rule=cfg.rule.name, lr=cfg.lr, task=data.task,
@@ -148,9 +160,8 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
 
 
 def _close_wandb(trainer, failed: bool) -> None:
-    try:
-        import wandb
-        if wandb.run is not None:
-            wandb.finish(exit_code=1 if failed else 0, quiet=True)
-    except Exception:
-        pass
+    """Finish the W&B run (one per training run), also when the run failed."""
+    import sys
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)

@@ -22,4 +22,4 @@ def make_cfg(overrides, run_dir=None, mnist=None):
 
 
 QUICK_MNIST = ["progress_bar=false", "logger=csv", "data.train_subset=1024", "data.test_subset=500",
-               "data.batch_size=256", "trainer.max_epochs=1", "trainer.enable_checkpointing=true"]
+               "data.batch_size=256", "trainer.max_epochs=1"]
