@@ -12,23 +12,47 @@ from .model import get_dtype
 
 
 class EpochShuffle(Sampler[int]):
-    """A permutation drawn from (seed, epoch) alone, so that the data order does not depend on
-    the global RNG and a resumed run sees the same batches. Lightning calls ``set_epoch``."""
+    """The data order: a permutation drawn from (seed, epoch) alone — not from the global RNG,
+    so a resumed run sees the same batches — and sharded over ``world`` devices so that global
+    batch t (``batch`` samples) is exactly the single-device batch t, split into equal parts:
+    rank k takes every world-th sample of it. Lightning calls ``set_epoch``."""
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1,
+                 batch: int | None = None):
         self.n, self.seed, self.shuffle, self.epoch = n, int(seed), shuffle, 0
+        self.rank, self.world = rank, world
+        self.batch = batch or world
+        # drop the tail that cannot be split equally, so every device runs the same steps
+        full, rest = divmod(n, self.batch)
+        self.used = full * self.batch + (rest // world) * world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __iter__(self):
+    def _order(self) -> torch.Tensor:
         if not self.shuffle:
-            return iter(range(self.n))
+            return torch.arange(self.n)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self):
+        return iter(self._order()[: self.used][self.rank:: self.world].tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return self.used // self.world
+
+
+def _dist(module: pl.LightningDataModule) -> tuple[int, int]:
+    """(rank, world size) of the attached trainer; (0, 1) without one."""
+    t = getattr(module, "trainer", None)
+    return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+
+def _per_device(batch_size: int, world: int) -> int:
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} is the global batch and must divide evenly over "
+                         f"{world} devices")
+    return batch_size // world
 
 
 def _positive_int(name, v, allow_none=False):
@@ -40,7 +64,8 @@ def _positive_int(name, v, allow_none=False):
 
 class MNISTDataModule(pl.LightningDataModule):
     """Flattened MNIST, pixels in [0, 1]. Validation and test use the full 10,000-image test set
-    (``test_subset`` takes its first k images instead, for quick checks)."""
+    (``test_subset`` takes its first k images instead, for quick checks). ``batch_size`` is the
+    global batch: with several devices each takes an equal share of it."""
 
     task = "classification"
     n_in, n_out = 784, 10
@@ -80,12 +105,18 @@ class MNISTDataModule(pl.LightningDataModule):
         return self.train_set.tensors[0][:k], self.train_set.tensors[1][:k]
 
     def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=self.batch_size,
-                          sampler=EpochShuffle(len(self.train_set), self.seed, self.shuffle),
+        rank, world = _dist(self)
+        return DataLoader(self.train_set, batch_size=_per_device(self.batch_size, world),
+                          sampler=EpochShuffle(len(self.train_set), self.seed, self.shuffle, rank, world,
+                                               self.batch_size),
                           num_workers=self.num_workers)
 
     def val_dataloader(self):
-        return DataLoader(self.test_set, batch_size=self.eval_batch_size, num_workers=self.num_workers)
+        rank, world = _dist(self)
+        return DataLoader(self.test_set, batch_size=max(self.eval_batch_size // world, 1),
+                          sampler=EpochShuffle(len(self.test_set), shuffle=False, rank=rank, world=world,
+                                               batch=self.eval_batch_size),
+                          num_workers=self.num_workers)
 
     test_dataloader = val_dataloader
 
@@ -147,10 +178,15 @@ class LinearRegressionDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         pass
 
+    def _shard(self):
+        rank, world = _dist(self)
+        _per_device(self.m, world)
+        return self.X[rank::world], self.Y[rank::world]
+
     def train_dataloader(self):
-        return DataLoader(_Repeat((self.X, self.Y), self.steps_per_epoch), batch_size=None)
+        return DataLoader(_Repeat(self._shard(), self.steps_per_epoch), batch_size=None)
 
     def val_dataloader(self):
-        return DataLoader(_Repeat((self.X, self.Y), 1), batch_size=None)
+        return DataLoader(_Repeat(self._shard(), 1), batch_size=None)
 
     test_dataloader = val_dataloader

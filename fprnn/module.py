@@ -49,7 +49,8 @@ class FixedPointModule(pl.LightningModule):
 
     def __init__(self, model: FixedPointRNN, rule: str = "w3", lr: float = 0.25, task: str = "classification",
                  rule_kwargs: dict | None = None, optimizer: Callable | None = None,
-                 on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0):
+                 on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
+                 check_every: int = 50):
         super().__init__()
         if rule not in ALL_RULES:
             raise ValueError(f"unknown rule {rule!r}; choose one of {ALL_RULES}")
@@ -72,9 +73,11 @@ class FixedPointModule(pl.LightningModule):
         self.rule = None if rule == "bptt" else rules.get_rule(rule)
         self.optimizer_factory = optimizer
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
+        self.check_every = int(check_every)   # steps between rank-agreement checks (and each epoch)
         self.save_hyperparameters(ignore=["model", "optimizer"])
         for split in ("train", "val", "test"):
             setattr(self, f"{split}_loss", torchmetrics.MeanMetric())
+            setattr(self, f"{split}_max_residual", torchmetrics.MaxMetric())
             if task == "classification":
                 setattr(self, f"{split}_acc", torchmetrics.Accuracy("multiclass", num_classes=model.n_out))
         # run bookkeeping (saved in checkpoints, so a resumed run reports the whole run)
@@ -127,6 +130,9 @@ class FixedPointModule(pl.LightningModule):
         if out["fault"] is not None:
             return out
         if self.rule is not None:
+            if self.rule_kwargs.get("shared_gain") and self.world > 1:
+                # eq 3.8 is one exact step of the *global* batch mean: gather its rank-m factors
+                fp.r, fp.gain, delta = (self.all_gather(t).flatten(0, 1) for t in (fp.r, fp.gain, delta))
             dW, info = self.rule(model.W.detach(), fp.r, fp.gain, delta, self.lr,
                                  return_info=True, **self.rule_kwargs)
             if info.get("out_of_domain"):
@@ -137,10 +143,13 @@ class FixedPointModule(pl.LightningModule):
             elif info.get("converged") is False:
                 out["fault"] = f"w1 adjoint did not converge in {info['iters']} iterations"
         else:
+            # autograd through the unrolled solver; manual_backward lets DDP average the gradient
             r = model.unrolled(x)
             bl, _, _ = loss_and_grad(self.task, model, r, y)
-            (g,) = torch.autograd.grad(self.lr * bl.mean(), model.W)
-            dW = -g
+            model.W.grad = None
+            self.manual_backward(self.lr * bl.mean())
+            dW = -model.W.grad.detach().clone()
+            model.W.grad = None
         if out["fault"] is None and not torch.isfinite(dW).all():
             out["fault"] = "non-finite ΔW"
         out["dW"] = dW
@@ -175,16 +184,55 @@ class FixedPointModule(pl.LightningModule):
         if self.task == "classification":
             self.train_acc(out["logits"].argmax(1), out["y"])
             logs["train/acc"] = self.train_acc
-        self.log_dict(logs, on_step=True, on_epoch=True, prog_bar=False, batch_size=bs)
+        self.log_dict(logs, on_step=True, on_epoch=True, prog_bar=False, batch_size=bs,
+                      sync_dist=self.world > 1)
         self.log("loss", out["losses"].mean(), prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
+        self._maybe_check_ranks(batch_idx)
         return None
 
-    # hooks for multi-device training (identity on one device)
+    # -- multi-device ------------------------------------------------------------------
+    # DDP only all-reduces gradients made by autograd; a hand-computed ΔW would silently stay
+    # per device. So: every device skips a step if any faulted, and applies the mean ΔW.
+    @property
+    def world(self) -> int:
+        t = self._trainer
+        return t.world_size if t is not None else 1
+
     def sync_fault(self, fault: str | None) -> str | None:
+        if self.world == 1:
+            return fault
+        flag = torch.tensor([0.0 if fault is None else 1.0], device=self.model.W.device)
+        flag = self.trainer.strategy.reduce(flag, reduce_op="sum")
+        if fault is None and float(flag) > 0:
+            return f"a fault on another device ({int(flag)} of {self.world})"
         return fault
 
     def reduce_update(self, dW: Tensor, out: dict) -> Tensor:
-        return dW
+        if self.world == 1 or self.rule is None or self.rule_kwargs.get("shared_gain"):
+            return dW   # bptt: DDP averaged the gradient; eq 3.8: computed on the gathered batch
+        sizes = self.all_gather(torch.tensor(len(out["losses"]), device=dW.device))
+        if int(sizes.min()) != int(sizes.max()):
+            raise RuntimeError(f"per-device batch sizes differ ({sizes.tolist()}): the mean of the "
+                               f"devices' ΔW would not be the global batch's ΔW")
+        return self.trainer.strategy.reduce(dW.clone(), reduce_op="mean")
+
+    def check_rank_agreement(self) -> None:
+        """Compare W across devices (a checksum); a mismatch stops the run with an error."""
+        if self.world == 1:
+            return
+        W = self.model.W.detach().double()
+        c = torch.stack([W.sum(), (W * W).sum(), (W * torch.arange(W.numel(), dtype=W.dtype,
+                         device=W.device).reshape(W.shape)).sum()])
+        allc = self.all_gather(c)
+        if not bool((allc == allc[0]).all()):
+            raise RuntimeError(f"ranks disagree on W after step {self.global_step}: checksums "
+                               f"{allc[:, 0].tolist()} — the devices are training different networks")
+
+    def _maybe_check_ranks(self, batch_idx: int) -> None:
+        # inside training_step, so every rank reaches the collective at the same point
+        last = batch_idx + 1 >= self.trainer.num_training_batches
+        if self.world > 1 and (last or (self.check_every and self.global_step % self.check_every == 0)):
+            self.check_rank_agreement()
 
     # -- evaluation -------------------------------------------------------------------
     def _eval_step(self, batch, split: str):
@@ -197,10 +245,10 @@ class FixedPointModule(pl.LightningModule):
             acc = getattr(self, f"{split}_acc")
             acc(logits.argmax(1), y)
             logs[f"{split}/acc"] = acc
-        logs[f"{split}/max_residual"] = fp.solution.max_residual
-        self.log_dict(logs, on_step=False, on_epoch=True, prog_bar=(split == "val"), batch_size=len(p),
-                      sync_dist=True, reduce_fx="mean")
-        self.eval_max_residual = max(getattr(self, "eval_max_residual", 0.0), fp.solution.max_residual)
+        mr = getattr(self, f"{split}_max_residual")
+        mr(fp.solution.residual.max())
+        logs[f"{split}/max_residual"] = mr
+        self.log_dict(logs, on_step=False, on_epoch=True, prog_bar=(split == "val"), batch_size=len(p))
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")

@@ -85,7 +85,7 @@ def build(cfg: DictConfig, run_dir: Path):
     optimizer = hydra.utils.instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     module = FixedPointModule(model, rule=cfg.rule.name, lr=cfg.lr, task=data.task,
                               rule_kwargs=_plain(cfg.rule.get("kwargs")), optimizer=optimizer,
-                              **_plain(cfg.get("fault")))
+                              **_plain(cfg.get("fault")), **_plain(cfg.get("module")))
     loggers = [hydra.utils.instantiate(c, save_dir=str(run_dir))
                for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0)]
@@ -93,7 +93,8 @@ def build(cfg: DictConfig, run_dir: Path):
         callbacks.append(RichProgressBar())
     callbacks += [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                                      default_root_dir=str(run_dir))
+                                      default_root_dir=str(run_dir),
+                                      enable_progress_bar=bool(cfg.get("progress_bar", True)))
     return data, model, module, trainer
 
 
@@ -115,11 +116,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module.fit_metrics = {k: _finite(v) for k, v in trainer.callback_metrics.items()}
         if module.status == "running":
             module.status = "finished"
-        module.eval_max_residual = 0.0
         tested = trainer.test(module, datamodule=data, verbose=False)[0]
         results["test_loss"] = tested.get("test/loss")
         results["test_acc"] = tested.get("test/acc")
-        results["solver_max_residual"] = module.eval_max_residual
+        results["solver_max_residual"] = tested.get("test/max_residual")
     except Exception as e:  # recorded, then re-raised: a crash is not a result
         error = e
         results["error"] = "".join(traceback.format_exception_only(type(e), e)).strip()

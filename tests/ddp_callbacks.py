@@ -1,0 +1,15 @@
+"""Callbacks that break things on purpose, for the multi-device tests."""
+import pytorch_lightning as pl
+import torch
+
+
+class PerturbRank(pl.Callback):
+    """Adds 1e-3 to W on one rank after a given step: the rank-agreement check must fire."""
+
+    def __init__(self, rank: int = 1, step: int = 3):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.W[0, 0] += 1e-3
