@@ -18,8 +18,9 @@ class EpochShuffle(Sampler[int]):
     rank k takes every world-th sample of it. Lightning calls ``set_epoch``."""
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1,
-                 batch: int | None = None):
+                 batch: int | None = None, skip: tuple[int, int] | None = None):
         self.n, self.seed, self.shuffle, self.epoch = n, int(seed), shuffle, 0
+        self.skip = skip   # (epoch, samples of this device's stream already consumed): a resume
         self.rank, self.world = rank, world
         self.batch = batch or world
         # drop the tail that cannot be split equally, so every device runs the same steps
@@ -36,7 +37,10 @@ class EpochShuffle(Sampler[int]):
         return torch.randperm(self.n, generator=g)
 
     def __iter__(self):
-        return iter(self._order()[: self.used][self.rank:: self.world].tolist())
+        mine = self._order()[: self.used][self.rank:: self.world]
+        if self.skip is not None and self.skip[0] == self.epoch:   # (Lightning may iter() twice)
+            mine = mine[self.skip[1]:]
+        return iter(mine.tolist())
 
     def __len__(self) -> int:
         return self.used // self.world
@@ -46,6 +50,33 @@ def _dist(module: pl.LightningDataModule) -> tuple[int, int]:
     """(rank, world size) of the attached trainer; (0, 1) without one."""
     t = getattr(module, "trainer", None)
     return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+
+class ResumableData(pl.LightningDataModule):
+    """Saves where in the epoch training stood, so that a run resumed from a mid-epoch
+    checkpoint (an interrupted one) continues with exactly the batches it had not seen."""
+
+    _resume: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict:
+        t = getattr(self, "trainer", None)
+        if t is None or not t.training:
+            return {}
+        done = int(t.fit_loop.epoch_loop.batch_progress.current.completed)
+        if done >= t.num_training_batches:   # saved at an epoch's end: nothing to skip
+            return {}
+        return {"epoch": int(t.current_epoch), "batches_done": done}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume = (int(state["epoch"]), int(state["batches_done"]))
+
+    def _skip(self, per_device_batch: int) -> tuple[int, int] | None:
+        if self._resume is None:
+            return None
+        epoch, done = self._resume
+        self._resume = None
+        return (epoch, done * per_device_batch)
 
 
 def _per_device(batch_size: int, world: int) -> int:
@@ -62,7 +93,7 @@ def _positive_int(name, v, allow_none=False):
         raise ValueError(f"{name} must be a positive integer{' or null' if allow_none else ''}, got {v!r}")
 
 
-class MNISTDataModule(pl.LightningDataModule):
+class MNISTDataModule(ResumableData):
     """Flattened MNIST, pixels in [0, 1]. Validation and test use the full 10,000-image test set
     (``test_subset`` takes its first k images instead, for quick checks). ``batch_size`` is the
     global batch: with several devices each takes an equal share of it."""
@@ -106,9 +137,10 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         rank, world = _dist(self)
-        return DataLoader(self.train_set, batch_size=_per_device(self.batch_size, world),
+        bs = _per_device(self.batch_size, world)
+        return DataLoader(self.train_set, batch_size=bs,
                           sampler=EpochShuffle(len(self.train_set), self.seed, self.shuffle, rank, world,
-                                               self.batch_size),
+                                               self.batch_size, skip=self._skip(bs)),
                           num_workers=self.num_workers)
 
     def val_dataloader(self):
@@ -134,7 +166,7 @@ class _Repeat(Dataset):
         return self.tensors
 
 
-class LinearRegressionDataModule(pl.LightningDataModule):
+class LinearRegressionDataModule(ResumableData):
     """The linear task of section 3.1, eq 3.4: X = σx Z (N×m), Ŵ = σw Z/√N,
     Y = (I − Ŵ)⁻¹ X + σy Z. Batches are rows: (X (m, N), Y (m, N)), always the full batch.
     ``steps_per_epoch`` full-batch steps make one epoch (validation runs between epochs)."""
@@ -184,7 +216,8 @@ class LinearRegressionDataModule(pl.LightningDataModule):
         return self.X[rank::world], self.Y[rank::world]
 
     def train_dataloader(self):
-        return DataLoader(_Repeat(self._shard(), self.steps_per_epoch), batch_size=None)
+        return DataLoader(_Repeat(self._shard(), self.steps_per_epoch), batch_size=None,
+                          sampler=EpochShuffle(self.steps_per_epoch, shuffle=False, skip=self._skip(1)))
 
     def val_dataloader(self):
         return DataLoader(_Repeat(self._shard(), 1), batch_size=None)

@@ -49,6 +49,9 @@ def _solver_kwargs(name: str, kwargs: dict) -> dict:
     bad = sorted(set(kwargs) - set(allowed))
     if bad:
         raise ValueError(f"solver {name!r} has no option(s) {bad}; its options are {allowed}")
+    # the solver checks its option values first thing: run it on a 1×1 problem to fail now,
+    # not in the middle of training
+    fn(lambda u, rows=None: 0 * u, torch.zeros(1, 1), **kwargs)
     return dict(kwargs)
 
 

@@ -41,15 +41,16 @@ class FixedPointModule(pl.LightningModule):
     hands −ΔW to the optimizer as W's gradient: plain SGD with lr = 1 (the default) makes
     W ← W + ΔW exactly, as in the paper; momentum or Adam then act on the rule's direction.
 
-    Faults — a fixed point that did not converge (solvers with a tolerance), NaN/inf in r, the
-    loss or ΔW, w2 leaving its domain — never reach W. With ``on_fault="skip"`` the step is
+    Faults — fixed points that did not converge (more than ``max_nonconverged`` of the batch, for
+    solvers with a tolerance; fewer are left out of ΔW and counted), NaN/inf in r, the loss or
+    ΔW, w2 leaving its domain — never reach W. With ``on_fault="skip"`` the step is
     skipped and counted; ``max_faults`` consecutive faults end training with status "diverged".
     ``on_fault="stop"`` ends it at the first fault.
     """
 
     def __init__(self, model: FixedPointRNN, rule: str = "w3", lr: float = 0.25, task: str = "classification",
                  rule_kwargs: dict | None = None, optimizer: Callable | None = None,
-                 on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
+                 on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.01,
                  check_every: int = 50):
         super().__init__()
         if rule not in ALL_RULES:
@@ -118,22 +119,33 @@ class FixedPointModule(pl.LightningModule):
         fp = model.fixed_point(x)
         sol = fp.solution
         out: dict[str, Any] = {"fp": fp, "fault": None}
-        if not torch.isfinite(fp.r).all():
+        if not torch.isfinite(x).all():
+            out["fault"] = "non-finite input"
+        elif not (torch.isfinite(fp.r).all() and torch.isfinite(sol.residual).all()):
             out["fault"] = "non-finite fixed point"
         elif sol.tol is not None and sol.n_nonconverged > self.max_nonconverged * len(fp.r):
             out["fault"] = (f"fixed point not converged for {sol.n_nonconverged}/{len(fp.r)} samples "
                             f"(max residual {sol.max_residual:.3g})")
         losses, delta, logits = loss_and_grad(self.task, model, fp.r, y)
         out.update(losses=losses, logits=logits, y=y)
+        # samples allowed to miss the tolerance (max_nonconverged) are left out of ΔW: their r
+        # is not a fixed point, so the rule's formula does not hold for them
+        keep = sol.converged if (sol.tol is not None and out["fault"] is None) else None
+        out["n_used"] = len(fp.r) if keep is None else int(keep.sum())
+        if out["fault"] is None and out["n_used"] == 0:
+            out["fault"] = "no sample converged"
         if out["fault"] is None and not torch.isfinite(losses).all():
             out["fault"] = "non-finite loss"
         if out["fault"] is not None:
             return out
         if self.rule is not None:
+            r, gain = fp.r, fp.gain
+            if keep is not None and out["n_used"] < len(r):
+                r, gain, delta = r[keep], gain[keep], delta[keep]
             if self.rule_kwargs.get("shared_gain") and self.world > 1:
                 # eq 3.8 is one exact step of the *global* batch mean: gather its rank-m factors
-                fp.r, fp.gain, delta = (self.all_gather(t).flatten(0, 1) for t in (fp.r, fp.gain, delta))
-            dW, info = self.rule(model.W.detach(), fp.r, fp.gain, delta, self.lr,
+                r, gain, delta = (self.all_gather(t).flatten(0, 1) for t in (r, gain, delta))
+            dW, info = self.rule(model.W.detach(), r, gain, delta, self.lr,
                                  return_info=True, **self.rule_kwargs)
             if info.get("out_of_domain"):
                 out["fault"] = (f"w2 left its domain for {info['out_of_domain']} samples "
@@ -154,6 +166,12 @@ class FixedPointModule(pl.LightningModule):
             out["fault"] = "non-finite ΔW"
         out["dW"] = dW
         return out
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # Ctrl-C is turned into a flag by run.py and raised here, between steps, so that the
+        # checkpoint saved on the way out holds a consistent state (W, step and data position)
+        if getattr(self, "interrupt_requested", False):
+            raise KeyboardInterrupt
 
     def training_step(self, batch, batch_idx):
         if self.status == "diverged":
@@ -180,6 +198,7 @@ class FixedPointModule(pl.LightningModule):
         self.train_loss(out["losses"].detach().float().mean() if torch.isfinite(out["losses"]).all()
                         else torch.tensor(float("nan")))
         logs = {"train/loss": self.train_loss, "solver/iters": sol.iters_mean,
+                "train/left_out": float(len(out["losses"]) - out.get("n_used", len(out["losses"]))),
                 "solver/max_residual": sol.max_residual, "solver/nonconverged": float(sol.n_nonconverged)}
         if self.task == "classification":
             self.train_acc(out["logits"].argmax(1), out["y"])
@@ -210,11 +229,12 @@ class FixedPointModule(pl.LightningModule):
     def reduce_update(self, dW: Tensor, out: dict) -> Tensor:
         if self.world == 1 or self.rule is None or self.rule_kwargs.get("shared_gain"):
             return dW   # bptt: DDP averaged the gradient; eq 3.8: computed on the gathered batch
-        sizes = self.all_gather(torch.tensor(len(out["losses"]), device=dW.device))
-        if int(sizes.min()) != int(sizes.max()):
-            raise RuntimeError(f"per-device batch sizes differ ({sizes.tolist()}): the mean of the "
-                               f"devices' ΔW would not be the global batch's ΔW")
-        return self.trainer.strategy.reduce(dW.clone(), reduce_op="mean")
+        # ΔW is a mean over samples: weight each device's by its sample count, so the result is
+        # the global batch's mean also when devices used different numbers of samples
+        n = float(out["n_used"])
+        buf = torch.cat([(dW * n).flatten(), dW.new_tensor([n])])      # one flat buffer per step
+        buf = self.trainer.strategy.reduce(buf, reduce_op="sum")
+        return (buf[:-1] / buf[-1]).reshape(dW.shape)
 
     def check_rank_agreement(self) -> None:
         """Compare W across devices (a checksum); a mismatch stops the run with an error."""

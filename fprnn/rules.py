@@ -127,14 +127,25 @@ def w1(W, r, gain, grad_r, lr, *, method: str = "exact", tol: float = 1e-8, max_
     """Euclidean gradient descent, eq 2.6: ΔW1_i = −η G_i (I − G_i W)^{−T} δ_i r_iᵀ = −η p_i r_iᵀ.
 
     p_i = g_i ⊙ u_i with (I − G_i W)ᵀ u_i = δ_i.
-    - ``method="exact"``: batched LU solves, ``chunk`` samples at a time (O(m N³));
+    - ``method="exact"``: batched LU solves, ``chunk`` samples at a time (O(m N³)); one solve
+      when every sample has the same gains (the linear model);
     - ``method="adjoint"``: the iteration P ← G ⊙ (D + P W) (recurrent backprop), O(k m N²);
       it converges only while the discrete map is contracting: ``info["converged"]`` says so and,
       without ``return_info``, non-convergence raises RuntimeError."""
     _check(W, r, gain, grad_r, lr)
     m, n = r.shape
     info: dict = {}
-    if method == "exact":
+    if method == "exact" and bool((gain == gain[:1]).all()):
+        # one gain for all samples (e.g. the linear model, G = I): a single N×N solve
+        g = gain[0]
+        M = torch.eye(n, dtype=W.dtype, device=W.device) - W.T * g.unsqueeze(0)
+        U, err = torch.linalg.solve_ex(M, grad_r.T)
+        if int(err) != 0:
+            info["singular"] = m
+            if not return_info:
+                raise ValueError("w1: I − G W is singular (the fixed point is not hyperbolic)")
+        P = g * U.T
+    elif method == "exact":
         eye = torch.eye(n, dtype=W.dtype, device=W.device)
         P = torch.empty_like(grad_r)
         for s in range(0, m, chunk):

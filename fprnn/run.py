@@ -5,9 +5,12 @@ Writes into the run directory: ``results.json`` (always, also for a diverged or 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -37,6 +40,25 @@ def _finite(x):
     return x if x is None or not isinstance(x, float) or math.isfinite(x) else str(x)
 
 
+@contextlib.contextmanager
+def _sigint_between_steps(module):
+    """The first Ctrl-C asks the module to stop before its next step (and save); a second one
+    interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        module.interrupt_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
 
@@ -58,6 +80,25 @@ def check_compatible(model, data) -> None:
             raise ValueError(f"model.N={model.N} does not match the data's dimension N={data.N}")
 
 
+def check_checkpoint(path, model) -> None:
+    """The checkpoint must exist and hold a network of this model's shape."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
+    state = torch.load(p, map_location="cpu", weights_only=False).get("state_dict", {})
+    W = state.get("model.W")
+    if W is None:
+        raise ValueError(f"ckpt_path={path} is not an fprnn checkpoint (no model.W in it)")
+    if tuple(W.shape) != tuple(model.W.shape):
+        raise ValueError(f"ckpt_path={path} holds a network with N={W.shape[0]}, but model.N={model.N}")
+    for name in ("W_in", "W_out"):
+        saved, mine = state.get(f"model.{name}"), getattr(model, name)
+        if (saved is None) != (mine is None) or (saved is not None and saved.shape != mine.shape):
+            raise ValueError(f"ckpt_path={path}: its {name} has shape "
+                             f"{None if saved is None else tuple(saved.shape)}, the model's "
+                             f"{None if mine is None else tuple(mine.shape)}")
+
+
 def _instantiate(node, **kw):
     """hydra.utils.instantiate, but a ValueError from our constructors reaches the user as is."""
     import hydra
@@ -76,6 +117,8 @@ def build(cfg: DictConfig, run_dir: Path):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
+    from .callbacks import CheckpointOnInterrupt
+
     from .module import FixedPointModule
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -88,7 +131,11 @@ def build(cfg: DictConfig, run_dir: Path):
                               **_plain(cfg.get("fault")), **_plain(cfg.get("module")))
     loggers = [hydra.utils.instantiate(c, save_dir=str(run_dir))
                for c in (cfg.get("logger") or {}).values() if c is not None]
-    callbacks = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0)]
+    ckpt_dir = str(run_dir / "checkpoints")
+    # last.ckpt at each epoch end, and — on Ctrl-C, SIGTERM or an error — at the last finished step
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                 enable_version_counter=False),
+                 CheckpointOnInterrupt(ckpt_dir)]
     if cfg.get("progress_bar", True):
         callbacks.append(RichProgressBar())
     callbacks += [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -112,7 +159,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ckpt = cfg.get("ckpt_path")
         if cfg.get("resume") and not ckpt and (run_dir / "checkpoints" / "last.ckpt").exists():
             ckpt = str(run_dir / "checkpoints" / "last.ckpt")
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+        if ckpt:
+            check_checkpoint(ckpt, model)
+        with _sigint_between_steps(module):
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt)
         module.fit_metrics = {k: _finite(v) for k, v in trainer.callback_metrics.items()}
         if module.status == "running":
             module.status = "finished"
@@ -120,9 +170,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results["test_loss"] = tested.get("test/loss")
         results["test_acc"] = tested.get("test/acc")
         results["solver_max_residual"] = tested.get("test/max_residual")
-    except Exception as e:  # recorded, then re-raised: a crash is not a result
+    except BaseException as e:  # recorded, then re-raised: a crash is not a result
         error = e
-        results["error"] = "".join(traceback.format_exception_only(type(e), e)).strip()
+        interrupted = isinstance(e, (KeyboardInterrupt, SystemExit)) and trainer is not None \
+            and trainer.state.status == "interrupted"
+        if interrupted and module is not None:
+            module.status = "interrupted"
+            results["error"] = f"interrupted ({type(e).__name__}); resume with ckpt_path=" \
+                               f"{run_dir / 'checkpoints' / 'last.ckpt'}"
+        else:
+            results["error"] = "".join(traceback.format_exception_only(type(e), e)).strip()
     finally:
         if module is not None:
             results.update(finish(cfg, run_dir, data, module, trainer, results))
@@ -131,13 +188,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             (run_dir / "results.json").write_text(json.dumps({k: _finite(v) for k, v in results.items()}, indent=2))
         _close_wandb(trainer, failed=error is not None)
     if error is not None:
+        if results["status"] == "interrupted":   # the shell's codes for SIGTERM / Ctrl-C
+            raise SystemExit(143 if type(error).__name__ == "SIGTERMException" else 130)
         raise error
+    if cfg.get("strict") and (results["status"] != "finished" or results.get("faults")):
+        raise SystemExit(f"strict=true: the run ended with status {results['status']!r} and "
+                         f"{results.get('faults')} faults (see {run_dir / 'results.json'})")
     return results
 
 
 def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str, Any]:
     """Final numbers of a run that got as far as building: status, losses, stability, weights."""
-    out: dict[str, Any] = {"status": module.status if results.get("error") is None else "failed",
+    failed = results.get("error") is not None and module.status != "interrupted"
+    out: dict[str, Any] = {"status": "failed" if failed else module.status,
                            "steps": int(trainer.global_step) if trainer is not None else 0}
     out.update(module.summary())
     metrics = getattr(module, "fit_metrics", None) or (trainer.callback_metrics if trainer is not None else {})
@@ -145,13 +208,15 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
     if "train/acc_epoch" in metrics:
         out["train_acc"] = _finite(metrics.get("train/acc_epoch"))
     W = module.model.W.detach()
-    if torch.isfinite(W).all():
+    try:   # the final numbers must not cost the run its results.json
         p, _ = data.probe_batch(int(cfg.get("probe_size", 16)))
         out.update(module.probe_stability(p))
         if data.task == "regression":
             out["loss_W"] = data.loss(W)
             out["loss_W_star"] = data.loss(data.W_star().to(W.dtype))
             out["test_loss"] = out["loss_W"]
+    except Exception as e:
+        out["final_metrics_error"] = f"{type(e).__name__}: {e}"
     if trainer is None or trainer.is_global_zero:
         m = module.model
         torch.save({"W": m.W.detach().cpu(), "W_in": None if m.W_in is None else m.W_in.cpu(),

@@ -1,4 +1,7 @@
-"""Callbacks that break things on purpose, for the multi-device tests."""
+"""Callbacks that break things on purpose, for the multi-device and reliability tests."""
+import os
+import signal
+
 import pytorch_lightning as pl
 import torch
 
@@ -13,3 +16,14 @@ class PerturbRank(pl.Callback):
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             with torch.no_grad():
                 pl_module.model.W[0, 0] += 1e-3
+
+
+class SignalAt(pl.Callback):
+    """Sends this process a signal (SIGTERM or SIGINT) right after a given step."""
+
+    def __init__(self, step: int = 5, sig: str = "SIGTERM"):
+        self.step, self.sig = step, getattr(signal, sig)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.sig)

@@ -1,0 +1,106 @@
+"""Bad input, divergence, NaN and interruption: clear errors, recorded results, nothing lost."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fprnn.data import MNISTDataModule
+from fprnn.mnist import ensure_mnist
+from fprnn.run import build, train
+
+from helpers import QUICK_MNIST, make_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_interrupt_then_resume_gives_the_uninterrupted_W(tmp_path, mnist_dir, sig):
+    over = [*QUICK_MNIST, "model.dtype=float64", "solver.kwargs.tol=1e-12", "rule=w3", "lr=0.25",
+            "data.batch_size=128", "trainer.max_epochs=2", f"data.root={mnist_dir}", "data.download=false"]
+    ref = train(make_cfg(over, tmp_path / "ref"))
+    run_dir = tmp_path / "cut"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"), WANDB_MODE="offline")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *over, f"hydra.run.dir={run_dir}",
+                           "+callbacks.cut._target_=ddp_callbacks.SignalAt", "+callbacks.cut.step=5",
+                           f"+callbacks.cut.sig={sig}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    cut = json.loads((run_dir / "results.json").read_text())
+    assert cut["status"] == "interrupted" and cut["steps"] == 5, cut
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    resumed = train(make_cfg([*over, "resume=true"], run_dir))
+    assert resumed["status"] == "finished" and resumed["steps"] == ref["steps"] == 16
+    W_ref = torch.load(tmp_path / "ref" / "weights.pt")["W"]
+    W_res = torch.load(run_dir / "weights.pt")["W"]
+    assert float((W_res - W_ref).abs().max()) <= 1e-12 * float(W_ref.abs().max())
+
+
+def test_injected_nan_batch_is_skipped_and_W_stays_finite(tmp_path, mnist_dir):
+    cfg = make_cfg([*QUICK_MNIST, "rule=w3", "lr=0.25", "data.shuffle=false"], tmp_path, mnist_dir)
+    data, model, module, trainer = build(cfg, tmp_path)
+    data.setup()
+    data.train_set.tensors[0][300, 5] = float("nan")        # one image in the second batch
+    trainer.fit(module, datamodule=data)
+    assert module.faults == 1 and "non-finite" in module.fault_log[0] and "step 1" in module.fault_log[0]
+    assert trainer.global_step == 3 and module.status == "running"     # 4 batches, 1 skipped
+    assert torch.isfinite(model.W).all()
+
+
+def test_forced_divergence_ends_with_status_not_crash(tmp_path, mnist_dir):
+    over = [*QUICK_MNIST, "rule=w1", "lr=1.0", "data.train_subset=4096", "trainer.max_epochs=3",
+            "fault.max_faults=5"]
+    res = train(make_cfg(over, tmp_path, mnist_dir))        # returns: a diverged run is a result
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "diverged" and res["faults"] >= 5
+    assert torch.isfinite(torch.load(tmp_path / "weights.pt")["W"]).all()
+    with pytest.raises(SystemExit, match="strict=true: the run ended with status 'diverged'"):
+        train(make_cfg([*over, "strict=true"], tmp_path / "strict", mnist_dir))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("lr=0", "lr must be a positive finite number, got 0"),
+    ("lr=nan", "lr must be a positive finite number, got nan"),
+    ("model.N=0", "N must be a positive integer, got 0"),
+    ("data.batch_size=-4", "batch_size must be a positive integer, got -4"),
+    ("solver.kwargs.tol=0", "tol must be a positive finite number, got 0"),
+    ("solver.kwargs.max_iter=0", "max_iter must be a positive integer, got 0"),
+    ("model.n_out=7", "model.n_out=7 does not match the data's 10 classes"),
+    ("model.dynamics=ode", "unknown dynamics 'ode'; choose one of ['discrete', 'rate', 'voltage']"),
+    ("fault.on_fault=ignore", "on_fault must be 'skip' or 'stop', got 'ignore'"),
+    ("data.batch_size=100", None),
+])
+def test_validation_names_the_bad_value(tmp_path, mnist_dir, override, message):
+    cfg = make_cfg([*QUICK_MNIST, override, "trainer.max_steps=1", "trainer.limit_val_batches=0"],
+                   tmp_path, mnist_dir)
+    if message is None:       # a sane value passes
+        assert train(cfg)["status"] == "finished"
+        return
+    with pytest.raises(ValueError, match=__import__("re").escape(message)):
+        train(cfg)
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+
+
+def test_checkpoint_from_another_network_is_refused(tmp_path, mnist_dir):
+    train(make_cfg([*QUICK_MNIST, "trainer.max_steps=1"], tmp_path / "a", mnist_dir))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"holds a network with N=300, but model.N=50"):
+        train(make_cfg([*QUICK_MNIST, "model.N=50", f"ckpt_path={ckpt}"], tmp_path / "b", mnist_dir))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        train(make_cfg([*QUICK_MNIST, f"ckpt_path={tmp_path}/nope.ckpt"], tmp_path / "c", mnist_dir))
+
+
+def test_missing_mnist_says_where_and_leaves_nothing(tmp_path):
+    root = tmp_path / "empty"
+    with pytest.raises(FileNotFoundError) as e:
+        ensure_mnist(root, download=False)
+    msg = str(e.value)
+    assert str(root / "MNIST" / "raw") in msg and "train-images-idx3-ubyte" in msg and "data.root" in msg
+    assert not root.exists()
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
+        MNISTDataModule(root=str(root), download=True).prepare_data()   # no network here
+    assert not root.exists() or not any(root.rglob("*"))
