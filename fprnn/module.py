@@ -50,7 +50,7 @@ class FixedPointModule(pl.LightningModule):
 
     def __init__(self, model: FixedPointRNN, rule: str = "w3", lr: float = 0.25, task: str = "classification",
                  rule_kwargs: dict | None = None, optimizer: Callable | None = None,
-                 on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.01,
+                 on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
                  check_every: int = 50):
         super().__init__()
         if rule not in ALL_RULES:
