@@ -13,3 +13,124 @@ class CheckpointOnInterrupt(OnExceptionCheckpoint):
 
     def teardown(self, trainer, *args, **kwargs) -> None:
         pass
+
+
+# --- diagnostics monitors ---------------------------------------------------------------
+# Scalar names are fixed (dashboards and fprnn.figures rely on them): angle/theta12, ...,
+# stability/max_re_eig, stability/frac_stable, stability/spectral_radius_W, solver/iters, ...
+
+import math
+
+import pytorch_lightning as pl
+import torch
+
+from . import rules
+
+
+def _every(trainer, k: int) -> bool:
+    return k > 0 and trainer.global_step % k == 0
+
+
+def _wandb_loggers(trainer):
+    from pytorch_lightning.loggers import WandbLogger
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)] if trainer.is_global_zero else []
+
+
+class SolverMonitor(pl.Callback):
+    """Logs the fixed-point solver's work on each training batch: mean iterations, max
+    residual, number of samples that did not reach the tolerance."""
+
+    def __init__(self, every_n_steps: int = 1):
+        self.every = int(every_n_steps)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = getattr(pl_module, "last_step", None)
+        if not step or not _every(trainer, self.every):
+            return
+        sol = step["fp"].solution
+        pl_module.log_dict({"solver/iters": sol.iters_mean, "solver/max_residual": sol.max_residual,
+                            "solver/nonconverged": float(sol.n_nonconverged)},
+                           on_step=True, on_epoch=False, batch_size=len(sol.residual))
+
+
+class StabilityMonitor(pl.Callback):
+    """Every k steps, on a fixed probe batch: per-sample max Re λ(G_i W) (ρ(G_i W) for discrete
+    dynamics), its max, the fraction of stable fixed points, and eig(W). Every ``media_every``
+    steps (and at the end) the eigenvalues of W go to W&B as a complex-plane scatter with the
+    stability line Re λ = 1, and as a histogram of Re λ."""
+
+    def __init__(self, every_n_steps: int = 50, probe_size: int = 16, media_every: int = 500):
+        self.every, self.probe_size, self.media_every = int(every_n_steps), int(probe_size), int(media_every)
+        self.probe = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.probe = trainer.datamodule.probe_batch(self.probe_size)[0]
+
+    def _log(self, trainer, pl_module):
+        s = pl_module.probe_stability(self.probe)
+        pl_module.log_dict({f"stability/{k}": v for k, v in s.items()}, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.probe is None or not _every(trainer, self.every):
+            return
+        self._log(trainer, pl_module)
+        if _every(trainer, self.media_every):
+            self.log_media(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.probe is not None:
+            self.log_media(trainer, pl_module)
+
+    def log_media(self, trainer, pl_module):
+        loggers = _wandb_loggers(trainer)
+        if not loggers:
+            return
+        import wandb
+
+        from .figures import eig_figure
+        fig = eig_figure(pl_module.model.W.detach().cpu(), continuous=pl_module.model.dyn.continuous)
+        lam = torch.linalg.eigvals(pl_module.model.W.detach().cpu().double())
+        for lg in loggers:
+            lg.experiment.log({"stability/eig_W": wandb.Image(fig),
+                               "stability/eig_W_real": wandb.Histogram(lam.real.numpy()),
+                               "trainer/global_step": trainer.global_step})
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+
+
+class AngleMonitor(pl.Callback):
+    """Every k steps, on the step's own batch and the W it started from: the update of every
+    rule, the angles between them in degrees (section 3.1.6) and their Frobenius norms."""
+
+    def __init__(self, every_n_steps: int = 50, compare: tuple[str, ...] = ("w1", "w2", "w3", "w4")):
+        self.every = int(every_n_steps)
+        self.rules = tuple(compare)
+        bad = [r for r in self.rules if r not in rules.RULES]
+        if bad:
+            raise ValueError(f"AngleMonitor: unknown rule(s) {bad}; choose from {sorted(rules.RULES)}")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = getattr(pl_module, "last_step", None)
+        if not step or step.get("skipped"):
+            return
+        if not (_every(trainer, self.every) or trainer.global_step == 1):   # and the first step
+            return
+        fp, W = step["fp"], step["W"]
+        keep = fp.solution.converged if fp.solution.tol is not None else None
+        r, gain, delta = fp.r, fp.gain, step["delta"]
+        if keep is not None and not bool(keep.all()):
+            r, gain, delta = r[keep], gain[keep], delta[keep]
+        dWs = {}
+        for name in self.rules:
+            kw = {"shared_gain": bool(pl_module.model.act.is_identity)} if name == "w2" else {}
+            dW, info = rules.RULES[name](W, r, gain, delta, pl_module.lr, return_info=True, **kw)
+            if not info.get("out_of_domain") and torch.isfinite(dW).all():
+                dWs[name] = dW
+        logs = {f"angle/norm_{k}": float(torch.linalg.norm(v)) for k, v in dWs.items()}
+        names = sorted(dWs)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                theta = rules.angle(dWs[a], dWs[b])
+                if math.isfinite(theta):
+                    logs[f"angle/theta{a[1:]}{b[1:]}"] = theta
+        pl_module.log_dict(logs, on_step=True, on_epoch=False)

@@ -87,7 +87,7 @@ class FixedPointModule(pl.LightningModule):
         self.fault_log: list[str] = []
         self.step_ms: list[float] = []
         self.iters_sum = 0.0
-        self.last_solver: dict[str, float] = {}
+        self.last_step: dict[str, Any] = {}
         self.last_dW: Tensor | None = None
 
     # -- optimizer --------------------------------------------------------------------
@@ -127,7 +127,7 @@ class FixedPointModule(pl.LightningModule):
             out["fault"] = (f"fixed point not converged for {sol.n_nonconverged}/{len(fp.r)} samples "
                             f"(max residual {sol.max_residual:.3g})")
         losses, delta, logits = loss_and_grad(self.task, model, fp.r, y)
-        out.update(losses=losses, logits=logits, y=y)
+        out.update(losses=losses, logits=logits, y=y, delta=delta, W=model.W.detach().clone())
         # samples allowed to miss the tolerance (max_nonconverged) are left out of ΔW: their r
         # is not a fixed point, so the rule's formula does not hold for them
         keep = sol.converged if (sol.tol is not None and out["fault"] is None) else None
@@ -193,13 +193,13 @@ class FixedPointModule(pl.LightningModule):
         self.step_ms.append(1e3 * (time.perf_counter() - t0))
         sol = out["fp"].solution
         self.iters_sum += sol.iters_mean
-        self.last_solver = sol.stats()
+        out["skipped"] = fault is not None
+        self.last_step = out            # for the monitors (fprnn.callbacks): W before the step, r, δ
         bs = len(out["losses"])
-        self.train_loss(out["losses"].detach().float().mean() if torch.isfinite(out["losses"]).all()
-                        else torch.tensor(float("nan")))
-        logs = {"train/loss": self.train_loss, "solver/iters": sol.iters_mean,
-                "train/left_out": float(len(out["losses"]) - out.get("n_used", len(out["losses"]))),
-                "solver/max_residual": sol.max_residual, "solver/nonconverged": float(sol.n_nonconverged)}
+        if torch.isfinite(out["losses"]).all():
+            self.train_loss(out["losses"].detach().float().mean())
+        logs = {"train/loss": self.train_loss,
+                "train/left_out": float(len(out["losses"]) - out.get("n_used", len(out["losses"])))}
         if self.task == "classification":
             self.train_acc(out["logits"].argmax(1), out["y"])
             logs["train/acc"] = self.train_acc

@@ -1,0 +1,217 @@
+"""Figures from runs and sweeps: ``python -m fprnn.figures RUN_OR_SWEEP_DIR``.
+
+Reads each run's ``results.json`` and ``csv/metrics.csv`` and writes PNG and PDF files into
+``RUN_OR_SWEEP_DIR/figures/``: loss (and accuracy) against step, one line per learning rate, one
+panel per rule (the paper's Figures 2, 4, 5); the angles between rules against step (Figure 3);
+the stability of the probed fixed points against step; and the eigenvalues of each final W.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def eig_figure(W: torch.Tensor, continuous: bool = True, title: str = "eigenvalues of W"):
+    """Complex-plane scatter of eig(W) with the stability boundary of W itself
+    (Re λ = 1 for continuous-time dynamics, |λ| = 1 for the discrete map)."""
+    lam = torch.linalg.eigvals(W.detach().cpu().double())
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    ax.scatter(lam.real.numpy(), lam.imag.numpy(), s=6, alpha=0.7)
+    if continuous:
+        ax.axvline(1.0, color="tab:red", ls="--", lw=1, label="Re λ = 1")
+    else:
+        t = torch.linspace(0, 2 * math.pi, 200)
+        ax.plot(torch.cos(t), torch.sin(t), color="tab:red", ls="--", lw=1, label="|λ| = 1")
+    ax.set_xlabel("Re λ")
+    ax.set_ylabel("Im λ")
+    ax.set_title(title)
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def read_metrics(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """metric name → [(step, value)] from a run's CSV log."""
+    path = run / "csv" / "metrics.csv"
+    out: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    if not path.exists():
+        return out
+    with path.open() as fh:
+        for row in csv.DictReader(fh):
+            step = int(float(row.get("step") or 0))
+            for k, v in row.items():
+                if k in ("step", "epoch") or v in ("", None):
+                    continue
+                try:
+                    out[k].append((step, float(v)))
+                except ValueError:
+                    pass
+    return out
+
+
+def find_runs(root: Path) -> list[Path]:
+    """The run directories under root (root itself if it is one), sorted."""
+    if (root / "results.json").exists():
+        return [root]
+    return sorted(p.parent for p in root.rglob("results.json") if "figures" not in p.parts)
+
+
+def load(runs: list[Path]) -> list[dict]:
+    out = []
+    for run in runs:
+        res = json.loads((run / "results.json").read_text())
+        out.append({"dir": run, "res": res, "metrics": read_metrics(run)})
+    return out
+
+
+def _by_rule(items):
+    groups = defaultdict(list)
+    for it in items:
+        groups[it["res"].get("rule", "?")].append(it)
+    for g in groups.values():
+        g.sort(key=lambda it: float(it["res"].get("lr") or 0))
+    return dict(sorted(groups.items()))
+
+
+def _panels(groups, title):
+    n = max(len(groups), 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False, sharey=True)
+    fig.suptitle(title)
+    return fig, axes[0]
+
+
+def _save(fig, out: Path, name: str, written: list[Path]) -> None:
+    for ext in ("png", "pdf"):
+        p = out / f"{name}.{ext}"
+        fig.savefig(p, dpi=120)
+        written.append(p)
+    plt.close(fig)
+
+
+def plot_curves(items, key: str, ylabel: str, name: str, out: Path, written: list, log: bool = False,
+                marker: str | None = None) -> None:
+    groups = _by_rule([it for it in items if it["metrics"].get(key)])
+    if not groups:
+        return
+    fig, axes = _panels(groups, ylabel)
+    cmap = plt.get_cmap("viridis")
+    for ax, (rule, runs) in zip(axes, groups.items()):
+        for i, it in enumerate(runs):
+            pts = [(s, v) for s, v in it["metrics"][key] if math.isfinite(v) and (v > 0 or not log)]
+            if not pts:
+                continue
+            s, v = zip(*pts)
+            status = it["res"].get("status", "")
+            label = f"η={it['res'].get('lr')}" + ("" if status == "finished" else f" ({status})")
+            ax.plot(s, v, color=cmap(i / max(len(runs) - 1, 1)), lw=1.2, marker=marker, ms=3, label=label)
+        ax.set_title(f"rule {rule}")
+        ax.set_xlabel("step")
+        if log:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel(ylabel)
+    fig.tight_layout()
+    _save(fig, out, name, written)
+
+
+def plot_angles(items, out: Path, written: list) -> None:
+    items = [it for it in items if any(k.startswith("angle/theta") for k in it["metrics"])]
+    if not items:
+        return
+    n = len(items)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False, sharey=True)
+    fig.suptitle("angles between rules (section 3.1.6)")
+    for ax, it in zip(axes[0], items):
+        for k in sorted(k for k in it["metrics"] if k.startswith("angle/theta")):
+            s, v = zip(*it["metrics"][k])
+            ax.plot(s, v, lw=1.2, marker=".", label=f"θ{k[len('angle/theta'):]}")
+        ax.set_title(f"{it['res'].get('rule')} η={it['res'].get('lr')}")
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 180)
+        ax.axhline(90, color="grey", lw=0.8, ls=":")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("angle (degrees)")
+    fig.tight_layout()
+    _save(fig, out, "angles", written)
+
+
+def plot_eigs(items, out: Path, written: list) -> None:
+    items = [it for it in items if (it["dir"] / "weights.pt").exists()]
+    if not items:
+        return
+    n = len(items)
+    cols = min(n, 5)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, it in zip(axes.flat, items):
+        W = torch.load(it["dir"] / "weights.pt", map_location="cpu")["W"].double()
+        lam = torch.linalg.eigvals(W)
+        ax.scatter(lam.real.numpy(), lam.imag.numpy(), s=4, alpha=0.7)
+        ax.axvline(1.0, color="tab:red", ls="--", lw=1)
+        ax.set_title(f"{it['res'].get('rule')} η={it['res'].get('lr')}", fontsize=9)
+        ax.set_xlabel("Re λ(W)")
+        ax.set_ylabel("Im λ(W)")
+    fig.suptitle("eigenvalues of the final W (dashed: Re λ = 1)")
+    fig.tight_layout()
+    _save(fig, out, "eig_W", written)
+
+
+def make_figures(root: str | Path, wandb: bool = False) -> list[Path]:
+    """Write the figures of one run or a sweep into ``root/figures``; return the files."""
+    root = Path(root)
+    runs = find_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no run under {root}: expected results.json in it or its subfolders")
+    items = load(runs)
+    out = root / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    task = next((it["res"].get("task") for it in items if it["res"].get("task")), None)
+    regression = task == "regression"
+    plot_curves(items, "train/loss_step", "J(W) (training loss)" if regression else "training loss",
+                "loss", out, written, log=True)
+    if not regression:
+        plot_curves(items, "train/acc_step", "training accuracy", "accuracy", out, written)
+        plot_curves(items, "val/acc", "test accuracy (end of epoch)", "test_accuracy", out, written, marker="o")
+    plot_curves(items, "stability/max_re_eig", "max over probes of max Re λ(G_i W)", "stability", out, written)
+    plot_angles(items, out, written)
+    plot_eigs(items, out, written)
+    if wandb:
+        _log_to_wandb(root, [p for p in written if p.suffix == ".png"])
+    return written
+
+
+def _log_to_wandb(root: Path, pngs: list[Path]) -> None:
+    import os
+
+    import wandb
+    run = wandb.init(project="fprnn", job_type="figures", name=f"figures:{root.name}",
+                     dir=str(root), mode=os.environ.get("WANDB_MODE", "offline"))
+    run.log({f"figures/{p.stem}": wandb.Image(str(p)) for p in pngs})
+    run.finish()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dir", help="a run directory (with results.json) or a sweep directory")
+    ap.add_argument("--wandb", action="store_true", help="also log the images to W&B (offline by default)")
+    a = ap.parse_args(argv)
+    for p in make_figures(a.dir, wandb=a.wandb):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()
