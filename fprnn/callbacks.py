@@ -31,6 +31,14 @@ def _every(trainer, k: int) -> bool:
     return k > 0 and trainer.global_step % k == 0
 
 
+def _log(trainer, metrics: dict) -> None:
+    """Straight to every attached logger at this step (Lightning's ``self.log`` would repeat a
+    sparse value at every later step of the epoch)."""
+    if trainer.is_global_zero:
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=trainer.global_step)
+
+
 def _wandb_loggers(trainer):
     from pytorch_lightning.loggers import WandbLogger
     return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)] if trainer.is_global_zero else []
@@ -48,9 +56,8 @@ class SolverMonitor(pl.Callback):
         if not step or not _every(trainer, self.every):
             return
         sol = step["fp"].solution
-        pl_module.log_dict({"solver/iters": sol.iters_mean, "solver/max_residual": sol.max_residual,
-                            "solver/nonconverged": float(sol.n_nonconverged)},
-                           on_step=True, on_epoch=False, batch_size=len(sol.residual))
+        _log(trainer, {"solver/iters": sol.iters_mean, "solver/max_residual": sol.max_residual,
+                       "solver/nonconverged": float(sol.n_nonconverged)})
 
 
 class StabilityMonitor(pl.Callback):
@@ -68,7 +75,7 @@ class StabilityMonitor(pl.Callback):
 
     def _log(self, trainer, pl_module):
         s = pl_module.probe_stability(self.probe)
-        pl_module.log_dict({f"stability/{k}": v for k, v in s.items()}, on_step=True, on_epoch=False)
+        _log(trainer, {f"stability/{k}": v for k, v in s.items()})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.probe is None or not _every(trainer, self.every):
@@ -133,4 +140,4 @@ class AngleMonitor(pl.Callback):
                 theta = rules.angle(dWs[a], dWs[b])
                 if math.isfinite(theta):
                     logs[f"angle/theta{a[1:]}{b[1:]}"] = theta
-        pl_module.log_dict(logs, on_step=True, on_epoch=False)
+        _log(trainer, logs)
