@@ -1,0 +1,230 @@
+"""Learning-rate sweeps of the paper, one ``train.py`` process per point.
+
+    python sweep.py fig2                       # linear task, w1/w2/w3 × η ∈ {0.03 … 3}
+    python sweep.py fig4 solver=anderson       # a preset with overrides for every point
+    python sweep.py rule=w1,w3 lr=0.01,0.1 data=mnist --jobs 2
+
+Each point runs as its own process (its own W&B run, memory and, with trainer=ddp, its own
+devices) in ``OUT/<rule>_lr<lr>/``. ``OUT/summary.csv`` and ``OUT/summary.md`` get one row per
+point, and ``OUT/figures/`` the figures. A point that diverges or fails is recorded as such and the
+sweep goes on; running the same sweep again skips the points already done and resumes
+interrupted ones from their checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MNIST_PAPER = ["experiment=paper_mnist", "solver=euler_paper"]
+PRESETS: dict[str, dict] = {
+    "fig2": {"base": ["experiment=paper_linear"], "rule": ["w1", "w2", "w3"],
+             "lr": [0.03, 0.1, 0.3, 1, 3], "doc": "linear task, 3500 full-batch steps (Figure 2)"},
+    "fig3": {"base": ["experiment=paper_linear", "callbacks.angles.every_n_steps=10"], "rule": ["w2"],
+             "lr": [0.03, 0.1, 0.3, 1], "doc": "angles θ12, θ13, θ23 while w2 learns (Figure 3)"},
+    "fig4": {"base": MNIST_PAPER, "rule": ["w1"], "lr": [0.001, 0.0025, 0.005, 0.01, 0.025],
+             "doc": "MNIST, w1, the authors' forward pass (Figure 4)"},
+    "fig5": {"base": MNIST_PAPER, "rule": ["w3"], "lr": [0.01, 0.025, 0.05, 0.1, 0.25],
+             "doc": "MNIST, w3, the authors' forward pass (Figure 5)"},
+    "w2_mnist": {"base": MNIST_PAPER, "rule": ["w2"], "lr": [0.01, 0.025, 0.05, 0.1, 0.25],
+                 "doc": "MNIST, w2 (not in the paper: too costly there)"},
+    "w4_mnist": {"base": MNIST_PAPER, "rule": ["w4"], "lr": [0.005, 0.01, 0.02, 0.05, 0.1],
+                 "doc": "MNIST, w4 (the authors' code)"},
+}
+COLUMNS = ["rule", "lr", "status", "loss_W", "train_loss", "test_loss", "test_acc", "max_re_eig",
+           "frac_stable", "wall_s"]
+DONE = ("finished", "diverged")
+
+
+@dataclass
+class Point:
+    rule: str
+    lr: str
+    overrides: list[str]
+    run_dir: Path
+    result: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.rule}_lr{self.lr}"
+
+
+def parse(argv: list[str]) -> tuple[str, list[str], list[str], list[str]]:
+    """(preset or 'custom', rules, lrs, other overrides) from the command line words."""
+    preset, rules, lrs, rest = "custom", None, None, []
+    for word in argv:
+        if "=" not in word:
+            if word not in PRESETS:
+                raise SystemExit(f"unknown preset {word!r}; choose one of {sorted(PRESETS)} "
+                                 f"or give a grid such as rule=w1,w3 lr=0.01,0.1")
+            preset = word
+        elif word.startswith("rule="):
+            rules = [r for r in word[5:].split(",") if r]
+        elif word.startswith("lr="):
+            lrs = [v for v in word[3:].split(",") if v]
+        else:
+            rest.append(word)
+    p = PRESETS.get(preset, {"base": [], "rule": ["w3"], "lr": [0.25]})
+    rules = rules or list(p["rule"])
+    lrs = lrs or [str(v) for v in p["lr"]]
+    for v in lrs:
+        try:
+            float(v)
+        except ValueError:
+            raise SystemExit(f"lr values must be numbers, got {v!r}") from None
+    return preset, rules, lrs, merge([*p["base"], *rest])
+
+
+def merge(overrides: list[str]) -> list[str]:
+    """Later overrides of the same key replace earlier ones (Hydra refuses duplicates)."""
+    out: dict[str, str] = {}
+    for o in overrides:
+        out[o.split("=", 1)[0].lstrip("+~")] = o
+    return list(out.values())
+
+
+def default_out(preset: str, rules, lrs, overrides: list[str]) -> Path:
+    extra = [o for o in overrides if o not in PRESETS.get(preset, {}).get("base", [])]
+    tag = "-".join(re.sub(r"[^A-Za-z0-9_.=,]+", "_", o) for o in extra)[:80]
+    name = preset if preset != "custom" else f"custom-{'_'.join(rules)}"
+    return ROOT / "sweeps" / (name + (f"-{tag}" if tag else ""))
+
+
+def read_result(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def command(point: Point, group: str, wandb_group: bool) -> list[str]:
+    cmd = [sys.executable, str(ROOT / "train.py"), *point.overrides, f"rule={point.rule}",
+           f"lr={point.lr}", f"hydra.run.dir={point.run_dir}", "progress_bar=false"]
+    if wandb_group:
+        cmd.append(f"logger.wandb.group={group}")
+    if (point.run_dir / "checkpoints" / "last.ckpt").exists():
+        cmd.append("resume=true")       # an interrupted or failed point continues where it was
+    return cmd
+
+
+def run_point(point: Point, group: str, wandb_group: bool, threads: int, stop: threading.Event) -> Point:
+    if stop.is_set():
+        point.result = {"status": "not run"}
+        return point
+    point.run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_SILENT="true",
+               WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
+    t0 = time.perf_counter()
+    with open(point.run_dir / "sweep_point.log", "a") as log:
+        proc = subprocess.run(command(point, group, wandb_group), cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    res = read_result(point.run_dir)
+    if not res:
+        res = {"status": "failed", "error": f"train.py exited with code {proc.returncode} before "
+                                            f"writing results (see {point.run_dir / 'sweep_point.log'})"}
+    elif proc.returncode != 0 and res.get("status") in DONE:
+        res["status"] = "failed"
+    res.setdefault("wall_s", time.perf_counter() - t0)
+    point.result = res
+    return point
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_summary(out: Path, points: list[Point]) -> None:
+    rows = [{c: (p.rule if c == "rule" else p.lr if c == "lr" else p.result.get(c)) for c in COLUMNS}
+            for p in points]
+    with (out / "summary.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(v) for k, v in r.items()})
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description="Run a learning-rate sweep, one train.py process per point.",
+        epilog="presets: " + "; ".join(f"{k}: {v['doc']}" for k, v in PRESETS.items()))
+    ap.add_argument("words", nargs="*", help="a preset name and/or overrides (rule=a,b lr=x,y key=value)")
+    ap.add_argument("--out", type=Path, default=None, help="sweep directory (default sweeps/<preset>[-overrides])")
+    ap.add_argument("--jobs", type=int, default=1, help="points run at once on this machine")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    ap.add_argument("--no-figures", action="store_true")
+    a = ap.parse_args(argv)
+    if a.jobs < 1:
+        raise SystemExit(f"--jobs must be ≥ 1, got {a.jobs}")
+    preset, rules, lrs, overrides = parse(a.words)
+    out = (a.out or default_out(preset, rules, lrs, overrides)).resolve()
+    group = out.name
+    wandb_group = not any(o.startswith(("logger=", "~logger")) for o in overrides)
+    points = [Point(r, lr, overrides, out / f"{r}_lr{lr}") for r in rules for lr in lrs]
+    if a.dry_run:
+        for p in points:
+            print(" ".join(command(p, group, wandb_group)))
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"preset": preset, "rules": rules, "lrs": lrs,
+                                                "overrides": overrides}, indent=2))
+    todo = []
+    for p in points:
+        res = read_result(p.run_dir)
+        if res.get("status") in DONE:
+            p.result = res
+            print(f"[skip] {p.name}: already {res['status']}")
+        else:
+            todo.append(p)
+    print(f"sweep {group}: {len(points)} points, {len(todo)} to run, {a.jobs} at a time → {out}", flush=True)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: (stop.set(), print("\nstopping: running points save "
+                                                                          "and end; rerun to resume", flush=True)))
+    threads = max(1, (os.cpu_count() or 1) // a.jobs)
+    done = len(points) - len(todo)
+    t0 = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+            futures = [pool.submit(run_point, p, group, wandb_group, threads, stop) for p in todo]
+            for f in as_completed(futures):
+                p = f.result()
+                done += 1
+                r = p.result
+                metric = (f"J={_fmt(r.get('loss_W'))}" if r.get("loss_W") is not None
+                          else f"acc={_fmt(r.get('test_acc'))}")
+                print(f"[{done}/{len(points)}] {p.name}: {r.get('status')} {metric} "
+                      f"max_re_eig={_fmt(r.get('max_re_eig'))} ({_fmt(r.get('wall_s'))} s, "
+                      f"sweep {time.perf_counter() - t0:.0f} s)", flush=True)
+                write_summary(out, points)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    write_summary(out, points)
+    print((out / "summary.md").read_text())
+    if not a.no_figures:
+        try:
+            from fprnn.figures import make_figures
+            files = make_figures(out)
+            print(f"figures: {out / 'figures'} ({len(files)} files)")
+        except Exception as e:   # figures are a convenience; the table is the result
+            print(f"figures failed: {type(e).__name__}: {e}")
+    if stop.is_set():
+        return 130
+    return 1 if any(p.result.get("status") not in DONE for p in points) else 0
