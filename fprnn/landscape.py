@@ -2,8 +2,9 @@
 
 ``python -m fprnn.landscape linear [--out DIR]``: the linear task of section 3.1 around the
 minimum-norm minimiser W* (eq 3.3), along W(t) = W* + c t Z/√N (eq 3.5, five random lines) and on
-the plane W(t1, t2) = W* + c (t1 Z1 + t2 Z2)/√N (eq 3.6), c = 2.5, with the approximate stability
-boundary |t| = √(1 − σw²)/c drawn.
+the plane W(t1, t2) = W* + c (t1 Z1 + t2 Z2)/√N (eq 3.6), c = 2.5, with the paper's approximate
+stability boundary |t| = √(1 − σw²)/c (dashed) and, on the plane, the exact one, max Re λ(W) = 1
+(white).
 
 ``python -m fprnn.landscape RUN_DIR``: the same slices around a trained network's final W
 (``RUN_DIR/weights.pt``, config from ``RUN_DIR/.hydra/config.yaml``), with J = the mean loss of its
@@ -49,8 +50,10 @@ def linear_landscape(N: int = 200, m: int = 100, sigma_w: float = 0.5, c: float 
     ts_plane = np.linspace(-1, 1, n_plane)
     Zs = [torch.randn(N, N, generator=g, dtype=torch.float64) for _ in range(lines)]
     Z1, Z2 = (torch.randn(N, N, generator=g, dtype=torch.float64) for _ in range(2))
+    max_re = lambda W: float(torch.linalg.eigvals(W).real.max())   # noqa: E731  (J = (−I + W)/τ)
     return {"ts_line": ts_line, "lines": [line(data.loss, W_star, Z, c, ts_line) for Z in Zs],
             "ts_plane": ts_plane, "plane": plane(data.loss, W_star, Z1, Z2, c, ts_plane),
+            "plane_max_re_eig": plane(max_re, W_star, Z1, Z2, c, ts_plane),
             "boundary": math.sqrt(1 - sigma_w ** 2) / c, "J_star": data.loss(W_star)}
 
 
@@ -77,9 +80,11 @@ def plot(land: dict, out: Path, title: str, cut: float = 1000.0) -> list[Path]:
     ts = land["ts_plane"]
     im = ax.pcolormesh(ts, ts, np.minimum(land["plane"], cut), shading="auto", cmap="magma")
     fig.colorbar(im, ax=ax, label=f"J (cut at {cut:g})")
-    if b:
+    if b:   # the paper's approximate boundary, from ρ(W(t)) ≈ √(σw² + c²|t|²)
         th = np.linspace(0, 2 * np.pi, 200)
         ax.plot(b * np.cos(th), b * np.sin(th), color="tab:cyan", ls="--", lw=1.2)
+    if "plane_max_re_eig" in land:   # the exact one: max Re λ(W) = 1
+        ax.contour(ts, ts, land["plane_max_re_eig"], levels=[1.0], colors="white", linewidths=1)
     ax.set_xlabel("t1")
     ax.set_ylabel("t2")
     ax.set_aspect("equal")

@@ -1,0 +1,106 @@
+"""Monitors, landscape and figures."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fprnn import reference as ref
+from fprnn import rules
+from fprnn.data import LinearRegressionDataModule
+from fprnn.figures import make_figures, read_metrics
+from fprnn.landscape import linear_landscape, plot
+from fprnn.run import build, train
+
+from helpers import QUICK_MNIST, make_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_angles_on_the_linear_task_match_the_paper_and_an_independent_reference(tmp_path):
+    """Figure 3: θ12 between 60° and 90°, θ23 below 10°, while w2 learns with η = 1."""
+    cfg = make_cfg(["experiment=paper_linear", "rule=w2", "lr=1", "logger=csv", "progress_bar=false",
+                    "trainer.max_steps=300", "callbacks.angles.every_n_steps=25"], tmp_path)
+    train(cfg)
+    m = read_metrics(tmp_path)
+    steps = [s for s, _ in m["angle/theta12"]]
+    assert steps[:3] == [1, 25, 50] and len(steps) == 13
+    assert all(60 < v < 90 for _, v in m["angle/theta12"])
+    assert all(v < 10 for _, v in m["angle/theta23"])
+    # step 1's angles were taken at the initial W: recompute them with the per-sample formulas
+    data, model, *_ = build(cfg, tmp_path / "ref")
+    W0, X, Y = model.W.detach(), data.X, data.Y
+    R = torch.linalg.solve(torch.eye(200, dtype=W0.dtype) - W0, X.T).T
+    D = 2 * (R - Y)
+    ones = torch.ones_like(R)
+    d1 = ref.w1(W0, R, ones, D, 1.0)
+    d2 = ref.w2_linear_batch(W0, X, D, 1.0)
+    d3 = ref.w3(W0, R, ones, D, 1.0)
+    assert m["angle/theta12"][0][1] == pytest.approx(rules.angle(d1, d2), abs=1e-3)
+    assert m["angle/theta23"][0][1] == pytest.approx(rules.angle(d2, d3), abs=1e-3)
+    norm = {k: v for k, v in m.items() if k.startswith("angle/norm_w1")}
+    assert norm["angle/norm_w1"][0][1] == pytest.approx(float(torch.linalg.norm(d1)), rel=1e-5)
+
+
+def test_stability_and_solver_monitors_log_their_scalars(tmp_path, mnist_dir):
+    cfg = make_cfg([*QUICK_MNIST, "callbacks.stability.every_n_steps=2", "data.batch_size=128"],
+                   tmp_path, mnist_dir)
+    res = train(cfg)
+    m = read_metrics(tmp_path)
+    for key in ("stability/max_re_eig", "stability/frac_stable", "stability/spectral_radius_W",
+                "solver/iters", "solver/max_residual", "solver/nonconverged"):
+        assert m.get(key), key
+    assert [s for s, _ in m["stability/max_re_eig"]] == [2, 4, 6, 8]
+    assert len(m["solver/iters"]) == 8 and all(v <= 1e-5 for _, v in m["solver/max_residual"])
+    # the last probe is taken at the final W, as results.json's
+    assert m["stability/max_re_eig"][-1][1] == pytest.approx(res["max_re_eig"], rel=1e-5)
+
+
+def test_linear_landscape_is_small_inside_and_singular_outside(tmp_path):
+    land = linear_landscape(n_line=101, n_plane=41, lines=3)
+    P, ts, b = land["plane"], land["ts_plane"], land["boundary"]
+    assert b == pytest.approx(math.sqrt(0.75) / 2.5)
+    assert np.isfinite(P).all() and land["J_star"] < 1e-20
+    S = land["plane_max_re_eig"]
+    assert S[20, 20] < 0.6 and S.max() > 1           # the centre W* is stable, corners are not
+    # Small where W is well inside the stability region; singular ridges where it is unstable.
+    # (J ∝ 1/|1 − λ|² grows without bound as an eigenvalue approaches 1, so no bound can hold
+    # right up to the boundary.)
+    well_inside = S < 0.8
+    assert well_inside.sum() > 30 and P[well_inside].max() < 10
+    assert P[S > 1].max() > 1000
+    T1, T2 = np.meshgrid(ts, ts)
+    assert P[np.hypot(T1, T2) < 0.8 * b].max() < 10   # and inside 0.8 × the paper's circle
+    files = plot(land, tmp_path, "linear")
+    assert {f.name for f in files} >= {"landscape_line.png", "landscape_plane.png"}
+
+
+def _check_png(path: Path):
+    img = np.asarray(Image.open(path).convert("L"), dtype=float)
+    assert img.shape[0] > 200 and img.shape[1] > 300, path
+    assert img.std() > 5, f"{path} looks blank"
+
+
+def test_figures_for_a_run_and_for_a_sweep(tmp_path, mnist_dir):
+    for lr in ("0.1", "0.25"):
+        train(make_cfg([*QUICK_MNIST, f"lr={lr}", "callbacks.angles.every_n_steps=1"],
+                       tmp_path / "sweep" / f"w3_lr{lr}", mnist_dir))
+    one = make_figures(tmp_path / "sweep" / "w3_lr0.1")
+    names = {p.name for p in one}
+    assert {"loss.png", "accuracy.png", "angles.png", "eig_W.png", "loss.pdf"} <= names
+    both = make_figures(tmp_path / "sweep")
+    assert all(p.parent == tmp_path / "sweep" / "figures" for p in both)
+    for p in [*one, *both]:
+        assert p.stat().st_size > 1000
+        if p.suffix == ".png":
+            _check_png(p)
+    out = subprocess.run([sys.executable, "-m", "fprnn.figures", str(tmp_path / "sweep")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "loss.png" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "fprnn.figures", str(tmp_path / "nothing")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "no run under" in bad.stderr
