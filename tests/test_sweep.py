@@ -1,0 +1,77 @@
+"""sweep.py: a grid of train.py processes, a summary table, resume, failures recorded."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep(*words, check=None):
+    proc = subprocess.run([sys.executable, str(ROOT / "sweep.py"), *map(str, words)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    if check is not None:
+        assert proc.returncode == check, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def rows(out):
+    with (out / "summary.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+LIN = ["experiment=paper_linear", "trainer.max_steps=60", "logger=csv", "callbacks=none"]
+
+
+def test_grid_summary_resume_and_failures(tmp_path):
+    out = tmp_path / "sw"
+    p = sweep("rule=w1,w3", "lr=0.5,-1", *LIN, "--out", out, check=1)    # lr=-1 is refused
+    table = rows(out)
+    assert [(r["rule"], r["lr"]) for r in table] == [("w1", "0.5"), ("w1", "-1"), ("w3", "0.5"), ("w3", "-1")]
+    for r in table:
+        res = json.loads((out / f"{r['rule']}_lr{r['lr']}" / "results.json").read_text())
+        assert r["status"] == res["status"]
+        if r["lr"] == "0.5":
+            assert r["status"] == "finished" and float(r["loss_W"]) == float(f"{res['loss_W']:.4g}")
+            assert r["test_acc"] == ""                       # no such value for regression
+        else:
+            assert r["status"] == "failed" and "lr must be a positive finite number" in res["error"]
+    assert set(table[0]) == {"rule", "lr", "status", "loss_W", "train_loss", "test_loss", "test_acc",
+                             "max_re_eig", "frac_stable", "wall_s"}
+    assert (out / "summary.md").read_text().count("\n") == 6
+    assert (out / "figures" / "loss.png").exists()
+    # run again: finished points are skipped, the failed ones retried
+    before = (out / "w1_lr0.5" / "results.json").stat().st_mtime
+    p = sweep("rule=w1,w3", "lr=0.5,-1", *LIN, "--out", out, check=1)
+    assert p.stdout.count("[skip]") == 2 and "2 to run" in p.stdout
+    assert (out / "w1_lr0.5" / "results.json").stat().st_mtime == before
+
+
+def test_interrupted_sweep_reruns_only_the_missing_points(tmp_path):
+    out = tmp_path / "sw"
+    sweep("rule=w3", "lr=0.1,0.3,1", *LIN, "--out", out, "--jobs", "2", check=0)
+    first = {d: (out / d / "results.json").stat().st_mtime for d in ("w3_lr0.1", "w3_lr0.3", "w3_lr1")}
+    (out / "w3_lr0.3" / "results.json").unlink()      # as if the sweep had been cut off there
+    p = sweep("rule=w3", "lr=0.1,0.3,1", *LIN, "--out", out, check=0)
+    assert "1 to run" in p.stdout and "[skip] w3_lr0.1" in p.stdout and "[skip] w3_lr1" in p.stdout
+    assert (out / "w3_lr0.1" / "results.json").stat().st_mtime == first["w3_lr0.1"]
+    assert [r["status"] for r in rows(out)] == ["finished"] * 3
+
+
+def test_a_diverging_point_does_not_stop_the_sweep(tmp_path, mnist_dir):
+    out = tmp_path / "sw"
+    sweep("rule=w1", "lr=0.01,1.0", f"data.root={mnist_dir}", "data.download=false",
+          "data.train_subset=4096", "data.test_subset=500", "trainer.max_epochs=3", "fault.max_faults=5",
+          "logger=csv", "callbacks=none", "--out", out, check=0)
+    status = {r["lr"]: r["status"] for r in rows(out)}
+    assert status == {"0.01": "finished", "1.0": "diverged"}
+
+
+def test_presets_and_bad_words():
+    p = sweep("fig4", "solver=anderson", "--dry-run", check=0)
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 5 and all("solver=anderson" in l and "euler_paper" not in l for l in lines)
+    assert "lr=0.025" in lines[-1] and "rule=w1" in lines[0]
+    p = sweep("fig9", check=None)
+    assert p.returncode != 0 and "unknown preset 'fig9'" in p.stderr
