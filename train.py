@@ -6,8 +6,9 @@ from fprnn.run import train
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    return train(cfg).get("test_loss")
+def main(cfg: DictConfig) -> float:
+    loss = train(cfg).get("test_loss")      # the objective of hyper-parameter searches
+    return float("inf") if loss is None else float(loss)
 
 
 if __name__ == "__main__":

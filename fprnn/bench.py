@@ -4,7 +4,9 @@
    approach, :mod:`fprnn.reference`) and one (m×N)·(N×N) matmul, as ratios in the same run;
 2. each solver's iterations and milliseconds to residual 1e-5 from r = 0, for Gaussian and MNIST
    inputs, at W = 0.5 Z/√N and W = 0.95 Z/√N and at W scaled to ρ(W) = 0.95, plus the residual
-   the paper's forward pass (Euler, dt/τ 0.01 × 500) leaves.
+   the paper's forward pass (Euler, dt/τ 0.01 × 500) leaves;
+3. a w3 MNIST training step with the diagnostics monitors on and off;
+4. (``--only memory``) resident memory along a 2000-step w3 run.
 
 Times are medians of interleaved repeats; the machine is shared, so read ratios, not absolutes.
 """
@@ -126,6 +128,88 @@ def bench_solvers(m: int, N: int, repeats: int, data_root: str | None) -> str:
                  ["inputs", "W", "solver", "iters mean", "iters max", "not conv.", "ms", "note"], rows)
 
 
+def _compose(overrides: list[str]):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from . import run  # noqa: F401  (config resolvers)
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def _fit_ms_per_step(overrides: list[str], run_dir, warmup: int = 3) -> float:
+    """Wall time per training step (callbacks included) after ``warmup`` steps."""
+    import pytorch_lightning as pl
+
+    from .run import build
+    marks: dict[str, float] = {}
+
+    class Clock(pl.Callback):
+        def on_train_batch_start(self, trainer, *_):
+            if trainer.global_step == warmup and "t0" not in marks:
+                marks["t0"], marks["s0"] = time.perf_counter(), trainer.global_step
+
+        def on_train_end(self, trainer, *_):
+            marks["t1"], marks["s1"] = time.perf_counter(), trainer.global_step
+
+    data, model, module, trainer = build(_compose(overrides), run_dir)
+    trainer.callbacks.append(Clock())
+    trainer.fit(module, datamodule=data)
+    return 1e3 * (marks["t1"] - marks["t0"]) / max(marks["s1"] - marks["s0"], 1)
+
+
+def bench_monitors(data_root: str, steps: int, repeats: int) -> str:
+    """A w3 MNIST training step with the default monitors on, against one with them off."""
+    import tempfile
+    base = ["experiment=paper_mnist", "rule=w3", "lr=0.25", f"data.root={data_root}", "data.download=false",
+            f"data.train_subset={512 * steps}", "trainer.max_epochs=1", "trainer.limit_val_batches=0",
+            "logger=csv", "progress_bar=false"]
+    ts = {"callbacks=none": [], "callbacks=default": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            for k in ts:
+                ts[k].append(_fit_ms_per_step([*base, k], f"{tmp}/{k}{i}"))
+    off, on = statistics.median(ts["callbacks=none"]), statistics.median(ts["callbacks=default"])
+    rows = [["off (callbacks=none)", off, 1.0], ["on (callbacks=default)", on, on / off]]
+    return table(f"Monitors: w3 MNIST step incl. Lightning, {steps} steps × {repeats} runs each, median "
+                 f"(stability and angles every 50 steps, solver every step)",
+                 ["monitors", "ms / step", "ratio"], rows)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def bench_memory(data_root: str, steps: int, every: int) -> str:
+    """Resident memory along a long w3 run (default monitors on): it must not grow."""
+    import tempfile
+
+    import pytorch_lightning as pl
+
+    from .run import build
+    seen: list[tuple[int, float]] = []
+
+    class Rss(pl.Callback):
+        def on_train_batch_end(self, trainer, *_):
+            if trainer.global_step % every == 0:
+                seen.append((trainer.global_step, _rss_mb()))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _compose(["experiment=paper_mnist", "rule=w3", "lr=0.25", f"data.root={data_root}",
+                        "data.download=false", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
+                        "trainer.limit_val_batches=0", "logger=csv", "progress_bar=false"])
+        data, model, module, trainer = build(cfg, tmp)
+        trainer.callbacks.append(Rss())
+        trainer.fit(module, datamodule=data)
+    warm = next((r for s, r in seen if s >= 2 * every), seen[0][1])
+    rows = [[s, r, r - warm] for s, r in seen]
+    return table(f"Resident memory of a {steps}-step w3 MNIST run (MB; growth after step {2 * every})",
+                 ["step", "RSS MB", "growth MB"], rows)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=512)
@@ -135,13 +219,19 @@ def main(argv=None) -> None:
                     help="samples the per-sample loops run on (scaled to m; they are linear in m)")
     ap.add_argument("--data", default=os.environ.get("FPRNN_DATA", "data"),
                     help="folder holding MNIST/raw (default $FPRNN_DATA or data/)")
-    ap.add_argument("--only", choices=["rules", "solvers"], default=None)
+    ap.add_argument("--only", choices=["rules", "solvers", "monitors", "memory"], default=None,
+                    help="one table (default: rules, solvers and monitors; memory only when asked)")
+    ap.add_argument("--steps", type=int, default=None, help="steps for --only monitors (60) / memory (2000)")
     a = ap.parse_args(argv)
     print(f"# fprnn benchmark — torch {torch.__version__}, {torch.get_num_threads()} threads")
     if a.only in (None, "rules"):
         print(bench_rules(a.m, a.N, a.repeats, a.loop_samples), flush=True)
     if a.only in (None, "solvers"):
         print(bench_solvers(a.m, a.N, a.repeats, a.data), flush=True)
+    if a.only in (None, "monitors"):
+        print(bench_monitors(a.data, a.steps or 60, 3), flush=True)
+    if a.only == "memory":
+        print(bench_memory(a.data, a.steps or 2000, 100), flush=True)
 
 
 if __name__ == "__main__":

@@ -111,8 +111,9 @@ def _instantiate(node, **kw):
         raise
 
 
-def build(cfg: DictConfig, run_dir: Path):
+def build(cfg: DictConfig, run_dir: Path | str):
     """Instantiate data, model, module, loggers, callbacks and trainer from the config."""
+    run_dir = Path(run_dir)
     import hydra
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar

@@ -75,3 +75,16 @@ def test_presets_and_bad_words():
     assert "lr=0.025" in lines[-1] and "rule=w1" in lines[0]
     p = sweep("fig9", check=None)
     assert p.returncode != 0 and "unknown preset 'fig9'" in p.stderr
+
+
+def test_cluster_launcher_and_optuna_configs_compose():
+    import pytest
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 1
+        cfg = compose(config_name="train", overrides=["hparams_search=lr_optuna"], return_hydra_config=True)
+        assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+        assert cfg.hydra.sweeper.params.lr.startswith("tag(log")
