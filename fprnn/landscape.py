@@ -24,6 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from .figures import _save  # noqa: E402
+
 Tensor = torch.Tensor
 
 
@@ -72,10 +74,7 @@ def plot(land: dict, out: Path, title: str, cut: float = 1000.0) -> list[Path]:
     ax.set_ylabel(f"J(W(t)) (cut at {cut:g})")
     ax.set_title(f"{title}: random lines", fontsize=9)
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"landscape_line.{ext}", dpi=120)
-        written.append(out / f"landscape_line.{ext}")
-    plt.close(fig)
+    _save(fig, out, "landscape_line", written)
     fig, ax = plt.subplots(figsize=(5, 4.2))
     ts = land["ts_plane"]
     im = ax.pcolormesh(ts, ts, np.minimum(land["plane"], cut), shading="auto", cmap="magma")
@@ -90,10 +89,7 @@ def plot(land: dict, out: Path, title: str, cut: float = 1000.0) -> list[Path]:
     ax.set_aspect("equal")
     ax.set_title(f"{title}: a random plane", fontsize=9)
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"landscape_plane.{ext}", dpi=120)
-        written.append(out / f"landscape_plane.{ext}")
-    plt.close(fig)
+    _save(fig, out, "landscape_plane", written)
     return written
 
 
