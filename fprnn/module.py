@@ -88,7 +88,6 @@ class FixedPointModule(pl.LightningModule):
         self.step_ms: list[float] = []
         self.iters_sum = 0.0
         self.last_step: dict[str, Any] = {}
-        self.last_dW: Tensor | None = None
 
     # -- optimizer --------------------------------------------------------------------
     def configure_optimizers(self):
@@ -189,7 +188,6 @@ class FixedPointModule(pl.LightningModule):
             self.model.W.grad = -dW
             opt.step()
             self.consecutive_faults = 0
-            self.last_dW = dW
         self.step_ms.append(1e3 * (time.perf_counter() - t0))
         sol = out["fp"].solution
         self.iters_sum += sol.iters_mean
