@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 MNIST_PAPER = ["experiment=paper_mnist", "solver=euler_paper"]
 PRESETS: dict[str, dict] = {
-    "fig2": {"base": ["experiment=paper_linear"], "rule": ["w1", "w2", "w3"],
+    "fig2": {"base": ["experiment=paper_linear", "callbacks.angles.every_n_steps=0",
+                      "callbacks.stability.every_n_steps=500", "trainer.log_every_n_steps=5"],
+             "rule": ["w1", "w2", "w3"],
              "lr": [0.03, 0.1, 0.3, 1, 3], "doc": "linear task, 3500 full-batch steps (Figure 2)"},
     "fig3": {"base": ["experiment=paper_linear", "callbacks.angles.every_n_steps=10"], "rule": ["w2"],
              "lr": [0.03, 0.1, 0.3, 1], "doc": "angles θ12, θ13, θ23 while w2 learns (Figure 3)"},
