@@ -99,7 +99,8 @@ def merge(overrides: list[str]) -> list[str]:
 
 def default_out(preset: str, rules, lrs, overrides: list[str]) -> Path:
     extra = [o for o in overrides if o not in PRESETS.get(preset, {}).get("base", [])]
-    tag = "-".join(re.sub(r"[^A-Za-z0-9_.=,]+", "_", o) for o in extra)[:80]
+    # '=' and ',' would break Hydra's override grammar in hydra.run.dir
+    tag = "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", o).strip("_") for o in extra)[:80]
     name = preset if preset != "custom" else f"custom-{'_'.join(rules)}"
     return ROOT / "sweeps" / (name + (f"-{tag}" if tag else ""))
 
@@ -113,7 +114,7 @@ def read_result(run_dir: Path) -> dict:
 
 def command(point: Point, group: str, wandb_group: bool) -> list[str]:
     cmd = [sys.executable, str(ROOT / "train.py"), *point.overrides, f"rule={point.rule}",
-           f"lr={point.lr}", f"hydra.run.dir={point.run_dir}", "progress_bar=false"]
+           f"lr={point.lr}", f"hydra.run.dir='{point.run_dir}'", "progress_bar=false"]
     if wandb_group:
         cmd.append(f"logger.wandb.group={group}")
     if (point.run_dir / "checkpoints" / "last.ckpt").exists():

@@ -25,7 +25,7 @@ LIN = ["experiment=paper_linear", "trainer.max_steps=60", "logger=csv", "callbac
 
 
 def test_grid_summary_resume_and_failures(tmp_path):
-    out = tmp_path / "sw"
+    out = tmp_path / "s=w"                                                  # '=' in a path is fine
     p = sweep("rule=w1,w3", "lr=0.5,-1", *LIN, "--out", out, check=1)    # lr=-1 is refused
     table = rows(out)
     assert [(r["rule"], r["lr"]) for r in table] == [("w1", "0.5"), ("w1", "-1"), ("w3", "0.5"), ("w3", "-1")]
@@ -73,6 +73,7 @@ def test_presets_and_bad_words():
     lines = p.stdout.strip().splitlines()
     assert len(lines) == 5 and all("solver=anderson" in l and "euler_paper" not in l for l in lines)
     assert "lr=0.025" in lines[-1] and "rule=w1" in lines[0]
+    assert "sweeps/fig4-solver_anderson/w1_lr0.001'" in lines[0]   # no '=' in paths: Hydra would choke
     p = sweep("fig9", check=None)
     assert p.returncode != 0 and "unknown preset 'fig9'" in p.stderr
 
