@@ -200,11 +200,13 @@ def bench_memory(data_root: str, steps: int, every: int) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _compose(["experiment=paper_mnist", "rule=w3", "lr=0.25", f"data.root={data_root}",
                         "data.download=false", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
+                        "fault.max_faults=1000000",   # a memory run must not end early
                         "trainer.limit_val_batches=0", "logger=csv", "progress_bar=false"])
         data, model, module, trainer = build(cfg, tmp)
         trainer.callbacks.append(Rss())
         trainer.fit(module, datamodule=data)
     warm = next((r for s, r in seen if s >= 2 * every), seen[0][1])
+    print(f"memory run: {trainer.global_step} steps applied, {module.faults} skipped as faults")
     rows = [[s, r, r - warm] for s, r in seen]
     return table(f"Resident memory of a {steps}-step w3 MNIST run (MB; growth after step {2 * every})",
                  ["step", "RSS MB", "growth MB"], rows)
