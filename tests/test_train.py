@@ -14,19 +14,30 @@ from helpers import QUICK_MNIST, make_cfg
 F64 = ["model.dtype=float64", "solver.kwargs.tol=1e-12"]
 
 
-@pytest.mark.parametrize("rule", ["w1", "w2", "w3", "w4"])
-def test_one_module_step_equals_the_core_rule(tmp_path, mnist_dir, rule):
-    cfg = make_cfg([*QUICK_MNIST, *F64, f"rule={rule}", "lr=0.05", "data.shuffle=false",
-                    "trainer.max_steps=1", "trainer.limit_val_batches=0"], tmp_path, mnist_dir)
-    data, model, module, trainer = build(cfg, tmp_path)
+def first_batch_step(cfg, run_dir):
+    """(W0, fixed point and δ of the first batch at W0, a function that runs the one training
+    step and returns the change of W)."""
+    data, model, module, trainer = build(cfg, run_dir)
     W0 = model.W.detach().clone()
     data.setup()
     p, y = data.train_set.tensors[0][:256].double(), data.train_set.tensors[1][:256]
     fp = model.fixed_point(model.input(p))
     _, delta, _ = loss_and_grad("classification", model, fp.r, y)
+
+    def step():
+        trainer.fit(module, datamodule=data)
+        return model.W.detach() - W0
+
+    return W0, fp, delta, step
+
+
+@pytest.mark.parametrize("rule", ["w1", "w2", "w3", "w4"])
+def test_one_module_step_equals_the_core_rule(tmp_path, mnist_dir, rule):
+    cfg = make_cfg([*QUICK_MNIST, *F64, f"rule={rule}", "lr=0.05", "data.shuffle=false",
+                    "trainer.max_steps=1", "trainer.limit_val_batches=0"], tmp_path, mnist_dir)
+    W0, fp, delta, step = first_batch_step(cfg, tmp_path)
     expected = rules.RULES[rule](W0, fp.r, fp.gain, delta, 0.05)
-    trainer.fit(module, datamodule=data)
-    got = model.W.detach() - W0
+    got = step()
     assert float((got - expected).norm() / expected.norm()) < 1e-10
 
 
@@ -34,15 +45,9 @@ def test_bptt_step_is_autograd_through_the_unrolled_solver(tmp_path, mnist_dir):
     cfg = make_cfg([*QUICK_MNIST, *F64, "rule=bptt", "lr=0.1", "data.shuffle=false",
                     "trainer.max_steps=1", "trainer.limit_val_batches=0", "model.bptt_steps=300",
                     "model.bptt_damping=0.9"], tmp_path, mnist_dir)
-    data, model, module, trainer = build(cfg, tmp_path)
-    W0 = model.W.detach().clone()
-    data.setup()
-    p, y = data.train_set.tensors[0][:256].double(), data.train_set.tensors[1][:256]
-    fp = model.fixed_point(model.input(p))
-    _, delta, _ = loss_and_grad("classification", model, fp.r, y)
+    W0, fp, delta, step = first_batch_step(cfg, tmp_path)
     w1 = rules.w1(W0, fp.r, fp.gain, delta, 0.1)          # truncated BPTT → the exact gradient
-    trainer.fit(module, datamodule=data)
-    got = model.W.detach() - W0
+    got = step()
     assert float((got - w1).norm() / w1.norm()) < 1e-6
 
 
