@@ -62,7 +62,8 @@ def bench_rules(m: int, N: int, repeats: int, loop_samples: int) -> str:
         "w3": scale * timeit(lambda: reference.w3(W, r[:k], gain[:k], D[:k], lr), 1),
     }
     rows = []
-    for name, fn in [("w1 (exact)", lambda: rules.w1(W, r, gain, D, lr)),
+    for name, fn in [("w1 (auto, default)", lambda: rules.w1(W, r, gain, D, lr)),
+                     ("w1 (exact)", lambda: rules.w1(W, r, gain, D, lr, method="exact")),
                      ("w1 (adjoint)", lambda: rules.w1(W, r, gain, D, lr, method="adjoint", tol=1e-6)),
                      ("w2", lambda: rules.w2(W, r, gain, D, lr)),
                      ("w3", lambda: rules.w3(W, r, gain, D, lr)),

@@ -3,7 +3,8 @@
 Common signature ``rule(W, r, gain, grad_r, lr) -> dW``:
 W (N, N); r, gain = f'(z), grad_r = ∇_r L per sample are (m, N), rows = samples, with
 z = r Wᵀ + x. The result is the mean over samples of the per-sample update, to be *added*:
-W ← W + dW. No rule but ``w1(method="exact")`` forms a per-sample N×N matrix.
+W ← W + dW. Only w1 forms per-sample N×N matrices (``method="exact"``, or the samples
+``method="auto"`` hands to LU).
 
 With ``return_info=True`` a rule returns ``(dW, info)``; ``info`` holds what the caller needs to
 judge the step (convergence of the adjoint, samples outside w2's domain).
@@ -122,8 +123,8 @@ def w4(W, r, gain, grad_r, lr, *, return_info: bool = False):
     return _out(-(lr / r.shape[0]) * (A4.T @ B4), {}, return_info)
 
 
-def w1(W, r, gain, grad_r, lr, *, method: str = "exact", tol: float = 1e-8, max_iter: int = 1000,
-       chunk: int = 32, return_info: bool = False):
+def w1(W, r, gain, grad_r, lr, *, method: str = "auto", tol: float | None = None,
+       max_iter: int | None = None, chunk: int = 32, return_info: bool = False):
     """Euclidean gradient descent, eq 2.6: ΔW1_i = −η G_i (I − G_i W)^{−T} δ_i r_iᵀ = −η p_i r_iᵀ.
 
     p_i = g_i ⊙ u_i with (I − G_i W)ᵀ u_i = δ_i.
@@ -131,11 +132,32 @@ def w1(W, r, gain, grad_r, lr, *, method: str = "exact", tol: float = 1e-8, max_
       when every sample has the same gains (the linear model);
     - ``method="adjoint"``: the iteration P ← G ⊙ (D + P W) (recurrent backprop), O(k m N²);
       it converges only while the discrete map is contracting: ``info["converged"]`` says so and,
-      without ``return_info``, non-convergence raises RuntimeError."""
+      without ``return_info``, non-convergence raises RuntimeError (defaults tol=1e-8,
+      max_iter=1000);
+    - ``method="auto"`` (default): exact, to rounding, at the adjoint's cost where it can be —
+      the adjoint iteration per sample until its change is ≤ tol·‖p_i‖∞ (default 16 ε of the
+      dtype, max_iter 50), then batched LU for the samples that did not get there (slowly
+      contracting or unstable fixed points: the samples w1 is about). ``info["exact_samples"]``
+      counts those. With shared gains it is the single exact solve."""
     _check(W, r, gain, grad_r, lr)
+    if method not in ("auto", "exact", "adjoint"):
+        raise ValueError(f"unknown w1 method {method!r}; choose 'auto', 'exact' or 'adjoint'")
     m, n = r.shape
     info: dict = {}
-    if method == "exact" and bool((gain == gain[:1]).all()):
+    shared = bool((gain == gain[:1]).all())
+    if method == "auto" and not shared:
+        P, todo = _adjoint_rows(W, gain, grad_r,
+                                tol=16 * torch.finfo(W.dtype).eps if tol is None else tol,
+                                max_iter=50 if max_iter is None else max_iter)
+        info["exact_samples"] = int(todo.numel())
+        if todo.numel():
+            P[todo], sing = _exact_rows(W, gain[todo], grad_r[todo], chunk)
+            if sing:
+                info["singular"] = sing
+                if not return_info:
+                    raise ValueError(f"w1: I − G_i W is singular for {sing} samples (the fixed "
+                                     f"point is not hyperbolic)")
+    elif method in ("exact", "auto") and shared:
         # one gain for all samples (e.g. the linear model, G = I): a single N×N solve
         g = gain[0]
         M = torch.eye(n, dtype=W.dtype, device=W.device) - W.T * g.unsqueeze(0)
@@ -146,19 +168,15 @@ def w1(W, r, gain, grad_r, lr, *, method: str = "exact", tol: float = 1e-8, max_
                 raise ValueError("w1: I − G W is singular (the fixed point is not hyperbolic)")
         P = g * U.T
     elif method == "exact":
-        eye = torch.eye(n, dtype=W.dtype, device=W.device)
-        P = torch.empty_like(grad_r)
-        for s in range(0, m, chunk):
-            g = gain[s:s + chunk]
-            M = eye - W.T.unsqueeze(0) * g.unsqueeze(1)              # (I − G_i W)ᵀ = I − Wᵀ G_i
-            U, err = torch.linalg.solve_ex(M, grad_r[s:s + chunk].unsqueeze(-1))
-            if bool((err != 0).any()):
-                info["singular"] = int((err != 0).sum())
-            P[s:s + chunk] = g * U.squeeze(-1)
+        P, sing = _exact_rows(W, gain, grad_r, chunk)
+        if sing:
+            info["singular"] = sing
         if info.get("singular") and not return_info:
             raise ValueError(f"w1: I − G_i W is singular for {info['singular']} samples (the fixed "
                              f"point is not hyperbolic)")
-    elif method == "adjoint":
+    else:  # adjoint
+        tol = 1e-8 if tol is None else tol
+        max_iter = 1000 if max_iter is None else max_iter
         gd = gain * grad_r
         P = gd.clone()
         scale = float(gd.abs().max()) or 1.0
@@ -177,9 +195,41 @@ def w1(W, r, gain, grad_r, lr, *, method: str = "exact", tol: float = 1e-8, max_
             raise RuntimeError(f"w1 adjoint iteration did not converge in {k} iterations "
                                f"(last change {delta:.3g}); the map r ← f(Wr + x) is not "
                                f"contracting: use method='exact'")
-    else:
-        raise ValueError(f"unknown w1 method {method!r}; choose 'exact' or 'adjoint'")
     return _out(-(lr / m) * (P.T @ r), info, return_info)
+
+
+def _exact_rows(W: Tensor, gain: Tensor, grad_r: Tensor, chunk: int) -> tuple[Tensor, int]:
+    """p_i = g_i ⊙ (I − G_i W)^{−T} δ_i by batched LU, ``chunk`` samples at a time; also the
+    number of singular systems."""
+    eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+    P = torch.empty_like(grad_r)
+    singular = 0
+    for s in range(0, gain.shape[0], chunk):
+        g = gain[s:s + chunk]
+        M = eye - W.T.unsqueeze(0) * g.unsqueeze(1)                  # (I − G_i W)ᵀ = I − Wᵀ G_i
+        U, err = torch.linalg.solve_ex(M, grad_r[s:s + chunk].unsqueeze(-1))
+        singular += int((err != 0).sum())
+        P[s:s + chunk] = g * U.squeeze(-1)
+    return P, singular
+
+
+def _adjoint_rows(W: Tensor, gain: Tensor, grad_r: Tensor, *, tol: float,
+                  max_iter: int) -> tuple[Tensor, Tensor]:
+    """The adjoint iteration p ← g ⊙ (δ + W ᵀp) per sample; converged rows leave the working
+    set. Returns P (rows not converged hold their last iterate) and the indices of those rows."""
+    gd = gain * grad_r
+    P = gd.clone()
+    idx = torch.arange(gd.shape[0], device=gd.device)
+    for _ in range(max_iter):
+        if idx.numel() == 0:
+            break
+        p = P[idx]
+        p_new = gd[idx] + gain[idx] * (p @ W)
+        change = (p_new - p).abs().amax(1)
+        P[idx] = p_new
+        done = change <= tol * p_new.abs().amax(1)                    # NaN/inf never count as done
+        idx = idx[~done]
+    return P, idx
 
 
 def angle(dWa: Tensor, dWb: Tensor) -> float:

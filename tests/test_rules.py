@@ -171,4 +171,20 @@ def test_no_per_sample_matrices_in_fast_rules():
     for name in ("w2", "w3", "w4"):
         seen = shapes(rules.RULES[name])
         assert (32, 64) in seen and not any(len(s) == 3 and s[-2:] == (64, 64) for s in seen), name
-    assert any(len(s) == 3 and s[-2:] == (64, 64) for s in shapes(rules.w1))
+    exact = lambda *a: rules.w1(*a, method="exact")
+    assert any(len(s) == 3 and s[-2:] == (64, 64) for s in shapes(exact))
+
+
+def test_w1_auto_is_exact_and_hands_only_hard_samples_to_lu():
+    """auto = adjoint where it settles, LU for the rest; both parts equal the per-sample formula."""
+    W, r, gain, D = instance(30, 12, sigma=0.6)
+    gain[:3] = 1.0
+    W = W + 0.99 * torch.eye(30, dtype=D64)       # samples with G_i = I: λ(G_i W) near 1.6 → LU
+    gain[3:] *= 0.3                                # the rest contract quickly → adjoint
+    dW, info = rules.w1(W, r, gain, D, 0.2, return_info=True)
+    assert info["exact_samples"] == 3
+    assert rel(dW, ref.w1(W, r, gain, D, 0.2)) < 1e-10
+    exact = rules.w1(W, r, gain, D, 0.2, method="exact")
+    assert rel(dW, exact) < 1e-12
+    dW32 = rules.w1(W.float(), r.float(), gain.float(), D.float(), 0.2)
+    assert rel(dW32.double(), exact) < 1e-4
