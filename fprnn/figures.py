@@ -100,7 +100,7 @@ def _save(fig, out: Path, name: str, written: list[Path]) -> None:
 
 
 def plot_curves(items, key: str, ylabel: str, name: str, out: Path, written: list, log: bool = False,
-                marker: str | None = None) -> None:
+                marker: str | None = None, hline: tuple[float, str] | None = None) -> None:
     groups = _by_rule([it for it in items if it["metrics"].get(key)])
     if not groups:
         return
@@ -115,6 +115,8 @@ def plot_curves(items, key: str, ylabel: str, name: str, out: Path, written: lis
             status = it["res"].get("status", "")
             label = f"η={it['res'].get('lr')}" + ("" if status == "finished" else f" ({status})")
             ax.plot(s, v, color=cmap(i / max(len(runs) - 1, 1)), lw=1.2, marker=marker, ms=3, label=label)
+        if hline:
+            ax.axhline(hline[0], color="k", ls="--", lw=0.8, label=hline[1])
         ax.set_title(f"rule {rule}")
         ax.set_xlabel("step")
         if log:
@@ -186,7 +188,8 @@ def make_figures(root: str | Path, wandb: bool = False) -> list[Path]:
     if not regression:
         plot_curves(items, "train/acc_step", "training accuracy", "accuracy", out, written)
         plot_curves(items, "val/acc", "test accuracy (end of epoch)", "test_accuracy", out, written, marker="o")
-    plot_curves(items, "stability/max_re_eig", "max over probes of max Re λ(G_i W)", "stability", out, written)
+    plot_curves(items, "stability/max_re_eig", "max over probes of max Re λ(G_i W)", "stability", out, written,
+                hline=(1.0, "stability boundary"))
     plot_angles(items, out, written)
     plot_eigs(items, out, written)
     if wandb:
