@@ -64,11 +64,16 @@ class StabilityMonitor(pl.Callback):
     """Every k steps, on a fixed probe batch: per-sample max Re λ(G_i W) (ρ(G_i W) for discrete
     dynamics), its max, the fraction of stable fixed points, and eig(W). Every ``media_every``
     steps (and at the end) the eigenvalues of W go to W&B as a complex-plane scatter with the
-    stability line Re λ = 1, and as a histogram of Re λ."""
+    stability line Re λ = 1, and as a histogram of Re λ.
+
+    ``peak`` keeps the worst values seen during training (largest max Re λ, smallest fraction
+    stable, and their steps): an instability can be transient and gone by the end. It goes into
+    results.json and is checkpointed with the run."""
 
     def __init__(self, every_n_steps: int = 50, probe_size: int = 16, media_every: int = 500):
         self.every, self.probe_size, self.media_every = int(every_n_steps), int(probe_size), int(media_every)
         self.probe = None
+        self.peak: dict[str, float] = {}
 
     def on_train_start(self, trainer, pl_module):
         self.probe = trainer.datamodule.probe_batch(self.probe_size)[0]
@@ -76,6 +81,17 @@ class StabilityMonitor(pl.Callback):
     def _log(self, trainer, pl_module):
         s = pl_module.probe_stability(self.probe)
         _log(trainer, {f"stability/{k}": v for k, v in s.items()})
+        step = trainer.global_step
+        if not s["max_re_eig"] <= self.peak.get("peak_max_re_eig", -math.inf):   # NaN counts as worst
+            self.peak.update(peak_max_re_eig=s["max_re_eig"], peak_step=step)
+        if not s["frac_stable"] >= self.peak.get("min_frac_stable", math.inf):
+            self.peak.update(min_frac_stable=s["frac_stable"], min_frac_stable_step=step)
+
+    def state_dict(self):
+        return {"peak": dict(self.peak)}
+
+    def load_state_dict(self, state):
+        self.peak = dict(state.get("peak", {}))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.probe is None or not _every(trainer, self.every):

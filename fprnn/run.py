@@ -212,6 +212,7 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
     try:   # the final numbers must not cost the run its results.json
         p, _ = data.probe_batch(int(cfg.get("probe_size", 16)))
         out.update(module.probe_stability(p))
+        out.update(_stability_peak(trainer, out))
         if data.task == "regression":
             out["loss_W"] = data.loss(W)
             out["loss_W_star"] = data.loss(data.W_star().to(W.dtype))
@@ -223,6 +224,20 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
         torch.save({"W": m.W.detach().cpu(), "W_in": None if m.W_in is None else m.W_in.cpu(),
                     "W_out": None if m.W_out is None else m.W_out.cpu()}, run_dir / "weights.pt")
     return out
+
+
+def _stability_peak(trainer, final: dict) -> dict[str, Any]:
+    """The worst stability seen while training (StabilityMonitor), the final probe included."""
+    from .callbacks import StabilityMonitor
+    mon = next((c for c in (trainer.callbacks if trainer is not None else [])
+                if isinstance(c, StabilityMonitor)), None)
+    peak = dict(mon.peak) if mon is not None else {}
+    step = int(trainer.global_step) if trainer is not None else 0
+    if not final["max_re_eig"] <= peak.get("peak_max_re_eig", -math.inf):
+        peak.update(peak_max_re_eig=final["max_re_eig"], peak_step=step)
+    if not final["frac_stable"] >= peak.get("min_frac_stable", math.inf):
+        peak.update(min_frac_stable=final["frac_stable"], min_frac_stable_step=step)
+    return peak
 
 
 def _close_wandb(trainer, failed: bool) -> None:

@@ -58,6 +58,11 @@ def test_stability_and_solver_monitors_log_their_scalars(tmp_path, mnist_dir):
     assert len(m["solver/iters"]) == 8 and all(v <= 1e-5 for _, v in m["solver/max_residual"])
     # the last probe is taken at the final W, as results.json's
     assert m["stability/max_re_eig"][-1][1] == pytest.approx(res["max_re_eig"], rel=1e-5)
+    # the worst value seen during training, and where
+    worst_step, worst = max(m["stability/max_re_eig"], key=lambda sv: sv[1])
+    assert res["peak_max_re_eig"] == pytest.approx(max(worst, res["max_re_eig"]), rel=1e-5)
+    assert res["peak_step"] in (worst_step, res["steps"])
+    assert res["min_frac_stable"] == min(v for _, v in m["stability/frac_stable"])
 
 
 def test_linear_landscape_is_small_inside_and_singular_outside(tmp_path):

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_interrupt_then_resume_gives_the_uninterrupted_W(tmp_path, mnist_dir, sig):
     over = [*QUICK_MNIST, "model.dtype=float64", "solver.kwargs.tol=1e-12", "rule=w3", "lr=0.25",
-            "data.batch_size=128", "trainer.max_epochs=2", f"data.root={mnist_dir}", "data.download=false"]
+            "data.batch_size=128", "trainer.max_epochs=2", f"data.root={mnist_dir}", "data.download=false",
+            "callbacks.stability.every_n_steps=3"]
     ref = train(make_cfg(over, tmp_path / "ref"))
     run_dir = tmp_path / "cut"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"), WANDB_MODE="offline")
@@ -38,6 +39,10 @@ def test_interrupt_then_resume_gives_the_uninterrupted_W(tmp_path, mnist_dir, si
     W_ref = torch.load(tmp_path / "ref" / "weights.pt")["W"]
     W_res = torch.load(run_dir / "weights.pt")["W"]
     assert float((W_res - W_ref).abs().max()) <= 1e-12 * float(W_ref.abs().max())
+    # the stability peak seen before the cut (step 3 here) travels in the checkpoint
+    assert ref["peak_step"] < 5
+    for k in ("peak_max_re_eig", "peak_step", "min_frac_stable"):
+        assert resumed[k] == pytest.approx(ref[k], rel=1e-9), k
 
 
 def test_injected_nan_batch_is_skipped_and_W_stays_finite(tmp_path, mnist_dir):
