@@ -118,10 +118,25 @@ class FixedPointRNN(nn.Module):
         """Solve r = f(W r + x) for a batch of inputs x (m, N) (already read in), starting from
         the state u0 (zeros by default; pass ``previous.solution.u`` for a warm start)."""
         W = self.W.detach() if W is None else W
-        sol = self._solve(W, x, u0)
+        return self._at(W, x, self._solve(W, x, u0))
+
+    def _at(self, W: Tensor, x: Tensor, sol: solvers.Solution) -> FixedPoint:
         r = self.dyn.rate(sol.u, self.act)
         z = r @ W.T + x
         return FixedPoint(r, z, self.act.df(z), x, sol)
+
+    @torch.no_grad()
+    def solved_fixed_point(self, x: Tensor) -> FixedPoint:
+        """The fixed point solved to tolerance, for what only means something at a true fixed
+        point (stability, eq 2.3). The model's own solver when it stops on a tolerance; under a
+        fixed-step protocol (``euler`` with tol=None, the paper's forward pass, which stops short
+        and, once W is unstable, nowhere near a fixed point) Anderson continues from where that
+        protocol stopped — it converges to unstable fixed points too."""
+        fp = self.fixed_point(x)
+        if not (self.solver_name == "euler" and self.solver_kwargs.get("tol") is None):
+            return fp
+        W = self.W.detach()
+        return self._at(W, x, solvers.anderson(self.dyn.state_map(W, x, self.act), fp.solution.u))
 
     def unrolled(self, x: Tensor) -> Tensor:
         """Rates with an autograd graph through the solver's iterations, for ``rule=bptt``.

@@ -277,13 +277,15 @@ class FixedPointModule(pl.LightningModule):
     # -- stability --------------------------------------------------------------------
     @torch.no_grad()
     def probe_stability(self, p: Tensor) -> dict[str, float]:
-        """Per-sample stability of the fixed points of a probe batch, and eig(W) itself."""
+        """Per-sample stability of the fixed points of a probe batch (solved to tolerance, see
+        FixedPointRNN.solved_fixed_point), the largest residual of that solve, and eig(W)."""
         p = p.to(self.model.W.dtype).to(self.model.W.device)
-        fp = self.model.fixed_point(self.model.input(p))
+        fp = self.model.solved_fixed_point(self.model.input(p))
         s = self.model.stability(fp)
         re_W, rho_W = eig_W(self.model.W)
         return {"max_re_eig": float(s.max()), "frac_stable": float((s < 1).float().mean()),
-                "max_re_eig_W": re_W, "spectral_radius_W": rho_W}
+                "max_re_eig_W": re_W, "spectral_radius_W": rho_W,
+                "probe_residual": float(fp.solution.residual.max())}
 
     # -- checkpoint state -------------------------------------------------------------
     _STATE = ("faults", "consecutive_faults", "skipped", "status", "fault_log", "step_ms", "iters_sum")

@@ -65,3 +65,21 @@ def test_bad_model_arguments():
     m = FixedPointRNN(5, 3, 2)
     with pytest.raises(ValueError, match=r"input must be \(m, 3\), got shape \(2, 4\)"):
         m.input(torch.rand(2, 4))
+
+
+def test_stability_probes_are_taken_at_solved_fixed_points():
+    """Under the paper's fixed-step Euler protocol the state stops short of the fixed point;
+    stability (eq 2.3) is evaluated where the fixed point is, solved on from there."""
+    m = FixedPointRNN(40, 10, 3, solver="euler", solver_kwargs={"dt": 0.01, "steps": 50, "tol": None},
+                      sigma_W=1.5, dtype="float64")
+    x = m.input(torch.randn(6, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    short = m.fixed_point(x)
+    assert float(short.solution.residual.max()) > 1e-2          # 50 steps of dt 0.01: far from it
+    fp = m.solved_fixed_point(x)
+    W = m.W.detach()
+    assert float((torch.tanh(fp.r @ W.T + x) - fp.r).abs().max()) <= 1e-5
+    want = torch.linalg.eigvals(fp.gain[:, :, None] * W).real.amax(1)
+    assert torch.allclose(m.stability(fp), want, rtol=1e-10, atol=1e-12)
+    tol = FixedPointRNN(40, 10, 3, solver="euler", solver_kwargs={"dt": 0.5, "steps": 400, "tol": 1e-9},
+                        sigma_W=0.5, dtype="float64")
+    assert torch.equal(tol.solved_fixed_point(x).r, tol.fixed_point(x).r)   # its own solver suffices
