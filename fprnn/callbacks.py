@@ -67,7 +67,8 @@ class StabilityMonitor(pl.Callback):
     stability line Re λ = 1, and as a histogram of Re λ.
 
     ``peak`` keeps the worst values seen during training (largest max Re λ, smallest fraction
-    stable, and their steps): an instability can be transient and gone by the end. It goes into
+    stable, largest max Re λ(W), and their steps): an instability can be transient and gone by
+    the end. It goes into
     results.json and is checkpointed with the run."""
 
     def __init__(self, every_n_steps: int = 50, probe_size: int = 16, media_every: int = 500):
@@ -86,6 +87,8 @@ class StabilityMonitor(pl.Callback):
             self.peak.update(peak_max_re_eig=s["max_re_eig"], peak_step=step)
         if not s["frac_stable"] >= self.peak.get("min_frac_stable", math.inf):
             self.peak.update(min_frac_stable=s["frac_stable"], min_frac_stable_step=step)
+        if not s["max_re_eig_W"] <= self.peak.get("peak_max_re_eig_W", -math.inf):
+            self.peak.update(peak_max_re_eig_W=s["max_re_eig_W"], peak_W_step=step)
 
     def state_dict(self):
         return {"peak": dict(self.peak)}

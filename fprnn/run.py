@@ -237,6 +237,8 @@ def _stability_peak(trainer, final: dict) -> dict[str, Any]:
         peak.update(peak_max_re_eig=final["max_re_eig"], peak_step=step)
     if not final["frac_stable"] >= peak.get("min_frac_stable", math.inf):
         peak.update(min_frac_stable=final["frac_stable"], min_frac_stable_step=step)
+    if not final["max_re_eig_W"] <= peak.get("peak_max_re_eig_W", -math.inf):
+        peak.update(peak_max_re_eig_W=final["max_re_eig_W"], peak_W_step=step)
     return peak
 
 

@@ -46,9 +46,10 @@ PRESETS: dict[str, dict] = {
     "w4_mnist": {"base": MNIST_PAPER, "rule": ["w4"], "lr": [0.005, 0.01, 0.02, 0.05, 0.1],
                  "doc": "MNIST, w4 (the authors' code)"},
 }
-# max_re_eig, frac_stable: at the final W; peak_max_re_eig: the largest seen during training
+# max_re_eig, frac_stable: per-sample, at the final W; peak_*: the largest seen during training,
+# per sample and of eig(W) itself (the authors' check, a proxy: see ../shared/notes/rules.md)
 COLUMNS = ["rule", "lr", "status", "loss_W", "train_loss", "test_loss", "test_acc", "max_re_eig",
-           "frac_stable", "peak_max_re_eig", "wall_s"]
+           "frac_stable", "peak_max_re_eig", "peak_max_re_eig_W", "wall_s"]
 DONE = ("finished", "diverged")
 
 

@@ -63,6 +63,8 @@ def test_stability_and_solver_monitors_log_their_scalars(tmp_path, mnist_dir):
     assert res["peak_max_re_eig"] == pytest.approx(max(worst, res["max_re_eig"]), rel=1e-5)
     assert res["peak_step"] in (worst_step, res["steps"])
     assert res["min_frac_stable"] == min(v for _, v in m["stability/frac_stable"])
+    assert res["peak_max_re_eig_W"] == pytest.approx(
+        max(max(v for _, v in m["stability/max_re_eig_W"]), res["max_re_eig_W"]), rel=1e-5)
 
 
 def test_linear_landscape_is_small_inside_and_singular_outside(tmp_path):

@@ -41,7 +41,7 @@ def test_interrupt_then_resume_gives_the_uninterrupted_W(tmp_path, mnist_dir, si
     assert float((W_res - W_ref).abs().max()) <= 1e-12 * float(W_ref.abs().max())
     # the stability peak seen before the cut (step 3 here) travels in the checkpoint
     assert ref["peak_step"] < 5
-    for k in ("peak_max_re_eig", "peak_step", "min_frac_stable"):
+    for k in ("peak_max_re_eig", "peak_step", "min_frac_stable", "peak_max_re_eig_W"):
         assert resumed[k] == pytest.approx(ref[k], rel=1e-9), k
 
 

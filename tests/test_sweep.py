@@ -38,7 +38,8 @@ def test_grid_summary_resume_and_failures(tmp_path):
         else:
             assert r["status"] == "failed" and "lr must be a positive finite number" in res["error"]
     assert set(table[0]) == {"rule", "lr", "status", "loss_W", "train_loss", "test_loss", "test_acc",
-                             "max_re_eig", "frac_stable", "peak_max_re_eig", "wall_s"}
+                             "max_re_eig", "frac_stable", "peak_max_re_eig", "peak_max_re_eig_W",
+                             "wall_s"}
     assert (out / "summary.md").read_text().count("\n") == 6
     assert (out / "figures" / "loss.png").exists()
     # run again: finished points are skipped, the failed ones retried
