@@ -3,7 +3,7 @@
 Reads each run's ``results.json`` and ``csv/metrics.csv`` and writes PNG and PDF files into
 ``RUN_OR_SWEEP_DIR/figures/``: loss (and accuracy) against step, one line per learning rate, one
 panel per rule (the paper's Figures 2, 4, 5); the angles between rules against step (Figure 3);
-the stability of the probed fixed points against step; and the eigenvalues of each final W.
+the stability of the probed fixed points and max Re λ(W) against step; and the eigenvalues of each final W.
 """
 from __future__ import annotations
 
@@ -190,6 +190,8 @@ def make_figures(root: str | Path, wandb: bool = False) -> list[Path]:
         plot_curves(items, "val/acc", "test accuracy (end of epoch)", "test_accuracy", out, written, marker="o")
     plot_curves(items, "stability/max_re_eig", "max over probes of max Re λ(G_i W)", "stability", out, written,
                 hline=(1.0, "stability boundary"))
+    plot_curves(items, "stability/max_re_eig_W", "max Re λ(W) (the authors' check)", "stability_W", out,
+                written, hline=(1.0, "stability boundary"))
     plot_angles(items, out, written)
     plot_eigs(items, out, written)
     if wandb:
