@@ -60,6 +60,18 @@ class SolverMonitor(pl.Callback):
                        "solver/nonconverged": float(sol.n_nonconverged)})
 
 
+def update_peak(peak: dict, s: dict, step: int) -> dict:
+    """Fold one probe's stability values ``s`` (from ``probe_stability``) into the worst seen."""
+    # written as `not <=`, so that a NaN counts as the worst
+    if not s["max_re_eig"] <= peak.get("peak_max_re_eig", -math.inf):
+        peak.update(peak_max_re_eig=s["max_re_eig"], peak_step=step)
+    if not s["frac_stable"] >= peak.get("min_frac_stable", math.inf):
+        peak.update(min_frac_stable=s["frac_stable"], min_frac_stable_step=step)
+    if not s["max_re_eig_W"] <= peak.get("peak_max_re_eig_W", -math.inf):
+        peak.update(peak_max_re_eig_W=s["max_re_eig_W"], peak_W_step=step)
+    return peak
+
+
 class StabilityMonitor(pl.Callback):
     """Every k steps, on a fixed probe batch: per-sample max Re λ(G_i W) (ρ(G_i W) for discrete
     dynamics), its max, the fraction of stable fixed points, and eig(W). Every ``media_every``
@@ -68,8 +80,7 @@ class StabilityMonitor(pl.Callback):
 
     ``peak`` keeps the worst values seen during training (largest max Re λ, smallest fraction
     stable, largest max Re λ(W), and their steps): an instability can be transient and gone by
-    the end. It goes into
-    results.json and is checkpointed with the run."""
+    the end. It goes into results.json and is checkpointed with the run."""
 
     def __init__(self, every_n_steps: int = 50, probe_size: int = 16, media_every: int = 500):
         self.every, self.probe_size, self.media_every = int(every_n_steps), int(probe_size), int(media_every)
@@ -82,13 +93,7 @@ class StabilityMonitor(pl.Callback):
     def _log(self, trainer, pl_module):
         s = pl_module.probe_stability(self.probe)
         _log(trainer, {f"stability/{k}": v for k, v in s.items()})
-        step = trainer.global_step
-        if not s["max_re_eig"] <= self.peak.get("peak_max_re_eig", -math.inf):   # NaN counts as worst
-            self.peak.update(peak_max_re_eig=s["max_re_eig"], peak_step=step)
-        if not s["frac_stable"] >= self.peak.get("min_frac_stable", math.inf):
-            self.peak.update(min_frac_stable=s["frac_stable"], min_frac_stable_step=step)
-        if not s["max_re_eig_W"] <= self.peak.get("peak_max_re_eig_W", -math.inf):
-            self.peak.update(peak_max_re_eig_W=s["max_re_eig_W"], peak_W_step=step)
+        update_peak(self.peak, s, trainer.global_step)
 
     def state_dict(self):
         return {"peak": dict(self.peak)}

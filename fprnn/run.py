@@ -228,18 +228,11 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
 
 def _stability_peak(trainer, final: dict) -> dict[str, Any]:
     """The worst stability seen while training (StabilityMonitor), the final probe included."""
-    from .callbacks import StabilityMonitor
+    from .callbacks import StabilityMonitor, update_peak
     mon = next((c for c in (trainer.callbacks if trainer is not None else [])
                 if isinstance(c, StabilityMonitor)), None)
-    peak = dict(mon.peak) if mon is not None else {}
     step = int(trainer.global_step) if trainer is not None else 0
-    if not final["max_re_eig"] <= peak.get("peak_max_re_eig", -math.inf):
-        peak.update(peak_max_re_eig=final["max_re_eig"], peak_step=step)
-    if not final["frac_stable"] >= peak.get("min_frac_stable", math.inf):
-        peak.update(min_frac_stable=final["frac_stable"], min_frac_stable_step=step)
-    if not final["max_re_eig_W"] <= peak.get("peak_max_re_eig_W", -math.inf):
-        peak.update(peak_max_re_eig_W=final["max_re_eig_W"], peak_W_step=step)
-    return peak
+    return update_peak(dict(mon.peak) if mon is not None else {}, final, step)
 
 
 def _close_wandb(trainer, failed: bool) -> None:
