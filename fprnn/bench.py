@@ -185,9 +185,10 @@ def _rss_mb() -> float:
 
 
 def bench_memory(data_root: str, steps: int, every: int, lr: float) -> str:
-    """Resident memory along a long w3 run (default monitors on): it must not grow. The default
-    lr is 0.1: at the paper's 0.25, w3 trained for 17 epochs leaves the region where fixed points
-    converge and the run becomes a fault-skipping one (slow, and not what is measured here)."""
+    """Resident memory along a long w3 run (default monitors on): it must not grow. Each reading
+    is printed as it is taken. The default lr is 0.05: at larger rates w3 trained for 17 epochs
+    drives W to where fixed points take hundreds of Anderson iterations (at the paper's 0.25 they
+    stop converging), which makes the run slow without measuring anything more."""
     import tempfile
 
     import pytorch_lightning as pl
@@ -199,6 +200,8 @@ def bench_memory(data_root: str, steps: int, every: int, lr: float) -> str:
         def on_train_batch_end(self, trainer, *_):
             if trainer.global_step % every == 0:
                 seen.append((trainer.global_step, _rss_mb()))
+                print(f"  step {seen[-1][0]:5d}: RSS {seen[-1][1]:.0f} MB "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _compose(["experiment=paper_mnist", "rule=w3", f"lr={lr}", f"data.root={data_root}",
@@ -207,6 +210,7 @@ def bench_memory(data_root: str, steps: int, every: int, lr: float) -> str:
                         "trainer.limit_val_batches=0", "logger=csv", "progress_bar=false"])
         data, model, module, trainer = build(cfg, tmp)
         trainer.callbacks.append(Rss())
+        t0 = time.perf_counter()
         trainer.fit(module, datamodule=data)
     warm = next((r for s, r in seen if s >= 2 * every), seen[0][1])
     print(f"memory run: {trainer.global_step} steps applied, {module.faults} skipped as faults")
@@ -228,7 +232,7 @@ def main(argv=None) -> None:
     ap.add_argument("--only", choices=["rules", "solvers", "monitors", "memory"], default=None,
                     help="one table (default: rules, solvers and monitors; memory only when asked)")
     ap.add_argument("--steps", type=int, default=None, help="steps for --only monitors (60) / memory (2000)")
-    ap.add_argument("--lr", type=float, default=0.1, help="learning rate of the --only memory run")
+    ap.add_argument("--lr", type=float, default=0.05, help="learning rate of the --only memory run")
     a = ap.parse_args(argv)
     print(f"# fprnn benchmark — torch {torch.__version__}, {torch.get_num_threads()} threads")
     if a.only in (None, "rules"):
