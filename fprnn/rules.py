@@ -144,20 +144,7 @@ def w1(W, r, gain, grad_r, lr, *, method: str = "auto", tol: float | None = None
         raise ValueError(f"unknown w1 method {method!r}; choose 'auto', 'exact' or 'adjoint'")
     m, n = r.shape
     info: dict = {}
-    shared = bool((gain == gain[:1]).all())
-    if method == "auto" and not shared:
-        P, todo = _adjoint_rows(W, gain, grad_r,
-                                tol=16 * torch.finfo(W.dtype).eps if tol is None else tol,
-                                max_iter=50 if max_iter is None else max_iter)
-        info["exact_samples"] = int(todo.numel())
-        if todo.numel():
-            P[todo], sing = _exact_rows(W, gain[todo], grad_r[todo], chunk)
-            if sing:
-                info["singular"] = sing
-                if not return_info:
-                    raise ValueError(f"w1: I − G_i W is singular for {sing} samples (the fixed "
-                                     f"point is not hyperbolic)")
-    elif method in ("exact", "auto") and shared:
+    if method != "adjoint" and bool((gain == gain[:1]).all()):
         # one gain for all samples (e.g. the linear model, G = I): a single N×N solve
         g = gain[0]
         M = torch.eye(n, dtype=W.dtype, device=W.device) - W.T * g.unsqueeze(0)
@@ -167,13 +154,21 @@ def w1(W, r, gain, grad_r, lr, *, method: str = "auto", tol: float | None = None
             if not return_info:
                 raise ValueError("w1: I − G W is singular (the fixed point is not hyperbolic)")
         P = g * U.T
-    elif method == "exact":
-        P, sing = _exact_rows(W, gain, grad_r, chunk)
-        if sing:
-            info["singular"] = sing
-        if info.get("singular") and not return_info:
-            raise ValueError(f"w1: I − G_i W is singular for {info['singular']} samples (the fixed "
-                             f"point is not hyperbolic)")
+    elif method != "adjoint":
+        if method == "auto":    # LU only for the rows the adjoint iteration did not settle
+            P, rows = _adjoint_rows(W, gain, grad_r,
+                                    tol=16 * torch.finfo(W.dtype).eps if tol is None else tol,
+                                    max_iter=50 if max_iter is None else max_iter)
+            info["exact_samples"] = int(rows.numel())
+        else:
+            P, rows = torch.empty_like(grad_r), torch.arange(m, device=r.device)
+        if rows.numel():
+            P[rows], sing = _exact_rows(W, gain[rows], grad_r[rows], chunk)
+            if sing:
+                info["singular"] = sing
+                if not return_info:
+                    raise ValueError(f"w1: I − G_i W is singular for {sing} samples (the fixed "
+                                     f"point is not hyperbolic)")
     else:  # adjoint
         tol = 1e-8 if tol is None else tol
         max_iter = 1000 if max_iter is None else max_iter

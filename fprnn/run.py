@@ -229,10 +229,8 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
 def _stability_peak(trainer, final: dict) -> dict[str, Any]:
     """The worst stability seen while training (StabilityMonitor), the final probe included."""
     from .callbacks import StabilityMonitor, update_peak
-    mon = next((c for c in (trainer.callbacks if trainer is not None else [])
-                if isinstance(c, StabilityMonitor)), None)
-    step = int(trainer.global_step) if trainer is not None else 0
-    return update_peak(dict(mon.peak) if mon is not None else {}, final, step)
+    mon = next((c for c in trainer.callbacks if isinstance(c, StabilityMonitor)), None)
+    return update_peak(dict(mon.peak) if mon is not None else {}, final, int(trainer.global_step))
 
 
 def _close_wandb(trainer, failed: bool) -> None:
