@@ -92,8 +92,8 @@ def bench_solvers(m: int, N: int, repeats: int, data_root: str | None) -> str:
     note = ""
     if data_root:
         try:
-            from .mnist import load_mnist
-            p, _ = load_mnist(data_root, train=False, download=False)
+            from .vision import load
+            p, _ = load("mnist", data_root, train=False, download=False)
             W_in = torch.randn(N, 784, generator=torch.Generator().manual_seed(2)) / math.sqrt(784)
             inputs["mnist"] = p[:m] @ W_in.T
         except FileNotFoundError:

@@ -1,21 +1,6 @@
-"""Lightning callbacks: saving on interruption, and the diagnostics monitors."""
+"""Lightning callbacks: the diagnostics monitors (checkpoints: fprnn.checkpoint)."""
 from __future__ import annotations
 
-from pytorch_lightning.callbacks import OnExceptionCheckpoint
-
-
-class CheckpointOnInterrupt(OnExceptionCheckpoint):
-    """Saves ``<dirpath>/last.ckpt`` at the last finished step when training is interrupted
-    (Ctrl-C, SIGTERM) or fails, and — unlike Lightning's OnExceptionCheckpoint — keeps it."""
-
-    def __init__(self, dirpath: str, filename: str = "last"):
-        super().__init__(dirpath, filename)
-
-    def teardown(self, trainer, *args, **kwargs) -> None:
-        pass
-
-
-# --- diagnostics monitors ---------------------------------------------------------------
 # Scalar names are fixed (dashboards and fprnn.figures rely on them): angle/theta12, ...,
 # stability/max_re_eig, stability/frac_stable, stability/spectral_radius_W, solver/iters, ...
 

@@ -1,13 +1,15 @@
-"""LightningDataModules: MNIST (section 3.2) and the synthetic linear regression (eq 3.4)."""
+"""LightningDataModules: torchvision image sets (MNIST, section 3.2, and its family), users' own
+arrays, and the synthetic linear regression (eq 3.4)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
-from .mnist import load_mnist
+from . import vision
 from .model import get_dtype
 
 
@@ -93,42 +95,57 @@ def _positive_int(name, v, allow_none=False):
         raise ValueError(f"{name} must be a positive integer{' or null' if allow_none else ''}, got {v!r}")
 
 
-class MNISTDataModule(ResumableData):
-    """Flattened MNIST, pixels in [0, 1]. Validation and test use the full 10,000-image test set
-    (``test_subset`` takes its first k images instead, for quick checks). ``batch_size`` is the
-    global batch: with several devices each takes an equal share of it."""
+def _check_split(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
+            or (v >= 1 and not float(v).is_integer()):
+        raise ValueError(f"{name} must be a count (0, 1, 2, …) or a fraction in [0, 1), got {v!r}")
 
-    task = "classification"
-    n_in, n_out = 784, 10
 
-    def __init__(self, root: str = "data", download: bool = True, shuffle: bool = True,
-                 batch_size: int = 512, eval_batch_size: int = 2000, train_subset: int | None = None,
-                 test_subset: int | None = None, seed: int = 0, num_workers: int = 0):
+def _split_count(name: str, v, n: int) -> int:
+    """A split size given as a count (int ≥ 0) or a fraction of n (0 ≤ v < 1)."""
+    _check_split(name, v)
+    k = int(round(v * n)) if v < 1 else int(v)
+    if k >= n:
+        raise ValueError(f"{name}={v!r} takes {k} of the {n} samples and leaves none to train on")
+    return k
+
+
+def split_indices(n: int, k: int, seed: int, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out): k of range(n) held out, drawn by (seed, stream), both sorted. With k = 0
+    the kept indices are range(n) in order, so a run without a split is the run it always was."""
+    if k == 0:
+        return torch.arange(n), torch.arange(0)
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7919 * (stream + 1))
+    perm = torch.randperm(n, generator=g)
+    return perm[k:].sort().values, perm[:k].sort().values
+
+
+class TensorData(ResumableData):
+    """Train, validation and test tensors, with the exact-resume sampler. ``batch_size`` is the
+    global batch: with several devices each takes an equal share of it.
+
+    Validation runs each epoch on ``val_size`` samples held out of the training set (drawn by the
+    seed); the test set is read only by ``trainer.test``. ``val_size=0`` turns validation off,
+    unless ``val_on_test`` — the paper's protocol, which reports the test set each epoch (its
+    presets use it; do not tune on it)."""
+
+    def __init__(self, batch_size: int = 512, eval_batch_size: int = 2000, val_size=0,
+                 val_on_test: bool = False, seed: int = 0, shuffle: bool = True, num_workers: int = 0):
         super().__init__()
         _positive_int("batch_size", batch_size)
         _positive_int("eval_batch_size", eval_batch_size)
-        _positive_int("train_subset", train_subset, allow_none=True)
-        _positive_int("test_subset", test_subset, allow_none=True)
-        self.root, self.download, self.shuffle = root, download, shuffle
+        _check_split("val_size", val_size)   # its size is checked once n is known
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.train_subset, self.test_subset = train_subset, test_subset
-        self.seed, self.num_workers = seed, num_workers
-        self.train_set = self.test_set = None
+        self.val_size, self.val_on_test = val_size, bool(val_on_test)
+        self.seed, self.shuffle, self.num_workers = int(seed), shuffle, num_workers
+        self.train_set = self.val_set = self.test_set = None
 
-    def prepare_data(self) -> None:
-        from .mnist import ensure_mnist
-        ensure_mnist(self.root, self.download)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        x, y = load_mnist(self.root, train=True, download=self.download)
-        xt, yt = load_mnist(self.root, train=False, download=self.download)
-        if self.train_subset:
-            x, y = x[: self.train_subset], y[: self.train_subset]
-        if self.test_subset:
-            xt, yt = xt[: self.test_subset], yt[: self.test_subset]
-        self.train_set, self.test_set = TensorDataset(x, y), TensorDataset(xt, yt)
+    def _set_splits(self, x, y, xt, yt) -> None:
+        keep, held = split_indices(len(x), _split_count("val_size", self.val_size, len(x)), self.seed)
+        self.train_idx, self.val_idx = keep, held
+        self.train_set = TensorDataset(x[keep], y[keep])
+        self.val_set = TensorDataset(x[held], y[held]) if len(held) else None
+        self.test_set = TensorDataset(xt, yt)
 
     def probe_batch(self, k: int = 16):
         """A fixed batch of k training inputs, for stability probes."""
@@ -143,15 +160,58 @@ class MNISTDataModule(ResumableData):
                                                self.batch_size, skip=self._skip(bs)),
                           num_workers=self.num_workers)
 
-    def val_dataloader(self):
+    def _eval_loader(self, ds):
         rank, world = _dist(self)
-        return DataLoader(self.test_set, batch_size=max(self.eval_batch_size // world, 1),
-                          sampler=EpochShuffle(len(self.test_set), shuffle=False, rank=rank, world=world,
+        return DataLoader(ds, batch_size=max(self.eval_batch_size // world, 1),
+                          sampler=EpochShuffle(len(ds), shuffle=False, rank=rank, world=world,
                                                batch=self.eval_batch_size),
                           num_workers=self.num_workers)
 
-    test_dataloader = val_dataloader
+    def val_dataloader(self):
+        ds = self.test_set if self.val_on_test else self.val_set
+        return [] if ds is None else self._eval_loader(ds)
 
+    def test_dataloader(self):
+        return self._eval_loader(self.test_set)
+
+    @property
+    def validation(self) -> str:
+        """What per-epoch validation reads, for results.json and the figures."""
+        if self.val_on_test:
+            return "test set"
+        return f"held-out split of {len(self.val_idx)}" if self.val_set is not None else "none"
+
+
+class VisionDataModule(TensorData):
+    """A torchvision image set (``dataset``: mnist, fashion_mnist, kmnist, cifar10), flattened
+    channels first, pixels in [0, 1]; ``grayscale`` maps colour to luminance. ``train_subset`` /
+    ``test_subset`` take the first k training (after the validation split) / test images."""
+
+    task = "classification"
+
+    def __init__(self, dataset: str = "mnist", root: str = "data", download: bool = True,
+                 grayscale: bool = False, train_subset: int | None = None, test_subset: int | None = None,
+                 **split):
+        super().__init__(**split)
+        _positive_int("train_subset", train_subset, allow_none=True)
+        _positive_int("test_subset", test_subset, allow_none=True)
+        self.spec = vision.get_set(dataset)
+        self.name, self.root, self.download, self.grayscale = dataset, root, download, bool(grayscale)
+        self.train_subset, self.test_subset = train_subset, test_subset
+        self.n_in, self.n_out = self.spec.n_in(self.grayscale), self.spec.n_classes
+
+    def prepare_data(self) -> None:
+        vision.ensure(self.spec, self.root, self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        kw = dict(root=self.root, download=self.download, grayscale=self.grayscale)
+        x, y = vision.load(self.name, train=True, **kw)
+        xt, yt = vision.load(self.name, train=False, **kw)
+        self._set_splits(x, y, xt[: self.test_subset], yt[: self.test_subset])
+        if self.train_subset:
+            self.train_set = TensorDataset(*(t[: self.train_subset] for t in self.train_set.tensors))
 
 class _Repeat(Dataset):
     """The full batch as one item, ``n`` times: one epoch = n full-batch steps."""
@@ -223,3 +283,127 @@ class LinearRegressionDataModule(ResumableData):
         return DataLoader(_Repeat(self._shard(), 1), batch_size=None)
 
     test_dataloader = val_dataloader
+
+
+class ArraysDataModule(TensorData):
+    """A user's own data from a ``.npz`` or ``.pt`` file (a dict of arrays):
+
+    - ``X`` (n, d) features with ``y`` (n,) integer labels in [0, C) → classification through
+      the read-out (C = ``n_classes``, or the largest label + 1);
+    - or ``X`` with ``Y`` (n, k) real targets → regression through the read-out (squared error);
+    - optional ``X_test`` with ``y_test`` / ``Y_test``; otherwise ``test_size`` of the rows are
+      held out as the test set, and ``val_size`` of the rest for validation (both by the seed).
+
+    ``normalize`` standardizes every feature with the training split's mean and std."""
+
+    def __init__(self, path: str, test_size=0.2, normalize: bool = False, n_classes: int | None = None,
+                 batch_size: int = 256, val_size=0.1, **split):
+        super().__init__(batch_size=batch_size, val_size=val_size, **split)
+        _check_split("test_size", test_size)
+        _positive_int("n_classes", n_classes, allow_none=True)
+        self.path, self.name = Path(path).expanduser(), "arrays"
+        self.test_size, self.normalize = test_size, bool(normalize)
+        arrays = self._read()
+        self.task = "classification" if "y" in arrays else "regression"
+        X, T = arrays["X"], arrays["y" if self.task == "classification" else "Y"]
+        if "X_test" in arrays:
+            Xt, Tt = arrays["X_test"], arrays.get("y_test" if self.task == "classification" else "Y_test")
+            if Tt is None:
+                raise ValueError(f"{self.path}: X_test is given without "
+                                 f"{'y_test' if self.task == 'classification' else 'Y_test'}")
+        else:
+            keep, held = split_indices(len(X), _split_count("test_size", test_size, len(X)), self.seed, stream=1)
+            X, T, Xt, Tt = X[keep], T[keep], X[held], T[held]
+        if self.task == "classification":
+            labels = torch.cat([T, Tt])
+            self.n_out = n_classes or int(labels.max()) + 1
+            if int(labels.max()) >= self.n_out:
+                raise ValueError(f"{self.path}: label {int(labels.max())} found, but n_classes={self.n_out} "
+                                 f"(labels must be integers in [0, {self.n_out}))")
+        else:
+            self.n_out = T.shape[1]
+        self.n_in = X.shape[1]
+        self._set_splits(X, T, Xt, Tt)
+        if self.normalize:
+            x = self.train_set.tensors[0]
+            mean, std = x.mean(0), x.std(0)
+            std = torch.where(std > 0, std, torch.ones_like(std))   # a constant feature stays 0
+            self.mean, self.std = mean, std
+            for ds in (self.train_set, self.val_set, self.test_set):
+                if ds is not None:
+                    ds.tensors = ((ds.tensors[0] - mean) / std, ds.tensors[1])
+
+    def _read(self) -> dict[str, torch.Tensor]:
+        if not self.path.is_file():
+            raise FileNotFoundError(f"data.path={self.path}: no such file")
+        if self.path.suffix == ".npz":
+            import numpy as np
+            try:
+                with np.load(self.path, allow_pickle=False) as f:
+                    raw = {k: torch.from_numpy(f[k]) for k in f.files}
+            except Exception as e:
+                raise ValueError(f"data.path={self.path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+        elif self.path.suffix == ".pt":
+            try:
+                raw = torch.load(self.path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"data.path={self.path}: not a readable .pt file ({type(e).__name__})") from None
+            if not isinstance(raw, dict):
+                raise ValueError(f"data.path={self.path}: holds a {type(raw).__name__}, expected a dict of tensors")
+            raw = {k: torch.as_tensor(v) for k, v in raw.items()}
+        else:
+            raise ValueError(f"data.path={self.path}: unknown file type {self.path.suffix!r}; use .npz or .pt")
+        return self._validated(raw)
+
+    def _validated(self, raw: dict) -> dict[str, torch.Tensor]:
+        where = f"data.path={self.path}"
+        if "X" not in raw:
+            raise ValueError(f"{where}: no array 'X' (found {sorted(raw)}); expected X with y or Y")
+        if ("y" in raw) == ("Y" in raw):
+            raise ValueError(f"{where}: expected exactly one of 'y' (integer labels, classification) or "
+                             f"'Y' (real targets, regression), found {sorted(raw)}")
+        out = {}
+        for split in ("", "_test"):
+            if "X" + split not in raw:
+                continue
+            X = raw["X" + split]
+            if X.dim() != 2 or X.shape[0] == 0:
+                raise ValueError(f"{where}: X{split} must be (n, d) with n ≥ 1, got shape {tuple(X.shape)}")
+            if X.is_complex() or X.dtype == torch.bool:
+                raise ValueError(f"{where}: X{split} must be real numbers, got {X.dtype}")
+            if not torch.isfinite(X.double()).all():
+                bad = int((~torch.isfinite(X.double())).any(1).sum())
+                raise ValueError(f"{where}: X{split} has NaN or inf values in {bad} rows")
+            out["X" + split] = X.float()
+            if "y" in raw:
+                y = raw.get("y" + split)
+                if y is None:
+                    continue
+                if y.dim() != 1 or len(y) != len(X):
+                    raise ValueError(f"{where}: y{split} must be ({len(X)},) like X{split}'s rows, got shape "
+                                     f"{tuple(y.shape)}")
+                yd = y.double()
+                if not (torch.isfinite(yd).all() and (yd == yd.round()).all() and (yd >= 0).all()):
+                    raise ValueError(f"{where}: y{split} must hold integer labels in [0, C); found values such "
+                                     f"as {yd[~(torch.isfinite(yd) & (yd == yd.round()) & (yd >= 0))][:3].tolist()}")
+                out["y" + split] = y.long()
+            else:
+                Y = raw.get("Y" + split)
+                if Y is None:
+                    continue
+                if Y.dim() == 1:
+                    Y = Y.unsqueeze(1)
+                if Y.dim() != 2 or len(Y) != len(X):
+                    raise ValueError(f"{where}: Y{split} must be ({len(X)}, k) like X{split}'s rows, got shape "
+                                     f"{tuple(Y.shape)}")
+                if not torch.isfinite(Y.double()).all():
+                    raise ValueError(f"{where}: Y{split} has NaN or inf values")
+                out["Y" + split] = Y.float()
+        if "X_test" in out and out["X_test"].shape[1] != out["X"].shape[1]:
+            raise ValueError(f"{where}: X_test has {out['X_test'].shape[1]} features, X has {out['X'].shape[1]}")
+        if "Y_test" in out and out["Y_test"].shape[1] != out["Y"].shape[1]:
+            raise ValueError(f"{where}: Y_test has {out['Y_test'].shape[1]} targets, Y has {out['Y'].shape[1]}")
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        pass

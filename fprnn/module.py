@@ -21,17 +21,20 @@ TASKS = ("classification", "regression")
 
 
 def loss_and_grad(task: str, model: FixedPointRNN, r: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-sample losses L_i, their gradients δ_i = ∇_r L_i (rows), and logits (classification).
+    """Per-sample losses L_i, their gradients δ_i = ∇_r L_i (rows), and the read-out ŷ = W_out r
+    (r itself when the model has no read-out).
 
-    classification: L = cross-entropy of softmax(W_out r), δ = W_outᵀ (softmax − onehot);
-    regression: L = ‖r − y‖², δ = 2 (r − y) (section 3.1)."""
+    classification: L = cross-entropy of softmax(ŷ), δ = W_outᵀ (softmax − onehot);
+    regression: L = ‖ŷ − y‖², δ = 2 W_outᵀ (ŷ − y) — with no read-out, δ = 2 (r − y) (section 3.1)."""
+    out = model.readout(r)
     if task == "classification":
-        logits = model.readout(r)
-        losses = F.cross_entropy(logits, y, reduction="none")
-        delta = (torch.softmax(logits, 1) - F.one_hot(y, logits.shape[1]).to(r.dtype)) @ model.W_out
-        return losses, delta, logits
-    diff = r - y
-    return (diff ** 2).sum(1), 2 * diff, None
+        losses = F.cross_entropy(out, y, reduction="none")
+        err = torch.softmax(out, 1) - F.one_hot(y, out.shape[1]).to(r.dtype)
+    else:
+        err = out - y
+        losses = (err ** 2).sum(1)
+        err = 2 * err
+    return losses, (err @ model.W_out if model.W_out is not None else err), out
 
 
 class FixedPointModule(pl.LightningModule):
@@ -45,13 +48,15 @@ class FixedPointModule(pl.LightningModule):
     solvers with a tolerance; fewer are left out of ΔW and counted), NaN/inf in r, the loss or
     ΔW, w2 leaving its domain — never reach W. With ``on_fault="skip"`` the step is
     skipped and counted; ``max_faults`` consecutive faults end training with status "diverged".
-    ``on_fault="stop"`` ends it at the first fault.
+    ``on_fault="stop"`` ends it at the first fault. A run that skipped more than ``max_skipped``
+    of its steps (all of them, say, when no fixed point converges at the start) has not trained:
+    it ends with status "no_progress".
     """
 
     def __init__(self, model: FixedPointRNN, rule: str = "w3", lr: float = 0.25, task: str = "classification",
                  rule_kwargs: dict | None = None, optimizer: Callable | None = None,
                  on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
-                 check_every: int = 50):
+                 max_skipped: float = 0.5, check_every: int = 50):
         super().__init__()
         if rule not in ALL_RULES:
             raise ValueError(f"unknown rule {rule!r}; choose one of {ALL_RULES}")
@@ -63,6 +68,9 @@ class FixedPointModule(pl.LightningModule):
             raise ValueError(f"on_fault must be 'skip' or 'stop', got {on_fault!r}")
         if isinstance(max_faults, bool) or not isinstance(max_faults, int) or max_faults < 1:
             raise ValueError(f"max_faults must be a positive integer, got {max_faults!r}")
+        if isinstance(max_skipped, bool) or not isinstance(max_skipped, (int, float)) \
+                or not 0 <= max_skipped < 1:
+            raise ValueError(f"max_skipped must be a fraction in [0, 1), got {max_skipped!r}")
         if task == "classification" and model.W_out is None:
             raise ValueError("classification needs a read-out: set model.n_out to the number of classes")
         self.automatic_optimization = False
@@ -74,6 +82,7 @@ class FixedPointModule(pl.LightningModule):
         self.rule = None if rule == "bptt" else rules.get_rule(rule)
         self.optimizer_factory = optimizer
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
+        self.max_skipped = float(max_skipped)
         self.check_every = int(check_every)   # steps between rank-agreement checks (and each epoch)
         self.save_hyperparameters(ignore=["model", "optimizer"])
         for split in ("train", "val", "test"):
@@ -287,6 +296,11 @@ class FixedPointModule(pl.LightningModule):
                 "max_re_eig_W": re_W, "spectral_radius_W": rho_W,
                 "probe_residual": float(fp.solution.residual.max())}
 
+    def on_train_end(self) -> None:
+        attempted = len(self.step_ms)
+        if self.status == "running" and attempted and self.skipped > self.max_skipped * attempted:
+            self.status = "no_progress"
+
     # -- checkpoint state -------------------------------------------------------------
     _STATE = ("faults", "consecutive_faults", "skipped", "status", "fault_log", "step_ms", "iters_sum")
 
@@ -301,4 +315,5 @@ class FixedPointModule(pl.LightningModule):
         n = max(len(self.step_ms), 1)
         return {"step_ms_median": statistics.median(self.step_ms) if self.step_ms else None,
                 "solver_iters_mean": self.iters_sum / n, "faults": self.faults,
+                "attempted_steps": len(self.step_ms),
                 "skipped_steps": self.skipped, "fault_log": self.fault_log[-20:]}

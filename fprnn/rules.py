@@ -132,8 +132,9 @@ def w1(W, r, gain, grad_r, lr, *, method: str = "auto", tol: float | None = None
       when every sample has the same gains (the linear model);
     - ``method="adjoint"``: the iteration P ← G ⊙ (D + P W) (recurrent backprop), O(k m N²);
       it converges only while the discrete map is contracting: ``info["converged"]`` says so and,
-      without ``return_info``, non-convergence raises RuntimeError (defaults tol=1e-8,
-      max_iter=1000);
+      without ``return_info``, non-convergence raises RuntimeError (stops when the change is
+      ≤ tol·max|P|; defaults tol = 16 ε of the dtype, as ``auto`` — a fixed 1e-8 would be
+      below float32's rounding and never be met — and max_iter=1000);
     - ``method="auto"`` (default): exact, to rounding, at the adjoint's cost where it can be —
       the adjoint iteration per sample until its change is ≤ tol·‖p_i‖∞ (default 16 ε of the
       dtype, max_iter 50), then batched LU for the samples that did not get there (slowly
@@ -170,11 +171,10 @@ def w1(W, r, gain, grad_r, lr, *, method: str = "auto", tol: float | None = None
                     raise ValueError(f"w1: I − G_i W is singular for {sing} samples (the fixed "
                                      f"point is not hyperbolic)")
     else:  # adjoint
-        tol = 1e-8 if tol is None else tol
+        tol = 16 * torch.finfo(W.dtype).eps if tol is None else tol
         max_iter = 1000 if max_iter is None else max_iter
         gd = gain * grad_r
         P = gd.clone()
-        scale = float(gd.abs().max()) or 1.0
         info["converged"] = False
         for k in range(1, max_iter + 1):
             P_new = gd + gain * (P @ W)
@@ -182,7 +182,7 @@ def w1(W, r, gain, grad_r, lr, *, method: str = "auto", tol: float | None = None
             P = P_new
             if not math.isfinite(delta):
                 break
-            if delta <= tol * scale:
+            if delta <= tol * (float(P.abs().max()) or 1.0):
                 info["converged"] = True
                 break
         info["iters"] = k

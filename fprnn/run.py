@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .checkpoint import atomic_save, atomic_write_text, check_checkpoint
+
 # W&B is offline unless the user asks for online (an account is then needed).
 OmegaConf.register_new_resolver(
     "wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online", replace=True)
@@ -71,32 +73,27 @@ def check_compatible(model, data) -> None:
     if n_in is None and model.n_in is not None:
         raise ValueError(f"this data feeds x directly: set model.n_in=null (got {model.n_in})")
     n_out = getattr(data, "n_out", None)
-    if data.task == "classification" and model.n_out != n_out:
-        raise ValueError(f"model.n_out={model.n_out} does not match the data's {n_out} classes")
-    if data.task == "regression":
-        if model.n_out is not None:
-            raise ValueError(f"regression reads r out directly: set model.n_out=null (got {model.n_out})")
-        if getattr(data, "N", model.N) != model.N:
-            raise ValueError(f"model.N={model.N} does not match the data's dimension N={data.N}")
+    what = "classes" if data.task == "classification" else "targets"
+    if n_out is None and model.n_out is not None:
+        raise ValueError(f"this data's targets are r itself: set model.n_out=null (got {model.n_out})")
+    if model.n_out != n_out:
+        raise ValueError(f"model.n_out={model.n_out} does not match the data's {n_out} {what}")
+    if n_out is None and getattr(data, "N", model.N) != model.N:
+        raise ValueError(f"model.N={model.N} does not match the data's dimension N={data.N}")
 
 
-def check_checkpoint(path, model) -> None:
-    """The checkpoint must exist and hold a network of this model's shape."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
-    state = torch.load(p, map_location="cpu", weights_only=False).get("state_dict", {})
-    W = state.get("model.W")
-    if W is None:
-        raise ValueError(f"ckpt_path={path} is not an fprnn checkpoint (no model.W in it)")
-    if tuple(W.shape) != tuple(model.W.shape):
-        raise ValueError(f"ckpt_path={path} holds a network with N={W.shape[0]}, but model.N={model.N}")
-    for name in ("W_in", "W_out"):
-        saved, mine = state.get(f"model.{name}"), getattr(model, name)
-        if (saved is None) != (mine is None) or (saved is not None and saved.shape != mine.shape):
-            raise ValueError(f"ckpt_path={path}: its {name} has shape "
-                             f"{None if saved is None else tuple(saved.shape)}, the model's "
-                             f"{None if mine is None else tuple(mine.shape)}")
+def _model_sizes(cfg: DictConfig, data) -> dict:
+    """model.n_in / n_out given as ``auto`` are the data's input size and classes (targets)."""
+    return {k: getattr(data, k) for k in ("n_in", "n_out") if cfg.model.get(k) == "auto"}
+
+
+def log_config(trainer, cfg: DictConfig) -> None:
+    """The whole resolved config (model, solver, rule, data, optimizer, trainer, seed, …) as the
+    hyperparameters of every logger: the W&B run config, the CSV logger's hparams.yaml."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    for lg in trainer.loggers:
+        lg.log_hyperparams(config)
 
 
 def _instantiate(node, **kw):
@@ -116,15 +113,14 @@ def build(cfg: DictConfig, run_dir: Path | str):
     run_dir = Path(run_dir)
     import hydra
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+    from pytorch_lightning.callbacks import RichProgressBar
 
-    from .callbacks import CheckpointOnInterrupt
-
+    from .checkpoint import AtomicCheckpointIO, RunCheckpoint
     from .module import FixedPointModule
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     data = _instantiate(cfg.data)
-    model = _instantiate(cfg.model)
+    model = _instantiate(cfg.model, **_model_sizes(cfg, data))
     check_compatible(model, data)
     optimizer = hydra.utils.instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     module = FixedPointModule(model, rule=cfg.rule.name, lr=cfg.lr, task=data.task,
@@ -132,16 +128,12 @@ def build(cfg: DictConfig, run_dir: Path | str):
                               **_plain(cfg.get("fault")), **_plain(cfg.get("module")))
     loggers = [hydra.utils.instantiate(c, save_dir=str(run_dir))
                for c in (cfg.get("logger") or {}).values() if c is not None]
-    ckpt_dir = str(run_dir / "checkpoints")
-    # last.ckpt at each epoch end, and — on Ctrl-C, SIGTERM or an error — at the last finished step
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                 enable_version_counter=False),
-                 CheckpointOnInterrupt(ckpt_dir)]
+    callbacks = [RunCheckpoint(run_dir / "checkpoints", **_plain(cfg.get("ckpt")))]
     if cfg.get("progress_bar", True):
         callbacks.append(RichProgressBar())
     callbacks += [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                                      default_root_dir=str(run_dir),
+                                      default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
                                       enable_progress_bar=bool(cfg.get("progress_bar", True)))
     return data, model, module, trainer
 
@@ -156,7 +148,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     error = None
     try:
         data, model, module, trainer = build(cfg, run_dir)
-        results["task"] = data.task
+        results.update(task=data.task, data=getattr(data, "name", type(data).__name__))
+        log_config(trainer, cfg)
         ckpt = cfg.get("ckpt_path")
         if cfg.get("resume") and not ckpt and (run_dir / "checkpoints" / "last.ckpt").exists():
             ckpt = str(run_dir / "checkpoints" / "last.ckpt")
@@ -186,7 +179,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             results.update(finish(cfg, run_dir, data, module, trainer, results))
         results["wall_s"] = time.perf_counter() - t0
         if trainer is None or trainer.is_global_zero:
-            (run_dir / "results.json").write_text(json.dumps({k: _finite(v) for k, v in results.items()}, indent=2))
+            atomic_write_text(run_dir / "results.json",
+                              json.dumps({k: _finite(v) for k, v in results.items()}, indent=2))
+            _report(results)
         _close_wandb(trainer, failed=error is not None)
     if error is not None:
         if results["status"] == "interrupted":   # the shell's codes for SIGTERM / Ctrl-C
@@ -204,6 +199,8 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
     out: dict[str, Any] = {"status": "failed" if failed else module.status,
                            "steps": int(trainer.global_step) if trainer is not None else 0}
     out.update(module.summary())
+    if getattr(data, "validation", None) is not None:
+        out["validation"] = data.validation
     metrics = getattr(module, "fit_metrics", None) or (trainer.callback_metrics if trainer is not None else {})
     out["train_loss"] = _finite(metrics.get("train/loss_epoch"))
     if "train/acc_epoch" in metrics:
@@ -221,8 +218,8 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
         out["final_metrics_error"] = f"{type(e).__name__}: {e}"
     if trainer is None or trainer.is_global_zero:
         m = module.model
-        torch.save({"W": m.W.detach().cpu(), "W_in": None if m.W_in is None else m.W_in.cpu(),
-                    "W_out": None if m.W_out is None else m.W_out.cpu()}, run_dir / "weights.pt")
+        atomic_save({"W": m.W.detach().cpu(), "W_in": None if m.W_in is None else m.W_in.cpu(),
+                     "W_out": None if m.W_out is None else m.W_out.cpu()}, run_dir / "weights.pt")
     return out
 
 
@@ -231,6 +228,20 @@ def _stability_peak(trainer, final: dict) -> dict[str, Any]:
     from .callbacks import StabilityMonitor, update_peak
     mon = next((c for c in trainer.callbacks if isinstance(c, StabilityMonitor)), None)
     return update_peak(dict(mon.peak) if mon is not None else {}, final, int(trainer.global_step))
+
+
+def _report(results: dict) -> None:
+    """A run that did not train as asked says so on the console, with its faults."""
+    if results.get("status") in ("finished", "interrupted", None):
+        return
+    import sys
+    lines = [f"fprnn: the run ended with status {results['status']!r}: {results.get('skipped_steps', 0)} "
+             f"of {results.get('attempted_steps', '?')} steps skipped ({results.get('faults', 0)} faults)."]
+    lines += [f"  {f}" for f in (results.get("fault_log") or [])[-5:]]
+    if results.get("error"):
+        lines.append(f"  error: {results['error']}")
+    lines.append(f"  see {results.get('run_dir')}/results.json")
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def _close_wandb(trainer, failed: bool) -> None:

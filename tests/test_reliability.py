@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fprnn.data import MNISTDataModule
-from fprnn.mnist import ensure_mnist
+from fprnn import vision
+from fprnn.data import VisionDataModule
 from fprnn.run import build, train
 
 from helpers import QUICK_MNIST, make_cfg
@@ -102,10 +102,10 @@ def test_checkpoint_from_another_network_is_refused(tmp_path, mnist_dir):
 def test_missing_mnist_says_where_and_leaves_nothing(tmp_path):
     root = tmp_path / "empty"
     with pytest.raises(FileNotFoundError) as e:
-        ensure_mnist(root, download=False)
+        vision.ensure(vision.get_set("mnist"), root, download=False)
     msg = str(e.value)
     assert str(root / "MNIST" / "raw") in msg and "train-images-idx3-ubyte" in msg and "data.root" in msg
     assert not root.exists()
     with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
-        MNISTDataModule(root=str(root), download=True).prepare_data()   # no network here
+        VisionDataModule(root=str(root), download=True).prepare_data()   # no network here
     assert not root.exists() or not any(root.rglob("*"))

@@ -1,0 +1,114 @@
+"""Nothing lost on a kill: ``last.ckpt`` every few steps, each file written whole or not at all.
+
+A SIGKILL (an out-of-memory kill, a preempted job, a lost node) cannot be handled, so the only
+defence is to have saved recently: :class:`RunCheckpoint` writes ``last.ckpt`` every
+``every_n_steps`` optimizer steps, at each epoch end, and on Ctrl-C, SIGTERM or an error.
+Every file of a run (checkpoints through :class:`AtomicCheckpointIO`, ``results.json`` and
+``weights.pt`` through :func:`atomic_write`) goes to a temporary file in the same folder that is
+then renamed over the old one: a kill during a write leaves the previous file whole.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
+    """Call ``write(fh)`` on a temporary file beside ``path``, flush it to disk, then rename it
+    to ``path`` (a rename within a folder is atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic on local disks. (Lightning's own goes through an
+    fsspec transaction whose temporary file lies in the system's temp folder: on another file
+    system the final move is a copy, which a kill can cut short.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        buf = io.BytesIO()                 # serialise first: the file is open only to copy bytes
+        torch.save(checkpoint, buf)
+        atomic_write(path, lambda fh: self._write(fh, buf.getbuffer()))
+
+    def _write(self, fh, data) -> None:
+        fh.write(data)
+
+
+class RunCheckpoint(pl.Callback):
+    """``<dirpath>/last.ckpt`` every ``every_n_steps`` optimizer steps (0: only at epoch ends),
+    at each epoch end, and — on Ctrl-C, SIGTERM or an error — at the last finished step.
+
+    The periodic save is taken at the start of the batch after the k-th step, where the
+    counters of the step before are complete: the same state as the interrupt's save, from which
+    ``resume=true`` continues exactly (same batches, same W). Unlike Lightning's
+    OnExceptionCheckpoint, this callback never makes a fresh ``fit`` resume on its own."""
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int = 50):
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
+            raise ValueError(f"ckpt.every_n_steps must be a non-negative integer, got {every_n_steps!r}")
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every = every_n_steps
+        self.saved_at: int | None = None
+
+    def save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        self.saved_at = trainer.global_step
+
+    def on_train_start(self, trainer, pl_module):
+        self.saved_at = trainer.global_step    # a resumed run starts from a saved step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        if self.every and step % self.every == 0 and step != self.saved_at:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.save(trainer)
+
+
+def check_checkpoint(path, model) -> None:
+    """The checkpoint must exist, be readable and hold a network of this model's shape."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=False).get("state_dict", {})
+    except Exception as e:
+        raise ValueError(f"ckpt_path={path} cannot be read ({type(e).__name__}: {str(e)[:120]}); it is "
+                         f"damaged or not a checkpoint") from None
+    W = state.get("model.W")
+    if W is None:
+        raise ValueError(f"ckpt_path={path} is not an fprnn checkpoint (no model.W in it)")
+    if tuple(W.shape) != tuple(model.W.shape):
+        raise ValueError(f"ckpt_path={path} holds a network with N={W.shape[0]}, but model.N={model.N}")
+    for name in ("W_in", "W_out"):
+        saved, mine = state.get(f"model.{name}"), getattr(model, name)
+        if (saved is None) != (mine is None) or (saved is not None and saved.shape != mine.shape):
+            raise ValueError(f"ckpt_path={path}: its {name} has shape "
+                             f"{None if saved is None else tuple(saved.shape)}, the model's "
+                             f"{None if mine is None else tuple(mine.shape)}")
