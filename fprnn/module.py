@@ -84,7 +84,8 @@ class FixedPointModule(pl.LightningModule):
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
         self.max_skipped = float(max_skipped)
         self.check_every = int(check_every)   # steps between rank-agreement checks (and each epoch)
-        self.save_hyperparameters(ignore=["model", "optimizer"])
+        # the loggers get the whole run config from fprnn.run, not these few keys
+        self.save_hyperparameters(ignore=["model", "optimizer"], logger=False)
         for split in ("train", "val", "test"):
             setattr(self, f"{split}_loss", torchmetrics.MeanMetric())
             setattr(self, f"{split}_max_residual", torchmetrics.MaxMetric())

@@ -119,7 +119,7 @@ def command(point: Point, group: str, wandb_group: bool) -> list[str]:
     cmd = [sys.executable, str(ROOT / "train.py"), *point.overrides, f"rule={point.rule}",
            f"lr={point.lr}", f"hydra.run.dir='{point.run_dir}'", "progress_bar=false"]
     if wandb_group:
-        cmd.append(f"logger.wandb.group={group}")
+        cmd += [f"logger.wandb.group={group}", "logger.wandb.job_type=sweep"]
     if (point.run_dir / "checkpoints" / "last.ckpt").exists():
         cmd.append("resume=true")       # an interrupted or failed point continues where it was
     return cmd

@@ -23,3 +23,44 @@ def make_cfg(overrides, run_dir=None, mnist=None):
 
 QUICK_MNIST = ["progress_bar=false", "logger=csv", "data.train_subset=1024", "data.test_subset=500",
                "data.batch_size=256", "trainer.max_epochs=1"]
+
+
+def wandb_offline_records(run_dir):
+    """The protobuf records of the one offline W&B run under ``run_dir/wandb``: the .wandb file is
+    a LevelDB-style log (a 7-byte header, then 32 KiB blocks of chunks with 7-byte headers)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+    (path,) = list(Path(run_dir).glob("wandb/offline-run-*/*.wandb"))
+    b, block, pos, cur, records = path.read_bytes(), 32768, 7, b"", []
+    while pos + 7 <= len(b):
+        if block - pos % block < 7:              # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, n, kind = struct.unpack("<IHB", b[pos:pos + 7])
+        if n == 0 and kind == 0:
+            break
+        cur, pos = cur + b[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):                        # FULL or LAST chunk ends a record
+            rec = pb.Record()
+            rec.ParseFromString(cur)
+            records.append(rec)
+            cur = b""
+    return records
+
+
+def wandb_offline_config(run_dir) -> dict:
+    import json
+    conf = {}
+    for rec in wandb_offline_records(run_dir):
+        kind = rec.WhichOneof("record_type")
+        items = rec.config.update if kind == "config" else rec.run.config.update if kind == "run" else []
+        for item in items:
+            conf[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return conf
+
+
+def wandb_offline_history(run_dir) -> list[dict]:
+    import json
+    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+            for rec in wandb_offline_records(run_dir) if rec.WhichOneof("record_type") == "history"]
