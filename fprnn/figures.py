@@ -21,12 +21,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
-def eig_figure(W: torch.Tensor, continuous: bool = True, title: str = "eigenvalues of W"):
-    """Complex-plane scatter of eig(W) with the stability boundary of W itself
-    (Re λ = 1 for continuous-time dynamics, |λ| = 1 for the discrete map)."""
+def _eig_panel(ax, W: torch.Tensor, continuous: bool, s: float = 6) -> None:
+    """eig(W) in the complex plane with W's own stability boundary: Re λ = 1 for continuous-time
+    dynamics, |λ| = 1 for the discrete map."""
     lam = torch.linalg.eigvals(W.detach().cpu().double())
-    fig, ax = plt.subplots(figsize=(4.2, 4))
-    ax.scatter(lam.real.numpy(), lam.imag.numpy(), s=6, alpha=0.7)
+    ax.scatter(lam.real.numpy(), lam.imag.numpy(), s=s, alpha=0.7)
     if continuous:
         ax.axvline(1.0, color="tab:red", ls="--", lw=1, label="Re λ = 1")
     else:
@@ -34,9 +33,15 @@ def eig_figure(W: torch.Tensor, continuous: bool = True, title: str = "eigenvalu
         ax.plot(torch.cos(t), torch.sin(t), color="tab:red", ls="--", lw=1, label="|λ| = 1")
     ax.set_xlabel("Re λ")
     ax.set_ylabel("Im λ")
+    ax.legend(loc="upper left", fontsize=7)
+
+
+def eig_figure(W: torch.Tensor, continuous: bool = True, title: str = "eigenvalues of W"):
+    """Complex-plane scatter of eig(W) with the stability boundary of W itself."""
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    _eig_panel(ax, W, continuous)
     ax.set_title(title)
     ax.set_aspect("equal", adjustable="datalim")
-    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -127,6 +132,10 @@ def plot_curves(items, key: str, ylabel: str, name: str, out: Path, written: lis
     _save(fig, out, name, written)
 
 
+LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
+MARKERS = ("o", "s", "^", "v", "D", "x")
+
+
 def plot_angles(items, out: Path, written: list) -> None:
     items = [it for it in items if any(k.startswith("angle/theta") for k in it["metrics"])]
     if not items:
@@ -135,9 +144,13 @@ def plot_angles(items, out: Path, written: list) -> None:
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False, sharey=True)
     fig.suptitle("angles between rules (section 3.1.6)")
     for ax, it in zip(axes[0], items):
-        for k in sorted(k for k in it["metrics"] if k.startswith("angle/theta")):
+        keys = sorted(k for k in it["metrics"] if k.startswith("angle/theta"))
+        for i, k in enumerate(keys):
+            # angles often coincide (θ12 = θ13 = θ14 on the linear task): each line gets its own
+            # style and marker, so that one drawn over another still shows
             s, v = zip(*it["metrics"][k])
-            ax.plot(s, v, lw=1.2, marker=".", label=f"θ{k[len('angle/theta'):]}")
+            ax.plot(s, v, lw=1.2, ls=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)],
+                    ms=4, markevery=max(len(s) // 12, 1), mfc="none", label=f"θ{k[len('angle/theta'):]}")
         ax.set_title(f"{it['res'].get('rule')} η={it['res'].get('lr')}")
         ax.set_xlabel("step")
         ax.set_ylim(0, 180)
@@ -155,18 +168,14 @@ def plot_eigs(items, out: Path, written: list) -> None:
     n = len(items)
     cols = min(n, 5)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows + 0.4), squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, it in zip(axes.flat, items):
-        W = torch.load(it["dir"] / "weights.pt", map_location="cpu")["W"].double()
-        lam = torch.linalg.eigvals(W)
-        ax.scatter(lam.real.numpy(), lam.imag.numpy(), s=4, alpha=0.7)
-        ax.axvline(1.0, color="tab:red", ls="--", lw=1)
+        W = torch.load(it["dir"] / "weights.pt", map_location="cpu")["W"]
+        _eig_panel(ax, W, continuous=it["res"].get("dynamics") != "discrete", s=4)
         ax.set_title(f"{it['res'].get('rule')} η={it['res'].get('lr')}", fontsize=9)
-        ax.set_xlabel("Re λ(W)")
-        ax.set_ylabel("Im λ(W)")
-    fig.suptitle("eigenvalues of the final W (dashed: Re λ = 1)")
+    fig.suptitle("eigenvalues of the final W" if n > 1 else "eig(final W)")
     fig.tight_layout()
     _save(fig, out, "eig_W", written)
 

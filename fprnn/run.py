@@ -143,7 +143,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results: dict[str, Any] = {"status": "failed", "rule": cfg.rule.name, "lr": cfg.lr,
-                               "solver": cfg.solver.name, "seed": cfg.seed, "run_dir": str(run_dir)}
+                               "solver": cfg.solver.name, "dynamics": cfg.model.get("dynamics"),
+                               "seed": cfg.seed, "run_dir": str(run_dir)}
     module = trainer = data = None
     error = None
     try:

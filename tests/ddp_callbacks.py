@@ -27,3 +27,30 @@ class SignalAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.sig)
+
+
+class KillAt(pl.Callback):
+    """SIGKILL — which no handler can catch — right after a given step or, with
+    ``during_write``, halfway through writing the first checkpoint at or after it."""
+
+    def __init__(self, step: int = 5, during_write: bool = False):
+        self.step, self.during_write = step, during_write
+
+    def setup(self, trainer, pl_module, stage):
+        if not self.during_write:
+            return
+        io = trainer.strategy.checkpoint_io
+        write = io._write
+
+        def cut(fh, data):
+            if trainer.global_step >= self.step:
+                fh.write(bytes(data[: len(data) // 2]))
+                fh.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            write(fh, data)
+
+        io._write = cut
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.during_write and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

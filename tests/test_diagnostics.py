@@ -111,3 +111,34 @@ def test_figures_for_a_run_and_for_a_sweep(tmp_path, mnist_dir):
     bad = subprocess.run([sys.executable, "-m", "fprnn.figures", str(tmp_path / "nothing")], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "no run under" in bad.stderr
+
+
+def test_figure_titles_fit_and_coinciding_lines_stay_distinguishable(tmp_path, mnist_dir, monkeypatch):
+    """Every figure drawn: each title's text box lies inside the canvas; in the angle panels no
+    two lines share a style (on the linear task θ12, θ13, θ14 coincide)."""
+    import fprnn.figures as figures
+    train(make_cfg([*QUICK_MNIST, "callbacks.angles.every_n_steps=1", "callbacks.stability.every_n_steps=2"],
+                   tmp_path / "mnist", mnist_dir))
+    train(make_cfg(["experiment=paper_linear", "progress_bar=false", "logger=csv", "rule=w2", "lr=0.3",
+                    "trainer.max_steps=12", "callbacks.angles.every_n_steps=2"], tmp_path / "linear"))
+    drawn = {}
+    save = figures._save
+
+    def check(fig, out, name, written):
+        fig.canvas.draw()
+        r, box = fig.canvas.get_renderer(), fig.bbox
+        titles = [t for t in [fig._suptitle, *(ax.title for ax in fig.axes)] if t is not None and t.get_text()]
+        assert titles, name
+        for t in titles:
+            bb = t.get_window_extent(r)
+            assert box.x0 <= bb.x0 and bb.x1 <= box.x1 and box.y0 <= bb.y0 and bb.y1 <= box.y1, (name, t.get_text())
+        drawn[name] = [[(ln.get_linestyle(), ln.get_marker()) for ln in ax.get_lines() if
+                        ln.get_label().startswith("θ")] for ax in fig.axes]
+        save(fig, out, name, written)
+
+    monkeypatch.setattr(figures, "_save", check)
+    for run in ("mnist", "linear"):
+        figures.make_figures(tmp_path / run)
+    assert {"loss", "accuracy", "stability", "stability_W", "angles", "eig_W"} <= set(drawn)
+    styles = drawn["angles"][0]
+    assert len(styles) == 6 and len(set(styles)) == 6        # θ12 … θ34, each its own style

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fprnn import vision
+from fprnn import rules, vision
 from fprnn.data import VisionDataModule
 from fprnn.run import build, train
 
@@ -109,3 +109,45 @@ def test_missing_mnist_says_where_and_leaves_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
         VisionDataModule(root=str(root), download=True).prepare_data()   # no network here
     assert not root.exists() or not any(root.rglob("*"))
+
+
+def test_w1_adjoint_converges_in_float32():
+    """Its default tolerance follows the dtype: a fixed 1e-8 is below float32's rounding."""
+    from test_rules import instance, rel
+    W, r, gain, D = instance(60, 16, sigma=0.9)
+    exact = rules.w1(W, r, gain, D, 0.2, method="exact")
+    dW, info = rules.w1(W.float(), r.float(), gain.float(), D.float(), 0.2, method="adjoint", return_info=True)
+    assert info["converged"] and rel(dW.double(), exact) < 1e-5
+    dW64, info = rules.w1(W, r, gain, D, 0.2, method="adjoint", return_info=True)
+    assert info["converged"] and rel(dW64, exact) < 1e-12
+
+
+def test_run_that_skipped_its_steps_reports_no_progress(tmp_path, mnist_dir, capfd):
+    # σ_W = 1.5: the fixed points do not converge at the start, so every step is skipped
+    over = [*QUICK_MNIST, "model.sigma_W=1.5", "solver.kwargs.max_iter=30"]
+    res = train(make_cfg(over, tmp_path, mnist_dir))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == res["status"] == "no_progress"
+    assert saved["skipped_steps"] == saved["attempted_steps"] == 4 and saved["steps"] == 0
+    assert "not converged" in saved["fault_log"][0]
+    err = capfd.readouterr().err
+    assert "status 'no_progress': 4 of 4 steps skipped" in err and "not converged" in err
+    with pytest.raises(ValueError, match=r"max_skipped must be a fraction in \[0, 1\), got 1.5"):
+        train(make_cfg([*QUICK_MNIST, "fault.max_skipped=1.5"], tmp_path / "b", mnist_dir))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("lr=abc", "lr must be a positive finite number, got 'abc'"),
+    ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path=/nonexistent/last.ckpt: no such checkpoint file"),
+    ("data.root=/nonexistent", "MNIST not found and downloads are off"),
+])
+def test_user_errors_print_one_line_without_a_traceback(tmp_path, override, message):
+    cmd = [sys.executable, str(ROOT / "train.py"), "logger=none", "progress_bar=false", "data.download=false",
+           f"hydra.run.dir={tmp_path}", override]
+    env = dict(os.environ, WANDB_MODE="offline")
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    full = subprocess.run(cmd, cwd=ROOT, env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert full.returncode == 1 and "Traceback" in full.stderr and message in full.stderr
