@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from . import rules
+from .module import resolve_rule_kwargs
 
 
 def _every(trainer, k: int) -> bool:
@@ -129,8 +130,8 @@ class AngleMonitor(pl.Callback):
         step = getattr(pl_module, "last_step", None)
         if not step or step.get("skipped"):
             return
-        if not (_every(trainer, self.every) or trainer.global_step == 1):   # and the first step
-            return
+        if self.every <= 0 or not (_every(trainer, self.every) or trainer.global_step == 1):
+            return      # every k steps and the first step; every_n_steps=0 turns the monitor off
         fp, W = step["fp"], step["W"]
         keep = fp.solution.converged if fp.solution.tol is not None else None
         r, gain, delta = fp.r, fp.gain, step["delta"]
@@ -138,7 +139,9 @@ class AngleMonitor(pl.Callback):
             r, gain, delta = r[keep], gain[keep], delta[keep]
         dWs = {}
         for name in self.rules:
-            kw = {"shared_gain": bool(pl_module.model.act.is_identity)} if name == "w2" else {}
+            # the training rule with its configured options; the others with their defaults
+            kw = (pl_module.rule_kwargs if name == pl_module.rule_name
+                  else resolve_rule_kwargs(name, None, pl_module.model))
             dW, info = rules.RULES[name](W, r, gain, delta, pl_module.lr, return_info=True, **kw)
             if not info.get("out_of_domain") and torch.isfinite(dW).all():
                 dWs[name] = dW

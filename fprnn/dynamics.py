@@ -45,10 +45,6 @@ class Dynamics:
         """Firing rates r from the state u."""
         return act.f(u) if self.state_is_voltage else u
 
-    def state_from_rate(self, r: Tensor, W: Tensor, x: Tensor) -> Tensor:
-        """The state that corresponds to rates r (at a fixed point v = z = W r + x)."""
-        return r @ W.T + x if self.state_is_voltage else r
-
     def euler_dt(self, dt: float) -> float:
         """Step size of one simulated step: dt/τ for continuous time, 1 for the discrete map."""
         return dt if self.continuous else 1.0

@@ -108,10 +108,14 @@ class FixedPointRNN(nn.Module):
         g = self.dyn.state_map(W, x, self.act)
         if u0 is None:
             u0 = torch.zeros_like(x)
+        return solvers.SOLVERS[self.solver_name](g, u0, **self._solver_options())
+
+    def _solver_options(self) -> dict:
+        """The solver's options, with Euler's dt as this dynamics' step (1 for the discrete map)."""
         kw = dict(self.solver_kwargs)
         if self.solver_name == "euler":
             kw["dt"] = self.dyn.euler_dt(kw.get("dt", 0.01))
-        return solvers.SOLVERS[self.solver_name](g, u0, **kw)
+        return kw
 
     @torch.no_grad()
     def fixed_point(self, x: Tensor, u0: Tensor | None = None, W: Tensor | None = None) -> FixedPoint:
@@ -141,14 +145,15 @@ class FixedPointRNN(nn.Module):
     def unrolled(self, x: Tensor) -> Tensor:
         """Rates with an autograd graph through the solver's iterations, for ``rule=bptt``.
 
-        With ``solver=euler`` this is the forward pass itself (e.g. 500 Euler steps from 0),
-        unrolled in full. Otherwise the fixed point is solved without a graph and
-        ``bptt_steps`` damped steps (``bptt_damping``) are unrolled from it (truncated BPTT)."""
+        With ``solver=euler`` all ``steps`` Euler steps from 0 are unrolled (e.g. 500): the forward
+        pass itself under the paper's protocol (``euler_paper``, no tolerance); with a tolerance
+        the forward pass stops each sample early, the unrolled one does not. Otherwise the fixed
+        point is solved without a graph and ``bptt_steps`` damped steps (``bptt_damping``) are
+        unrolled from it (truncated BPTT)."""
         if self.solver_name == "euler":
-            kw = self.solver_kwargs
-            dt, steps = self.dyn.euler_dt(kw.get("dt", 0.01)), int(kw.get("steps", 500))
+            kw = self._solver_options()
+            damping, steps = kw["dt"], int(kw.get("steps", 500))
             u = torch.zeros_like(x)
-            damping = dt
         else:
             u = self.fixed_point(x).solution.u
             steps, damping = self.bptt_steps, self.bptt_damping

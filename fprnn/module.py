@@ -37,6 +37,15 @@ def loss_and_grad(task: str, model: FixedPointRNN, r: Tensor, y: Tensor) -> tupl
     return losses, (err @ model.W_out if model.W_out is not None else err), out
 
 
+def resolve_rule_kwargs(rule: str, kwargs: dict | None, model: FixedPointRNN) -> dict:
+    """A rule's options as configured, with w2's ``shared_gain="auto"`` (its default) decided by
+    the model: the linear model's w2 is the batch form of eq 3.8, a nonlinear one is per sample."""
+    kw = dict(kwargs or {})
+    if rule == "w2" and kw.get("shared_gain", "auto") == "auto":
+        kw["shared_gain"] = bool(model.act.is_identity)
+    return kw
+
+
 class FixedPointModule(pl.LightningModule):
     """Trains ``model.W`` on fixed points with a rule from :mod:`fprnn.rules` (or ``bptt``).
 
@@ -75,10 +84,7 @@ class FixedPointModule(pl.LightningModule):
             raise ValueError("classification needs a read-out: set model.n_out to the number of classes")
         self.automatic_optimization = False
         self.model, self.rule_name, self.lr, self.task = model, rule, float(lr), task
-        self.rule_kwargs = dict(rule_kwargs or {})
-        if self.rule_kwargs.get("shared_gain") == "auto":
-            # the linear model's w2 is the batch form of eq 3.8; a nonlinear one is per sample
-            self.rule_kwargs["shared_gain"] = bool(model.act.is_identity)
+        self.rule_kwargs = resolve_rule_kwargs(rule, rule_kwargs, model)
         self.rule = None if rule == "bptt" else rules.get_rule(rule)
         self.optimizer_factory = optimizer
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
@@ -92,7 +98,7 @@ class FixedPointModule(pl.LightningModule):
             if task == "classification":
                 setattr(self, f"{split}_acc", torchmetrics.Accuracy("multiclass", num_classes=model.n_out))
         # run bookkeeping (saved in checkpoints, so a resumed run reports the whole run)
-        self.faults = self.consecutive_faults = self.skipped = 0
+        self.faults = self.consecutive_faults = 0     # a fault skips its step: faults = skipped steps
         self.status = "running"
         self.fault_log: list[str] = []
         self.step_ms: list[float] = []
@@ -109,7 +115,6 @@ class FixedPointModule(pl.LightningModule):
     def _fault(self, what: str) -> None:
         self.faults += 1
         self.consecutive_faults += 1
-        self.skipped += 1
         self.fault_log.append(f"step {self.global_step}: {what}")
         self.log("train/faults", float(self.faults), on_step=True)
         if self.on_fault == "stop" or self.consecutive_faults >= self.max_faults:
@@ -299,11 +304,11 @@ class FixedPointModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         attempted = len(self.step_ms)
-        if self.status == "running" and attempted and self.skipped > self.max_skipped * attempted:
+        if self.status == "running" and attempted and self.faults > self.max_skipped * attempted:
             self.status = "no_progress"
 
     # -- checkpoint state -------------------------------------------------------------
-    _STATE = ("faults", "consecutive_faults", "skipped", "status", "fault_log", "step_ms", "iters_sum")
+    _STATE = ("faults", "consecutive_faults", "status", "fault_log", "step_ms", "iters_sum")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["fprnn"] = {k: getattr(self, k) for k in self._STATE}
@@ -317,4 +322,4 @@ class FixedPointModule(pl.LightningModule):
         return {"step_ms_median": statistics.median(self.step_ms) if self.step_ms else None,
                 "solver_iters_mean": self.iters_sum / n, "faults": self.faults,
                 "attempted_steps": len(self.step_ms),
-                "skipped_steps": self.skipped, "fault_log": self.fault_log[-20:]}
+                "fault_log": self.fault_log[-20:]}

@@ -49,7 +49,7 @@ def _out(dW: Tensor, info: dict, return_info: bool):
     return (dW, info) if return_info else dW
 
 
-# --- the factors of the reparameterized rules (../shared/notes/rules.md) -------------------
+# --- the factors of the reparameterized rules (derived in docs/rules.md) -------------------
 
 def factors(W: Tensor, r: Tensor, gain: Tensor, grad_r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Rows of a_i = (I − W G_i) G_i δ_i, c_i = (I − G_i W) r_i and b_i = (I − G_i W)ᵀ c_i,

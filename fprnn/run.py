@@ -236,8 +236,8 @@ def _report(results: dict) -> None:
     if results.get("status") in ("finished", "interrupted", None):
         return
     import sys
-    lines = [f"fprnn: the run ended with status {results['status']!r}: {results.get('skipped_steps', 0)} "
-             f"of {results.get('attempted_steps', '?')} steps skipped ({results.get('faults', 0)} faults)."]
+    lines = [f"fprnn: the run ended with status {results['status']!r}: {results.get('faults', 0)} of "
+             f"{results.get('attempted_steps', '?')} steps skipped as faults."]
     lines += [f"  {f}" for f in (results.get("fault_log") or [])[-5:]]
     if results.get("error"):
         lines.append(f"  error: {results['error']}")

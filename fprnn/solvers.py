@@ -150,10 +150,10 @@ def iterate(g: StateMap, u0: Tensor, *, tol: float | None = 1e-5, max_iter: int 
     _check_positive("max_iter", max_iter, integer=True)
     if not (isinstance(damping, (int, float)) and 0 < damping <= 1):
         raise ValueError(f"damping must be in (0, 1], got {damping!r}")
-    return _iterate(g, u0, tol, int(max_iter), float(damping), "iterate", evals=True).solution("iterate")
+    return _iterate(g, u0, tol, int(max_iter), float(damping), evals=True).solution("iterate")
 
 
-def _iterate(g, u0, tol, n, damping, name, evals, stall: float = 0.0, window: int = 5):
+def _iterate(g, u0, tol, n, damping, evals, stall: float = 0.0, window: int = 5):
     """Damped iteration; with ``stall`` > 0, every ``window`` steps a sample whose residual has
     not shrunk by that factor since the last check leaves the loop (flagged in ``t.stalled``)."""
     t = _Tracker(u0, tol)
@@ -194,7 +194,7 @@ def euler(g: StateMap, u0: Tensor, *, dt: float = 0.01, steps: int = 500,
     _check_positive("tol", tol, allow_none=True)
     if dt > 1:
         raise ValueError(f"dt (= dt/τ) must be ≤ 1, got {dt!r}")
-    return _iterate(g, u0, tol, int(steps), float(dt), "euler", evals=False).solution("euler")
+    return _iterate(g, u0, tol, int(steps), float(dt), evals=False).solution("euler")
 
 
 def anderson(g: StateMap, u0: Tensor, *, tol: float = 1e-5, max_iter: int = 200,
@@ -226,7 +226,7 @@ def anderson(g: StateMap, u0: Tensor, *, tol: float = 1e-5, max_iter: int = 200,
     memory, max_iter = int(memory), int(max_iter)
     if mix_above == 0:
         return _anderson(g, u0, tol, max_iter, memory, damping, ridge).solution("anderson")
-    t = _iterate(g, u0, tol, max_iter, float(damping), "anderson", evals=True,
+    t = _iterate(g, u0, tol, max_iter, float(damping), evals=True,
                  stall=float(mix_above), window=memory)
     if bool(t.stalled.any()):
         idx = t.stalled.nonzero().squeeze(1)

@@ -47,7 +47,7 @@ PRESETS: dict[str, dict] = {
                  "doc": "MNIST, w4 (the authors' code)"},
 }
 # max_re_eig, frac_stable: per-sample, at the final W; peak_*: the largest seen during training,
-# per sample and of eig(W) itself (the authors' check, a proxy: see ../shared/notes/rules.md)
+# per sample and of eig(W) itself (the authors' check, a proxy: see docs/rules.md)
 COLUMNS = ["rule", "lr", "status", "loss_W", "train_loss", "test_loss", "test_acc", "max_re_eig",
            "frac_stable", "peak_max_re_eig", "peak_max_re_eig_W", "wall_s"]
 DONE = ("finished", "diverged")
@@ -100,7 +100,7 @@ def merge(overrides: list[str]) -> list[str]:
     return list(out.values())
 
 
-def default_out(preset: str, rules, lrs, overrides: list[str]) -> Path:
+def default_out(preset: str, rules, overrides: list[str]) -> Path:
     extra = [o for o in overrides if o not in PRESETS.get(preset, {}).get("base", [])]
     # '=' and ',' would break Hydra's override grammar in hydra.run.dir
     tag = "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", o).strip("_") for o in extra)[:80]
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.jobs < 1:
         raise SystemExit(f"--jobs must be ≥ 1, got {a.jobs}")
     preset, rules, lrs, overrides = parse(a.words)
-    out = (a.out or default_out(preset, rules, lrs, overrides)).resolve()
+    out = (a.out or default_out(preset, rules, overrides)).resolve()
     group = out.name
     wandb_group = not any(o.startswith(("logger=", "~logger")) for o in overrides)
     points = [Point(r, lr, overrides, out / f"{r}_lr{lr}") for r in rules for lr in lrs]

@@ -54,3 +54,16 @@ class KillAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not self.during_write and trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class NaNOnRank(pl.Callback):
+    """Puts a NaN into one rank's batch once, at the given step (a skipped step leaves the step
+    count where it was, so the next batch must stay clean)."""
+
+    def __init__(self, rank: int = 1, step: int = 2):
+        self.rank, self.step, self.done = rank, step, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step and not self.done:
+            batch[0][0, 0] = float("nan")
+            self.done = True

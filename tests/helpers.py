@@ -28,11 +28,21 @@ QUICK_MNIST = ["progress_bar=false", "logger=csv", "data.train_subset=1024", "da
 def wandb_offline_records(run_dir):
     """The protobuf records of the one offline W&B run under ``run_dir/wandb``: the .wandb file is
     a LevelDB-style log (a 7-byte header, then 32 KiB blocks of chunks with 7-byte headers)."""
-    import struct
+    import time
 
     from wandb.proto import wandb_internal_pb2 as pb
     (path,) = list(Path(run_dir).glob("wandb/offline-run-*/*.wandb"))
-    b, block, pos, cur, records = path.read_bytes(), 32768, 7, b"", []
+    for _ in range(60):    # W&B's service may still be writing the run's last records
+        records = _read_records(path.read_bytes(), pb)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.5)
+    return records
+
+
+def _read_records(b: bytes, pb) -> list:
+    import struct
+    block, pos, cur, records = 32768, 7, b"", []
     while pos + 7 <= len(b):
         if block - pos % block < 7:              # a block's tail too short for a header is padding
             pos += block - pos % block
@@ -49,18 +59,28 @@ def wandb_offline_records(run_dir):
     return records
 
 
-def wandb_offline_config(run_dir) -> dict:
+def _items(items) -> dict:
+    """A dict from W&B's (key or nested key, JSON value) items."""
     import json
+    out: dict = {}
+    for item in items:
+        path = [item.key] if item.key else list(item.nested_key)
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = json.loads(item.value_json)
+    return out
+
+
+def wandb_offline_config(run_dir) -> dict:
     conf = {}
     for rec in wandb_offline_records(run_dir):
         kind = rec.WhichOneof("record_type")
-        items = rec.config.update if kind == "config" else rec.run.config.update if kind == "run" else []
-        for item in items:
-            conf[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        if kind in ("config", "run"):
+            conf.update(_items(rec.config.update if kind == "config" else rec.run.config.update))
     return conf
 
 
 def wandb_offline_history(run_dir) -> list[dict]:
-    import json
-    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
-            for rec in wandb_offline_records(run_dir) if rec.WhichOneof("record_type") == "history"]
+    return [_items(rec.history.item) for rec in wandb_offline_records(run_dir)
+            if rec.WhichOneof("record_type") == "history"]

@@ -121,7 +121,7 @@ def test_figure_titles_fit_and_coinciding_lines_stay_distinguishable(tmp_path, m
                    tmp_path / "mnist", mnist_dir))
     train(make_cfg(["experiment=paper_linear", "progress_bar=false", "logger=csv", "rule=w2", "lr=0.3",
                     "trainer.max_steps=12", "callbacks.angles.every_n_steps=2"], tmp_path / "linear"))
-    drawn = {}
+    drawn, curves = {}, {}
     save = figures._save
 
     def check(fig, out, name, written):
@@ -134,6 +134,8 @@ def test_figure_titles_fit_and_coinciding_lines_stay_distinguishable(tmp_path, m
             assert box.x0 <= bb.x0 and bb.x1 <= box.x1 and box.y0 <= bb.y0 and bb.y1 <= box.y1, (name, t.get_text())
         drawn[name] = [[(ln.get_linestyle(), ln.get_marker()) for ln in ax.get_lines() if
                         ln.get_label().startswith("θ")] for ax in fig.axes]
+        curves.setdefault(name, []).append([(ln.get_label(), list(ln.get_xdata()), list(ln.get_ydata()))
+                                            for ax in fig.axes for ln in ax.get_lines()])
         save(fig, out, name, written)
 
     monkeypatch.setattr(figures, "_save", check)
@@ -142,3 +144,9 @@ def test_figure_titles_fit_and_coinciding_lines_stay_distinguishable(tmp_path, m
     assert {"loss", "accuracy", "stability", "stability_W", "angles", "eig_W"} <= set(drawn)
     styles = drawn["angles"][0]
     assert len(styles) == 6 and len(set(styles)) == 6        # θ12 … θ34, each its own style
+    # what is drawn is what the run logged: the MNIST run's loss curve is its CSV's train/loss_step
+    import csv
+    rows = [r for r in csv.DictReader(open(tmp_path / "mnist" / "csv" / "metrics.csv")) if r.get("train/loss_step")]
+    (label, xs, ys), = [c for c in curves["loss"][0] if c[0].startswith("η=")]
+    assert xs == [int(float(r["step"])) for r in rows]
+    assert ys == pytest.approx([float(r["train/loss_step"]) for r in rows], rel=1e-12)

@@ -31,10 +31,12 @@ def first_batch_step(cfg, run_dir):
     return W0, fp, delta, step
 
 
-@pytest.mark.parametrize("rule", ["w1", "w2", "w3", "w4"])
-def test_one_module_step_equals_the_core_rule(tmp_path, mnist_dir, rule):
+@pytest.mark.parametrize("rule,dynamics", [("w1", "rate"), ("w2", "rate"), ("w3", "rate"), ("w4", "rate"),
+                                           ("w3", "voltage"), ("w1", "voltage")])
+def test_one_module_step_equals_the_core_rule(tmp_path, mnist_dir, rule, dynamics):
     cfg = make_cfg([*QUICK_MNIST, *F64, f"rule={rule}", "lr=0.05", "data.shuffle=false",
-                    "trainer.max_steps=1", "trainer.limit_val_batches=0"], tmp_path, mnist_dir)
+                    f"model.dynamics={dynamics}", "trainer.max_steps=1", "trainer.limit_val_batches=0"],
+                   tmp_path, mnist_dir)
     W0, fp, delta, step = first_batch_step(cfg, tmp_path)
     expected = rules.RULES[rule](W0, fp.r, fp.gain, delta, 0.05)
     got = step()
@@ -49,6 +51,27 @@ def test_bptt_step_is_autograd_through_the_unrolled_solver(tmp_path, mnist_dir):
     w1 = rules.w1(W0, fp.r, fp.gain, delta, 0.1)          # truncated BPTT → the exact gradient
     got = step()
     assert float((got - w1).norm() / w1.norm()) < 1e-6
+
+
+def test_bptt_under_euler_is_autograd_through_the_euler_forward_pass(tmp_path, mnist_dir):
+    """rule=bptt with solver=euler: the gradient flows through every Euler step from 0 (checked
+    against a hand-written loop, so a W detached inside the unrolled pass fails here)."""
+    cfg = make_cfg([*QUICK_MNIST, *F64, "rule=bptt", "lr=0.1", "data.shuffle=false", "solver=euler",
+                    "solver.kwargs.steps=60", "solver.kwargs.dt=0.2", "solver.kwargs.tol=null",
+                    "trainer.max_steps=1", "trainer.limit_val_batches=0"], tmp_path, mnist_dir)
+    data, model, module, trainer = build(cfg, tmp_path)
+    data.setup()
+    p, y = data.train_set.tensors[0][:256].double(), data.train_set.tensors[1][:256]
+    W = model.W.detach().clone().requires_grad_(True)
+    x, r = model.input(p), torch.zeros(256, 300, dtype=torch.float64)
+    for _ in range(60):
+        r = r + 0.2 * (torch.tanh(r @ W.T + x) - r)
+    loss = torch.nn.functional.cross_entropy(r @ model.W_out.T, y)
+    expected = -0.1 * torch.autograd.grad(loss, W)[0]
+    W0 = model.W.detach().clone()
+    trainer.fit(module, datamodule=data)
+    got = model.W.detach() - W0
+    assert module.faults == 0 and float((got - expected).norm() / expected.norm()) < 1e-10
 
 
 def test_checkpoint_resume_continues_to_the_identical_W(tmp_path, mnist_dir):
@@ -70,17 +93,25 @@ RESULT_KEYS = {"status", "rule", "lr", "task", "solver", "steps", "wall_s", "ste
 
 
 def test_results_json_and_weights_for_mnist(tmp_path, mnist_dir):
-    res = train(make_cfg([*QUICK_MNIST, "rule=w3", "lr=0.25"], tmp_path, mnist_dir))
+    cfg = make_cfg([*QUICK_MNIST, "rule=w3", "lr=0.25"], tmp_path, mnist_dir)
+    train(cfg)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert RESULT_KEYS <= set(saved)
     assert saved["status"] == "finished" and saved["task"] == "classification" and saved["steps"] == 4
-    assert 0.1 < saved["test_acc"] <= 1 and saved["frac_stable"] == 1.0 and saved["max_re_eig"] < 1
+    assert saved["frac_stable"] == 1.0 and saved["max_re_eig"] < 1
     assert saved["solver_max_residual"] <= 1e-5
     w = torch.load(tmp_path / "weights.pt")
     assert w["W"].shape == (300, 300) and w["W_in"].shape == (300, 784) and w["W_out"].shape == (10, 300)
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     assert (tmp_path / "csv" / "metrics.csv").read_text().count("\n") > 4
-    assert res["test_acc"] == saved["test_acc"]
+    # test_acc against the saved weights, evaluated independently on the same 500 test images
+    data, model, *_ = build(cfg, tmp_path / "again")
+    data.setup()
+    with torch.no_grad():
+        model.W.copy_(w["W"])
+    x, y = data.test_set.tensors
+    acc = float((model(x).argmax(1) == y).double().mean())
+    assert saved["test_acc"] == pytest.approx(acc, abs=1e-6) and acc > 0.3   # 4 steps; chance is 0.1
 
 
 def test_linear_task_learns_and_reports_loss_W(tmp_path):
@@ -93,18 +124,6 @@ def test_linear_task_learns_and_reports_loss_W(tmp_path):
     W0 = build(cfg, tmp_path / "again")[1].W.detach()
     assert res["loss_W"] < 0.05 * data.loss(W0)
     assert res["loss_W_star"] < 1e-20 and res["task"] == "regression" and "test_acc" in res
-
-
-def test_offline_wandb_run_holds_the_metrics(tmp_path, mnist_dir, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    over = [o for o in QUICK_MNIST if not o.startswith("logger=")]
-    train(make_cfg([*over, "data.train_subset=512"], tmp_path, mnist_dir))
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    blob = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
-    for key in (b"train/loss", b"solver/iters", b"val/acc", b"test/acc"):
-        assert key in blob, key
 
 
 def test_bad_config_values_give_clear_errors(tmp_path, mnist_dir):
