@@ -5,10 +5,12 @@ defence is to have saved recently: :class:`RunCheckpoint` writes ``last.ckpt`` e
 ``every_n_steps`` optimizer steps, at each epoch end, and on Ctrl-C, SIGTERM or an error.
 Every file of a run (checkpoints through :class:`AtomicCheckpointIO`, ``results.json`` and
 ``weights.pt`` through :func:`atomic_write`) goes to a temporary file in the same folder that is
-then renamed over the old one: a kill during a write leaves the previous file whole.
+then renamed over the old one: a kill during a write leaves the previous file whole. A resumed
+run keeps its CSV history (:class:`ResumableCSVLogger`).
 """
 from __future__ import annotations
 
+import csv
 import io
 import os
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.loggers import CSVLogger
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
@@ -73,13 +76,31 @@ class RunCheckpoint(pl.Callback):
         self.saved_at: int | None = None
 
     def save(self, trainer: pl.Trainer) -> None:
+        for lg in trainer.loggers:      # the logs up to this point survive a kill with the checkpoint
+            lg.save()
         trainer.save_checkpoint(self.path)
         self.saved_at = trainer.global_step
+
+    # Lightning logs at the count of batches done (epoch_loop._batches_that_stepped), and on a
+    # restart adds one to the saved count, assuming the save was made in on_train_batch_end. Ours
+    # are made between batches, where the count is already complete, so a resumed run would log
+    # every later row one step late. The count is saved as it was and put back before the first
+    # batch of the resumed run.
+    log_step: int | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["fprnn_log_step"] = trainer.fit_loop.epoch_loop._batches_that_stepped
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        self.log_step = checkpoint.get("fprnn_log_step")
 
     def on_train_start(self, trainer, pl_module):
         self.saved_at = trainer.global_step    # a resumed run starts from a saved step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.log_step is not None:
+            trainer.fit_loop.epoch_loop._batches_that_stepped = self.log_step
+            self.log_step = None
         step = trainer.global_step
         if self.every and step % self.every == 0 and step != self.saved_at:
             self.save(trainer)
@@ -91,13 +112,15 @@ class RunCheckpoint(pl.Callback):
         self.save(trainer)
 
 
-def check_checkpoint(path, model) -> None:
-    """The checkpoint must exist, be readable and hold a network of this model's shape."""
+def check_checkpoint(path, model) -> int:
+    """The checkpoint must exist, be readable and hold a network of this model's shape; returns
+    the step it was saved at."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=False).get("state_dict", {})
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        state = ckpt.get("state_dict", {})
     except Exception as e:
         raise ValueError(f"ckpt_path={path} cannot be read ({type(e).__name__}: {str(e)[:120]}); it is "
                          f"damaged or not a checkpoint") from None
@@ -112,3 +135,38 @@ def check_checkpoint(path, model) -> None:
             raise ValueError(f"ckpt_path={path}: its {name} has shape "
                              f"{None if saved is None else tuple(saved.shape)}, the model's "
                              f"{None if mine is None else tuple(mine.shape)}")
+    return int(ckpt.get("global_step", 0))
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a resumed run keeps the rows logged before its cut.
+
+    Lightning's deletes ``metrics.csv`` when its folder is not empty, so a run resumed in its
+    own directory would lose its history up to the checkpoint. :func:`fprnn.run.train` calls
+    :meth:`resume_at` with the checkpoint's step before anything is logged: rows of earlier steps
+    are kept (later ones were logged after the checkpoint and will be logged again)."""
+
+    _kept: tuple[list[str], list[dict]] | None = None
+
+    def resume_at(self, step: int) -> None:
+        path = Path(self.log_dir) / "metrics.csv"
+        if not path.is_file():
+            return
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows = [r for r in reader if r.get("step") not in (None, "") and float(r["step"]) < step]
+            self._kept = (list(reader.fieldnames or []), rows)
+
+    @property
+    def experiment(self):
+        fresh = self._experiment is None
+        exp = CSVLogger.experiment.fget(self)         # creating the writer deletes metrics.csv
+        if fresh and self._kept is not None and hasattr(exp, "metrics_file_path"):
+            keys, rows = self._kept
+            with open(exp.metrics_file_path, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
+            exp.metrics_keys = list(keys)              # later rows are appended under this header
+            self._kept = None
+        return exp

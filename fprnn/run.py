@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import atomic_save, atomic_write_text, check_checkpoint
+from .checkpoint import ResumableCSVLogger, atomic_save, atomic_write_text, check_checkpoint
 
 # W&B is offline unless the user asks for online (an account is then needed).
 OmegaConf.register_new_resolver(
@@ -150,12 +150,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         data, model, module, trainer = build(cfg, run_dir)
         results.update(task=data.task, data=getattr(data, "name", type(data).__name__))
-        log_config(trainer, cfg)
         ckpt = cfg.get("ckpt_path")
         if cfg.get("resume") and not ckpt and (run_dir / "checkpoints" / "last.ckpt").exists():
             ckpt = str(run_dir / "checkpoints" / "last.ckpt")
         if ckpt:
-            check_checkpoint(ckpt, model)
+            step = check_checkpoint(ckpt, model)
+            for lg in trainer.loggers:
+                if isinstance(lg, ResumableCSVLogger):
+                    lg.resume_at(step)
+        log_config(trainer, cfg)
         with _sigint_between_steps(module):
             trainer.fit(module, datamodule=data, ckpt_path=ckpt)
         module.fit_metrics = {k: _finite(v) for k, v in trainer.callback_metrics.items()}

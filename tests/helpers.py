@@ -84,3 +84,10 @@ def wandb_offline_config(run_dir) -> dict:
 def wandb_offline_history(run_dir) -> list[dict]:
     return [_items(rec.history.item) for rec in wandb_offline_records(run_dir)
             if rec.WhichOneof("record_type") == "history"]
+
+
+def loss_rows(run_dir) -> list[tuple[str, str]]:
+    """(step, train/loss_step) of every row of a run's CSV log."""
+    import csv
+    with open(Path(run_dir) / "csv" / "metrics.csv", newline="") as fh:
+        return [(r["step"], r["train/loss_step"]) for r in csv.DictReader(fh) if r.get("train/loss_step")]

@@ -13,7 +13,7 @@ import torch
 
 from fprnn.run import train
 
-from helpers import make_cfg
+from helpers import loss_rows, make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 EVERY = 3
@@ -56,3 +56,6 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_W(tmp_pat
     W_ref = torch.load(tmp_path / "ref" / "weights.pt")["W"]
     W_res = torch.load(run_dir / "weights.pt")["W"]
     assert float((W_res - W_ref).abs().max()) <= 1e-12 * float(W_ref.abs().max())
+    # the training curve survives the kills: the same rows as the uninterrupted run's
+    assert loss_rows(run_dir) == loss_rows(tmp_path / "ref") and len(loss_rows(run_dir)) == STEPS
+

@@ -13,7 +13,7 @@ from fprnn import rules, vision
 from fprnn.data import VisionDataModule
 from fprnn.run import build, train
 
-from helpers import QUICK_MNIST, make_cfg
+from helpers import QUICK_MNIST, loss_rows, make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +39,7 @@ def test_interrupt_then_resume_gives_the_uninterrupted_W(tmp_path, mnist_dir, si
     W_ref = torch.load(tmp_path / "ref" / "weights.pt")["W"]
     W_res = torch.load(run_dir / "weights.pt")["W"]
     assert float((W_res - W_ref).abs().max()) <= 1e-12 * float(W_ref.abs().max())
+    assert loss_rows(run_dir) == loss_rows(tmp_path / "ref")        # the curve before the cut is kept
     # the stability peak seen before the cut (step 3 here) travels in the checkpoint
     assert ref["peak_step"] < 5
     for k in ("peak_max_re_eig", "peak_step", "min_frac_stable", "peak_max_re_eig_W"):
