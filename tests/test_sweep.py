@@ -90,3 +90,13 @@ def test_cluster_launcher_and_optuna_configs_compose():
         cfg = compose(config_name="train", overrides=["hparams_search=lr_optuna"], return_hydra_config=True)
         assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
         assert cfg.hydra.sweeper.params.lr.startswith("tag(log")
+
+
+def test_sweep_points_share_a_wandb_group_and_job_type(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import wandb_offline_records
+    out = tmp_path / "grouped"
+    sweep("rule=w3", "lr=0.5", "experiment=paper_linear", "trainer.max_steps=20", "callbacks=none",
+          "--out", out, "--no-figures", check=0)
+    (run,) = [r.run for r in wandb_offline_records(out / "w3_lr0.5") if r.WhichOneof("record_type") == "run"]
+    assert run.run_group == "grouped" and run.job_type == "sweep"
