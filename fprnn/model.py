@@ -89,6 +89,38 @@ class FixedPointRNN(nn.Module):
         W_out = torch.randn(n_out, N, generator=gen, dtype=torch.float64) / math.sqrt(N) if n_out else None
         self.register_buffer("W_in", None if W_in is None else W_in.to(dt))
         self.register_buffer("W_out", None if W_out is None else W_out.to(dt))
+        # the constructor's arguments, so that a run can be rebuilt (FixedPointRNN.load); None when
+        # the activation or dynamics is an object rather than a name
+        named = isinstance(activation, str) and isinstance(dynamics, str)
+        self.config = dict(N=N, n_in=n_in, n_out=n_out, activation=activation, dynamics=dynamics,
+                           solver=solver, solver_kwargs=dict(self.solver_kwargs), sigma_W=sigma_W,
+                           seed=seed, dtype=str(dt).replace("torch.", ""), bptt_steps=self.bptt_steps,
+                           bptt_damping=self.bptt_damping) if named else None
+
+    @classmethod
+    def load(cls, run_dir, map_location="cpu") -> "FixedPointRNN":
+        """The trained network of a finished run, from ``run_dir/model.json`` (the constructor's
+        arguments) and ``run_dir/weights.pt``: ready to predict (``net(p)``) and to analyse
+        (``fixed_point``, ``stability``)."""
+        import json
+        from pathlib import Path
+        run_dir = Path(run_dir)
+        for f in ("model.json", "weights.pt"):
+            if not (run_dir / f).is_file():
+                raise FileNotFoundError(f"{run_dir / f}: not found; FixedPointRNN.load needs a run "
+                                        f"directory with model.json and weights.pt")
+        net = cls(**json.loads((run_dir / "model.json").read_text()))
+        weights = torch.load(run_dir / "weights.pt", map_location=map_location)
+        with torch.no_grad():
+            for name in ("W", "W_in", "W_out"):
+                mine, saved = getattr(net, name), weights.get(name)
+                if (mine is None) != (saved is None) or (saved is not None and saved.shape != mine.shape):
+                    raise ValueError(f"{run_dir}: weights.pt's {name} has shape "
+                                     f"{None if saved is None else tuple(saved.shape)}, model.json builds "
+                                     f"{None if mine is None else tuple(mine.shape)}")
+                if saved is not None:
+                    mine.copy_(saved)
+        return net
 
     # -- maps ---------------------------------------------------------------------------
     def input(self, p: Tensor) -> Tensor:

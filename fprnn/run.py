@@ -1,7 +1,8 @@
 """One training run from a Hydra config: build, fit, test, and leave results behind.
 
 Writes into the run directory: ``results.json`` (always, also for a diverged or failed run),
-``weights.pt`` (W, W_in, W_out), ``checkpoints/last.ckpt``, CSV logs and the offline W&B run.
+``weights.pt`` (W, W_in, W_out) with ``model.json`` (``FixedPointRNN.load(run_dir)`` rebuilds the
+network), ``checkpoints/last.ckpt``, CSV logs and the offline W&B run.
 """
 from __future__ import annotations
 
@@ -224,6 +225,8 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
         m = module.model
         atomic_save({"W": m.W.detach().cpu(), "W_in": None if m.W_in is None else m.W_in.cpu(),
                      "W_out": None if m.W_out is None else m.W_out.cpu()}, run_dir / "weights.pt")
+        if m.config is not None:
+            atomic_write_text(run_dir / "model.json", json.dumps(m.config, indent=2))
     return out
 
 

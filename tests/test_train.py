@@ -141,3 +141,21 @@ def test_bad_config_values_give_clear_errors(tmp_path, mnist_dir):
         train(make_cfg([*QUICK_MNIST, "data.batch_size=0"], tmp_path / "d", mnist_dir))
     saved = json.loads((tmp_path / "d" / "results.json").read_text())
     assert saved["status"] == "failed" and "batch_size" in saved["error"]
+
+
+def test_a_finished_run_loads_back_in_one_call(tmp_path, mnist_dir):
+    from fprnn.model import FixedPointRNN
+    cfg = make_cfg([*QUICK_MNIST, "rule=w3", "lr=0.25", "model.N=64", "model.activation=softplus"],
+                   tmp_path, mnist_dir)
+    res = train(cfg)
+    net = FixedPointRNN.load(tmp_path)
+    assert (net.N, net.n_in, net.n_out, net.act.name) == (64, 784, 10, "softplus")
+    assert torch.equal(net.W.detach(), torch.load(tmp_path / "weights.pt")["W"])
+    data, *_ = build(cfg, tmp_path / "again")
+    data.setup()
+    x, y = data.test_set.tensors
+    assert float((net(x).argmax(1) == y).double().mean()) == pytest.approx(res["test_acc"], abs=1e-6)
+    assert bool((net.stability(net.fixed_point(net.input(x[:8]))) < 1).all())
+    (tmp_path / "model.json").unlink()
+    with pytest.raises(FileNotFoundError, match="model.json: not found"):
+        FixedPointRNN.load(tmp_path)
