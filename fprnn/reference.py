@@ -57,3 +57,11 @@ def w2_linear_batch(W, X, grad_r, lr):
     (D = grad_r; for MSE D = 2(R − Y) and this is the printed eq 3.8)."""
     I, m = _eye(W), X.shape[0]
     return (I - W) - torch.linalg.inv(torch.linalg.inv(I - W) - (lr / m) * grad_r.T @ X)
+
+
+def jfb(W, r, gain, grad_r, lr):
+    """Jacobian-free: ΔW_i = −η G_i δ_i r_iᵀ."""
+    out = torch.zeros_like(W)
+    for ri, gi, di in zip(r, gain, grad_r):
+        out -= lr * torch.diag(gi) @ torch.outer(di, ri)
+    return out / r.shape[0]

@@ -239,7 +239,15 @@ def angle(dWa: Tensor, dWb: Tensor) -> float:
 
 
 #: name → rule, for configs and the training loop. ``bptt`` lives on the model (autograd).
-RULES: dict[str, Callable] = {"w1": w1, "w2": w2, "w3": w3, "w4": w4}
+def jfb(W, r, gain, grad_r, lr, *, return_info: bool = False):
+    """Jacobian-free backpropagation, the cheap baseline of deep-equilibrium practice: w1 with the
+    implicit factor (I − G_i W)^{−T} dropped, ΔW_i = −η G_i δ_i r_iᵀ. Not a gradient of the loss in
+    general (it is when W = 0), but a descent direction while G_i W is small."""
+    _check(W, r, gain, grad_r, lr)
+    return _out(-(lr / r.shape[0]) * ((gain * grad_r).T @ r), {}, return_info)
+
+
+RULES: dict[str, Callable] = {"w1": w1, "w2": w2, "w3": w3, "w4": w4, "jfb": jfb}
 
 
 def get_rule(name: str) -> Callable:

@@ -34,7 +34,7 @@ SIZES = [(10, 5), (25, 12), (40, 20)]
 
 @pytest.mark.parametrize("N,m", SIZES)
 @pytest.mark.parametrize("zeros", [False, True])
-@pytest.mark.parametrize("name", ["w1", "w3", "w4"])
+@pytest.mark.parametrize("name", ["w1", "w3", "w4", "jfb"])
 def test_rule_matches_per_sample_formula(name, N, m, zeros):
     W, r, gain, D = instance(N, m, zeros)
     got = rules.RULES[name](W, r, gain, D, 0.3)
@@ -155,7 +155,7 @@ def test_rules_reject_bad_input_with_shapes(name):
 
 
 def test_unknown_rule_lists_choices():
-    with pytest.raises(ValueError, match=r"unknown rule 'w9'.*\['w1', 'w2', 'w3', 'w4'\]"):
+    with pytest.raises(ValueError, match=r"unknown rule 'w9'.*\['jfb', 'w1', 'w2', 'w3', 'w4'\]"):
         rules.get_rule("w9")
 
 
@@ -188,3 +188,12 @@ def test_w1_auto_is_exact_and_hands_only_hard_samples_to_lu():
     assert rel(dW, exact) < 1e-12
     dW32 = rules.w1(W.float(), r.float(), gain.float(), D.float(), 0.2)
     assert rel(dW32.double(), exact) < 1e-4
+
+
+def test_jfb_is_w1_without_the_implicit_factor():
+    """At W = 0 the factor (I − G W)^{−T} is I, so jfb is the exact gradient; elsewhere it is not."""
+    _, r, gain, D = instance(20, 8)
+    Z = torch.zeros(20, 20, dtype=D64)
+    assert rel(rules.jfb(Z, r, gain, D, 0.3), rules.w1(Z, r, gain, D, 0.3)) < 1e-14
+    W = instance(20, 8, sigma=0.8)[0]
+    assert rel(rules.jfb(W, r, gain, D, 0.3), rules.w1(W, r, gain, D, 0.3)) > 0.05

@@ -32,7 +32,8 @@ def first_batch_step(cfg, run_dir):
 
 
 @pytest.mark.parametrize("rule,dynamics", [("w1", "rate"), ("w2", "rate"), ("w3", "rate"), ("w4", "rate"),
-                                           ("w3", "voltage"), ("w1", "voltage")])
+                                           ("w3", "voltage"), ("w1", "voltage"),
+                                           ("jfb", "rate")])
 def test_one_module_step_equals_the_core_rule(tmp_path, mnist_dir, rule, dynamics):
     cfg = make_cfg([*QUICK_MNIST, *F64, f"rule={rule}", "lr=0.05", "data.shuffle=false",
                     f"model.dynamics={dynamics}", "trainer.max_steps=1", "trainer.limit_val_batches=0"],
