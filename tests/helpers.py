@@ -32,7 +32,7 @@ def wandb_offline_records(run_dir):
 
     from wandb.proto import wandb_internal_pb2 as pb
     (path,) = list(Path(run_dir).glob("wandb/offline-run-*/*.wandb"))
-    for _ in range(60):    # W&B's service may still be writing the run's last records
+    for _ in range(120):   # W&B's service may still be writing the run's last records
         records = _read_records(path.read_bytes(), pb)
         if any(r.WhichOneof("record_type") == "exit" for r in records):
             break
@@ -48,12 +48,15 @@ def _read_records(b: bytes, pb) -> list:
             pos += block - pos % block
             continue
         _, n, kind = struct.unpack("<IHB", b[pos:pos + 7])
-        if n == 0 and kind == 0:
-            break
+        if (n == 0 and kind == 0) or pos + 7 + n > len(b):
+            break                                 # the end, or a chunk still being written
         cur, pos = cur + b[pos + 7:pos + 7 + n], pos + 7 + n
         if kind in (1, 4):                        # FULL or LAST chunk ends a record
             rec = pb.Record()
-            rec.ParseFromString(cur)
+            try:
+                rec.ParseFromString(cur)
+            except Exception:                     # a record still being written
+                break
             records.append(rec)
             cur = b""
     return records
