@@ -129,12 +129,9 @@ def check_checkpoint(path, model) -> int:
         raise ValueError(f"ckpt_path={path} is not an fprnn checkpoint (no model.W in it)")
     if tuple(W.shape) != tuple(model.W.shape):
         raise ValueError(f"ckpt_path={path} holds a network with N={W.shape[0]}, but model.N={model.N}")
-    for name in ("W_in", "W_out"):
-        saved, mine = state.get(f"model.{name}"), getattr(model, name)
-        if (saved is None) != (mine is None) or (saved is not None and saved.shape != mine.shape):
-            raise ValueError(f"ckpt_path={path}: its {name} has shape "
-                             f"{None if saved is None else tuple(saved.shape)}, the model's "
-                             f"{None if mine is None else tuple(mine.shape)}")
+    wrong = model.shape_mismatch({name: state.get(f"model.{name}") for name in model.WEIGHTS})
+    if wrong:
+        raise ValueError(f"ckpt_path={path} {wrong}")
     return int(ckpt.get("global_step", 0))
 
 

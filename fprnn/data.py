@@ -294,7 +294,8 @@ class ArraysDataModule(TensorData):
     - optional ``X_test`` with ``y_test`` / ``Y_test``; otherwise ``test_size`` of the rows are
       held out as the test set, and ``val_size`` of the rest for validation (both by the seed).
 
-    ``normalize`` standardizes every feature with the training split's mean and std."""
+    ``normalize`` standardizes every feature with the training split's mean and std, kept as
+    ``mean`` and ``std`` to apply to new inputs."""
 
     def __init__(self, path: str, test_size=0.2, normalize: bool = False, n_classes: int | None = None,
                  batch_size: int = 256, val_size=0.1, **split):
@@ -362,48 +363,50 @@ class ArraysDataModule(TensorData):
         if ("y" in raw) == ("Y" in raw):
             raise ValueError(f"{where}: expected exactly one of 'y' (integer labels, classification) or "
                              f"'Y' (real targets, regression), found {sorted(raw)}")
+        target = "y" if "y" in raw else "Y"
         out = {}
         for split in ("", "_test"):
-            if "X" + split not in raw:
-                continue
-            X = raw["X" + split]
-            if X.dim() != 2 or X.shape[0] == 0:
-                raise ValueError(f"{where}: X{split} must be (n, d) with n ≥ 1, got shape {tuple(X.shape)}")
-            if X.is_complex() or X.dtype == torch.bool:
-                raise ValueError(f"{where}: X{split} must be real numbers, got {X.dtype}")
-            if not torch.isfinite(X.double()).all():
-                bad = int((~torch.isfinite(X.double())).any(1).sum())
-                raise ValueError(f"{where}: X{split} has NaN or inf values in {bad} rows")
-            out["X" + split] = X.float()
-            if "y" in raw:
-                y = raw.get("y" + split)
-                if y is None:
-                    continue
-                if y.dim() != 1 or len(y) != len(X):
-                    raise ValueError(f"{where}: y{split} must be ({len(X)},) like X{split}'s rows, got shape "
-                                     f"{tuple(y.shape)}")
-                yd = y.double()
-                if not (torch.isfinite(yd).all() and (yd == yd.round()).all() and (yd >= 0).all()):
-                    raise ValueError(f"{where}: y{split} must hold integer labels in [0, C); found values such "
-                                     f"as {yd[~(torch.isfinite(yd) & (yd == yd.round()) & (yd >= 0))][:3].tolist()}")
-                out["y" + split] = y.long()
-            else:
-                Y = raw.get("Y" + split)
-                if Y is None:
-                    continue
-                if Y.dim() == 1:
-                    Y = Y.unsqueeze(1)
-                if Y.dim() != 2 or len(Y) != len(X):
-                    raise ValueError(f"{where}: Y{split} must be ({len(X)}, k) like X{split}'s rows, got shape "
-                                     f"{tuple(Y.shape)}")
-                if not torch.isfinite(Y.double()).all():
-                    raise ValueError(f"{where}: Y{split} has NaN or inf values")
-                out["Y" + split] = Y.float()
-        if "X_test" in out and out["X_test"].shape[1] != out["X"].shape[1]:
-            raise ValueError(f"{where}: X_test has {out['X_test'].shape[1]} features, X has {out['X'].shape[1]}")
-        if "Y_test" in out and out["Y_test"].shape[1] != out["Y"].shape[1]:
-            raise ValueError(f"{where}: Y_test has {out['Y_test'].shape[1]} targets, Y has {out['Y'].shape[1]}")
+            if "X" + split in raw:
+                X = out["X" + split] = _features(where, "X" + split, raw["X" + split])
+                if target + split in raw:
+                    check = _labels if target == "y" else _targets
+                    out[target + split] = check(where, target + split, raw[target + split], len(X), "X" + split)
+        for name, what in (("X", "features"), ("Y", "targets")):
+            if name + "_test" in out and out[name + "_test"].shape[1] != out[name].shape[1]:
+                raise ValueError(f"{where}: {name}_test has {out[name + '_test'].shape[1]} {what}, "
+                                 f"{name} has {out[name].shape[1]}")
         return out
 
     def setup(self, stage: str | None = None) -> None:
-        pass
+        pass                         # read and split at construction (its sizes are needed early)
+
+
+def _features(where: str, name: str, X: torch.Tensor) -> torch.Tensor:
+    if X.dim() != 2 or X.shape[0] == 0:
+        raise ValueError(f"{where}: {name} must be (n, d) with n ≥ 1, got shape {tuple(X.shape)}")
+    if X.is_complex() or X.dtype == torch.bool:
+        raise ValueError(f"{where}: {name} must be real numbers, got {X.dtype}")
+    bad = int((~torch.isfinite(X.double())).any(1).sum())
+    if bad:
+        raise ValueError(f"{where}: {name} has NaN or inf values in {bad} rows")
+    return X.float()
+
+
+def _labels(where: str, name: str, y: torch.Tensor, n: int, rows: str) -> torch.Tensor:
+    if y.dim() != 1 or len(y) != n:
+        raise ValueError(f"{where}: {name} must be ({n},) like {rows}'s rows, got shape {tuple(y.shape)}")
+    yd = y.double()
+    ok = torch.isfinite(yd) & (yd == yd.round()) & (yd >= 0)
+    if not bool(ok.all()):
+        raise ValueError(f"{where}: {name} must hold integer labels in [0, C); found values such as "
+                         f"{yd[~ok][:3].tolist()}")
+    return y.long()
+
+
+def _targets(where: str, name: str, Y: torch.Tensor, n: int, rows: str) -> torch.Tensor:
+    Y = Y.unsqueeze(1) if Y.dim() == 1 else Y
+    if Y.dim() != 2 or len(Y) != n:
+        raise ValueError(f"{where}: {name} must be ({n}, k) like {rows}'s rows, got shape {tuple(Y.shape)}")
+    if not torch.isfinite(Y.double()).all():
+        raise ValueError(f"{where}: {name} has NaN or inf values")
+    return Y.float()

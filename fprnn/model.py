@@ -111,16 +111,25 @@ class FixedPointRNN(nn.Module):
                                         f"directory with model.json and weights.pt")
         net = cls(**json.loads((run_dir / "model.json").read_text()))
         weights = torch.load(run_dir / "weights.pt", map_location=map_location)
+        wrong = net.shape_mismatch(weights)
+        if wrong:
+            raise ValueError(f"{run_dir}: weights.pt {wrong} (built from model.json)")
         with torch.no_grad():
-            for name in ("W", "W_in", "W_out"):
-                mine, saved = getattr(net, name), weights.get(name)
-                if (mine is None) != (saved is None) or (saved is not None and saved.shape != mine.shape):
-                    raise ValueError(f"{run_dir}: weights.pt's {name} has shape "
-                                     f"{None if saved is None else tuple(saved.shape)}, model.json builds "
-                                     f"{None if mine is None else tuple(mine.shape)}")
-                if saved is not None:
-                    mine.copy_(saved)
+            for name in net.WEIGHTS:
+                if weights[name] is not None:
+                    getattr(net, name).copy_(weights[name])
         return net
+
+    WEIGHTS = ("W", "W_in", "W_out")
+
+    def shape_mismatch(self, weights: dict) -> str | None:
+        """How saved ``weights`` (name → tensor or None) fail to fit this network, or None."""
+        for name in self.WEIGHTS:
+            saved, mine = weights.get(name), getattr(self, name)
+            if (saved is None) != (mine is None) or (saved is not None and saved.shape != mine.shape):
+                return (f"has {name} of shape {None if saved is None else tuple(saved.shape)}, the model "
+                        f"{None if mine is None else tuple(mine.shape)}")
+        return None
 
     # -- maps ---------------------------------------------------------------------------
     def input(self, p: Tensor) -> Tensor:

@@ -238,7 +238,6 @@ def angle(dWa: Tensor, dWb: Tensor) -> float:
     return math.degrees(math.acos(max(-1.0, min(1.0, float(cos)))))
 
 
-#: name → rule, for configs and the training loop. ``bptt`` lives on the model (autograd).
 def jfb(W, r, gain, grad_r, lr, *, return_info: bool = False):
     """Jacobian-free backpropagation, the cheap baseline of deep-equilibrium practice: w1 with the
     implicit factor (I − G_i W)^{−T} dropped, ΔW_i = −η G_i δ_i r_iᵀ. Not a gradient of the loss in
@@ -247,6 +246,7 @@ def jfb(W, r, gain, grad_r, lr, *, return_info: bool = False):
     return _out(-(lr / r.shape[0]) * ((gain * grad_r).T @ r), {}, return_info)
 
 
+#: name → rule, for configs and the training loop. ``bptt`` lives on the model (autograd).
 RULES: dict[str, Callable] = {"w1": w1, "w2": w2, "w3": w3, "w4": w4, "jfb": jfb}
 
 

@@ -223,8 +223,8 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
         out["final_metrics_error"] = f"{type(e).__name__}: {e}"
     if trainer is None or trainer.is_global_zero:
         m = module.model
-        atomic_save({"W": m.W.detach().cpu(), "W_in": None if m.W_in is None else m.W_in.cpu(),
-                     "W_out": None if m.W_out is None else m.W_out.cpu()}, run_dir / "weights.pt")
+        atomic_save({n: None if getattr(m, n) is None else getattr(m, n).detach().cpu() for n in m.WEIGHTS},
+                    run_dir / "weights.pt")
         if m.config is not None:
             atomic_write_text(run_dir / "model.json", json.dumps(m.config, indent=2))
     return out

@@ -1,9 +1,10 @@
 """Image data sets through torchvision (MNIST, Fashion-MNIST, KMNIST, CIFAR-10) as flat tensors.
 
-Each set's raw files are checked before torchvision reads them — magic number, dimensions and
+torchvision reads the raw files; what it returns is checked (shapes, counts, labels), and when
+it fails or returns something wrong the raw files are examined — magic number, dimensions and
 size of the IDX files, shape of the CIFAR pickles — so that a truncated or corrupted download
 ends in an error that names the file and what is wrong, not in a reshape error deep inside
-torchvision.
+torchvision. Good files are read once, by torchvision alone.
 """
 from __future__ import annotations
 
@@ -153,6 +154,7 @@ def _check_cifar_batch(path: Path, spec: VisionSet) -> None:
 
 
 def check_files(spec: VisionSet, root: Path) -> None:
+    """Raise :class:`CorruptDataError` for the first raw file that is not what it should be."""
     raw = root / spec.folder
     if spec.files == _IDX_FILES:
         for split in ("train", "t10k"):
@@ -170,8 +172,8 @@ def _torchvision_class(spec: VisionSet):
         return cls
 
     class CheckedCIFAR10(cls):
-        # the files were checked above (shapes and labels); torchvision's md5 check would also
-        # refuse any copy that is not byte for byte the release, e.g. a re-pickled one
+        # what it reads is checked in `load` (shapes and labels); torchvision's md5 check would
+        # also refuse any copy that is not byte for byte the release, e.g. a re-pickled one
         train_list = [[f, None] for f, _ in cls.train_list]
         test_list = [[f, None] for f, _ in cls.test_list]
         meta = {**cls.meta, "md5": None}
@@ -185,14 +187,20 @@ def load(name: str, root: str | Path, train: bool, download: bool = True, graysc
     split. ``grayscale`` maps colour images to luminance (ITU-R 601, as PIL's "L")."""
     spec = get_set(name)
     root = ensure(spec, root, download)
-    check_files(spec, root)
-    ds = _torchvision_class(spec)(str(root), train=train, download=False)
-    x = torch.as_tensor(ds.data)
-    y = torch.as_tensor(ds.targets).long().clone()
-    if x.dim() == 4:                       # CIFAR: (n, H, W, C) → (n, C, H, W)
-        x = x.permute(0, 3, 1, 2)
-    else:
-        x = x.unsqueeze(1)
+    try:
+        ds = _torchvision_class(spec)(str(root), train=train, download=False)
+        x = torch.as_tensor(ds.data)
+        y = torch.as_tensor(ds.targets).long().clone()
+    except Exception:
+        check_files(spec, root)            # names the damaged file; else torchvision's error stands
+        raise
+    x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x.unsqueeze(1)   # CIFAR: (n, H, W, C); MNIST: (n, H, W)
+    labels_ok = not len(y) or 0 <= int(y.min()) <= int(y.max()) < spec.n_classes
+    if tuple(x.shape[1:]) != spec.shape or len(x) != len(y) or not labels_ok:
+        check_files(spec, root)
+        raise CorruptDataError(root / spec.folder, f"read as {len(x)} images of shape {tuple(x.shape[1:])} with "
+                                                   f"{len(y)} labels, expected shape {spec.shape} and labels in "
+                                                   f"[0, {spec.n_classes})")
     x = x.to(dtype) / 255.0
     if grayscale and x.shape[1] == 3:
         x = (x * torch.tensor([0.299, 0.587, 0.114], dtype=dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)

@@ -251,3 +251,10 @@ def test_wandb_offline_run_config_holds_the_whole_config(tmp_path, mnist_dir, mo
     hparams = yaml.safe_load((tmp_path / "csv" / "hparams.yaml").read_text())
     assert hparams["model"]["N"] == 40 and hparams["data"]["dataset"] == "fashion_mnist"
     assert json.loads((tmp_path / "results.json").read_text())["data"] == "fashion_mnist"
+
+
+def test_val_size_zero_runs_no_validation(tmp_path, mnist_dir):
+    res = train(make_cfg([*QUICK_MNIST, "data.val_size=0", "trainer.max_epochs=2"], tmp_path, mnist_dir))
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert res["validation"] == "none" and res["steps"] == 8 and res["test_acc"] is not None
+    assert not [h for h in header if h.startswith("val/")]
