@@ -6,7 +6,8 @@
    inputs, at W = 0.5 Z/√N and W = 0.95 Z/√N and at W scaled to ρ(W) = 0.95, plus the residual
    the paper's forward pass (Euler, dt/τ 0.01 × 500) leaves;
 3. a w3 MNIST training step with the diagnostics monitors on and off;
-4. (``--only memory``) resident memory along a 2000-step w3 run.
+4. a step with trained read-in and read-out against the paper's fixed ones, per rule;
+5. (``--only memory``) resident memory along a 2000-step w3 run.
 
 Times are medians of interleaved repeats; the machine is shared, so read ratios, not absolutes.
 """
@@ -161,22 +162,53 @@ def _fit_ms_per_step(overrides: list[str], run_dir, warmup: int = 3) -> float:
     return 1e3 * (marks["t1"] - marks["t0"]) / max(marks["s1"] - marks["s0"], 1)
 
 
-def bench_monitors(data_root: str, steps: int, repeats: int) -> str:
-    """A w3 MNIST training step with the default monitors on, against one with them off."""
+def _median_ms(variants: dict[str, list[str]], repeats: int) -> dict[str, float]:
+    """Median ms per training step of each variant (overrides), the variants interleaved so that
+    a slow phase of the machine hits them alike."""
     import tempfile
-    base = ["experiment=paper_mnist", "rule=w3", "lr=0.25", f"data.root={data_root}", "data.download=false",
-            f"data.train_subset={512 * steps}", "trainer.max_epochs=1", "trainer.limit_val_batches=0",
-            "logger=csv", "progress_bar=false"]
-    ts = {"callbacks=none": [], "callbacks=default": []}
+    ts: dict[str, list[float]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats):
-            for k in ts:
-                ts[k].append(_fit_ms_per_step([*base, k], f"{tmp}/{k}{i}"))
-    off, on = statistics.median(ts["callbacks=none"]), statistics.median(ts["callbacks=default"])
+            for j, (k, over) in enumerate(variants.items()):
+                ts[k].append(_fit_ms_per_step(over, f"{tmp}/{j}_{i}"))
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def _mnist_steps(data_root: str, steps: int) -> list[str]:
+    return ["experiment=paper_mnist", f"data.root={data_root}", "data.download=false",
+            f"data.train_subset={512 * steps}", "trainer.max_epochs=1", "trainer.limit_val_batches=0",
+            "logger=csv", "progress_bar=false"]
+
+
+def bench_monitors(data_root: str, steps: int, repeats: int) -> str:
+    """A w3 MNIST training step with the default monitors on, against one with them off."""
+    base = [*_mnist_steps(data_root, steps), "rule=w3", "lr=0.25"]
+    ms = _median_ms({k: [*base, k] for k in ("callbacks=none", "callbacks=default")}, repeats)
+    off, on = ms["callbacks=none"], ms["callbacks=default"]
     rows = [["off (callbacks=none)", off, 1.0], ["on (callbacks=default)", on, on / off]]
     return table(f"Monitors: w3 MNIST step incl. Lightning, {steps} steps × {repeats} runs each, median "
                  f"(stability and angles every 50 steps, solver every step)",
                  ["monitors", "ms / step", "ratio"], rows)
+
+
+READIN_RULES = {"w3": 0.25, "w1": 0.01, "jfb": 0.25}
+
+
+def bench_readin(data_root: str, steps: int, repeats: int) -> str:
+    """A trained read-in/read-out step (the implicit gradient of V, b; the read-out's gradient)
+    against the paper's fixed read-in step of the same rule, N=300 on MNIST, monitors off."""
+    trained = ["model.train_readin=true", "model.train_readout=true", "model.bias=true",
+               "optimizer=adam"]
+    rows = []
+    for rule, lr in READIN_RULES.items():
+        base = [*_mnist_steps(data_root, steps), f"rule={rule}", f"lr={lr}", "callbacks=none"]
+        ms = _median_ms({"fixed": base, "gradient": [*base, *trained],
+                         "reparam": [*base, *trained, "module.readin=reparam"]}, repeats)
+        rows += [[rule, ms["fixed"], ms["gradient"], ms["gradient"] / ms["fixed"], ms["reparam"],
+                  ms["reparam"] / ms["fixed"]]]
+    return table(f"Trained read-in: MNIST step incl. Lightning, N=300, batch 512, {steps} steps × {repeats} "
+                 f"runs each, median", ["rule", "fixed ms", "trained (gradient) ms", "ratio",
+                                        "trained (reparam) ms", "ratio"], rows)
 
 
 def _rss_mb() -> float:
@@ -229,9 +261,10 @@ def main(argv=None) -> None:
                     help="samples the per-sample loops run on (scaled to m; they are linear in m)")
     ap.add_argument("--data", default=os.environ.get("FPRNN_DATA", "data"),
                     help="folder holding MNIST/raw (default $FPRNN_DATA or data/)")
-    ap.add_argument("--only", choices=["rules", "solvers", "monitors", "memory"], default=None,
-                    help="one table (default: rules, solvers and monitors; memory only when asked)")
-    ap.add_argument("--steps", type=int, default=None, help="steps for --only monitors (60) / memory (2000)")
+    ap.add_argument("--only", choices=["rules", "solvers", "monitors", "readin", "memory"], default=None,
+                    help="one table (default: rules, solvers, monitors and readin; memory only when asked)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps for --only monitors / readin (60) / memory (2000)")
     ap.add_argument("--lr", type=float, default=0.05, help="learning rate of the --only memory run")
     a = ap.parse_args(argv)
     print(f"# fprnn benchmark — torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -241,6 +274,8 @@ def main(argv=None) -> None:
         print(bench_solvers(a.m, a.N, a.repeats, a.data), flush=True)
     if a.only in (None, "monitors"):
         print(bench_monitors(a.data, a.steps or 60, 3), flush=True)
+    if a.only in (None, "readin"):
+        print(bench_readin(a.data, a.steps or 60, 3), flush=True)
     if a.only == "memory":
         print(bench_memory(a.data, a.steps or 2000, 100, a.lr), flush=True)
 

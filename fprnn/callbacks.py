@@ -13,6 +13,11 @@ from . import rules
 from .module import resolve_rule_kwargs
 
 
+def layer_key(name: str, l: int, L: int) -> str:
+    """A per-layer metric's name: as it always was for one layer, ``name/ℓ`` in a stack."""
+    return name if L == 1 else f"{name}/{l}"
+
+
 def _every(trainer, k: int) -> bool:
     return k > 0 and trainer.global_step % k == 0
 
@@ -31,19 +36,23 @@ def _wandb_loggers(trainer):
 
 
 class SolverMonitor(pl.Callback):
-    """Logs the fixed-point solver's work on each training batch: mean iterations, max
-    residual, number of samples that did not reach the tolerance."""
+    """Logs the fixed-point solver's work on each training batch, per layer: mean iterations,
+    max residual, number of samples that did not reach the tolerance."""
 
     def __init__(self, every_n_steps: int = 1):
         self.every = int(every_n_steps)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = getattr(pl_module, "last_step", None)
-        if not step or not _every(trainer, self.every):
+        if step is None or not _every(trainer, self.every):
             return
-        sol = step["fp"].solution
-        _log(trainer, {"solver/iters": sol.iters_mean, "solver/max_residual": sol.max_residual,
-                       "solver/nonconverged": float(sol.n_nonconverged)})
+        logs, L = {}, len(step.fps)
+        for l, fp in enumerate(step.fps):
+            sol = fp.solution
+            logs.update({layer_key("solver/iters", l, L): sol.iters_mean,
+                         layer_key("solver/max_residual", l, L): sol.max_residual,
+                         layer_key("solver/nonconverged", l, L): float(sol.n_nonconverged)})
+        _log(trainer, logs)
 
 
 def update_peak(peak: dict, s: dict, step: int) -> dict:
@@ -102,17 +111,20 @@ class StabilityMonitor(pl.Callback):
         loggers = _wandb_loggers(trainer)
         if not loggers:
             return
+        import matplotlib.pyplot as plt
         import wandb
 
         from .figures import eig_figure
-        fig = eig_figure(pl_module.model.W.detach().cpu(), continuous=pl_module.model.dyn.continuous)
-        lam = torch.linalg.eigvals(pl_module.model.W.detach().cpu().double())
-        for lg in loggers:
-            lg.experiment.log({"stability/eig_W": wandb.Image(fig),
-                               "stability/eig_W_real": wandb.Histogram(lam.real.numpy()),
-                               "trainer/global_step": trainer.global_step})
-        import matplotlib.pyplot as plt
-        plt.close(fig)
+        layers = pl_module.model.layers
+        for l, layer in enumerate(layers):
+            W = layer.W.detach().cpu()
+            fig = eig_figure(W, continuous=layer.dyn.continuous)
+            lam = torch.linalg.eigvals(W.double())
+            for lg in loggers:
+                lg.experiment.log({layer_key("stability/eig_W", l, len(layers)): wandb.Image(fig),
+                                   layer_key("stability/eig_W_real", l, len(layers)): wandb.Histogram(lam.real.numpy()),
+                                   "trainer/global_step": trainer.global_step})
+            plt.close(fig)
 
 
 class AngleMonitor(pl.Callback):
@@ -128,28 +140,30 @@ class AngleMonitor(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = getattr(pl_module, "last_step", None)
-        if not step or step.get("skipped"):
+        if step is None or step.skipped:
             return
         if self.every <= 0 or not (_every(trainer, self.every) or trainer.global_step == 1):
             return      # every k steps and the first step; every_n_steps=0 turns the monitor off
-        fp, W = step["fp"], step["W"]
-        keep = fp.solution.converged if fp.solution.tol is not None else None
-        r, gain, delta = fp.r, fp.gain, step["delta"]
-        if keep is not None and not bool(keep.all()):
-            r, gain, delta = r[keep], gain[keep], delta[keep]
-        dWs = {}
-        for name in self.rules:
-            # the training rule with its configured options; the others with their defaults
-            kw = (pl_module.rule_kwargs if name == pl_module.rule_name
-                  else resolve_rule_kwargs(name, None, pl_module.model))
-            dW, info = rules.RULES[name](W, r, gain, delta, pl_module.lr, return_info=True, **kw)
-            if not info.get("out_of_domain") and torch.isfinite(dW).all():
-                dWs[name] = dW
-        logs = {f"angle/norm_{k}": float(torch.linalg.norm(v)) for k, v in dWs.items()}
-        names = sorted(dWs)
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                theta = rules.angle(dWs[a], dWs[b])
-                if math.isfinite(theta):
-                    logs[f"angle/theta{a[1:]}{b[1:]}"] = theta
+        keep = step.keep
+        logs, L = {}, len(step.fps)
+        for l, (layer, fp, W, delta) in enumerate(zip(pl_module.model.layers, step.fps, step.weights_before,
+                                                      step.deltas)):
+            if delta is None:       # bptt computes no δ below the last layer
+                continue
+            r, gain = (fp.r, fp.gain) if keep is None else (fp.r[keep], fp.gain[keep])
+            dWs = {}
+            for name in self.rules:
+                # the training rule with its configured options; the others with their defaults
+                kw = (pl_module.layer_kwargs[l] if name == pl_module.rule_name
+                      else resolve_rule_kwargs(name, None, layer))
+                dW, info = rules.RULES[name](W, r, gain, delta, pl_module.lr, return_info=True, **kw)
+                if not info.get("out_of_domain") and torch.isfinite(dW).all():
+                    dWs[name] = dW
+            logs.update({layer_key(f"angle/norm_{k}", l, L): float(torch.linalg.norm(v)) for k, v in dWs.items()})
+            names = sorted(dWs)
+            for i, a in enumerate(names):
+                for b in names[i + 1:]:
+                    theta = rules.angle(dWs[a], dWs[b])
+                    if math.isfinite(theta):
+                        logs[layer_key(f"angle/theta{a[1:]}{b[1:]}", l, L)] = theta
         _log(trainer, logs)

@@ -124,12 +124,10 @@ def check_checkpoint(path, model) -> int:
     except Exception as e:
         raise ValueError(f"ckpt_path={path} cannot be read ({type(e).__name__}: {str(e)[:120]}); it is "
                          f"damaged or not a checkpoint") from None
-    W = state.get("model.W")
-    if W is None:
-        raise ValueError(f"ckpt_path={path} is not an fprnn checkpoint (no model.W in it)")
-    if tuple(W.shape) != tuple(model.W.shape):
-        raise ValueError(f"ckpt_path={path} holds a network with N={W.shape[0]}, but model.N={model.N}")
-    wrong = model.shape_mismatch({name: state.get(f"model.{name}") for name in model.WEIGHTS})
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    if "layers.0.W" not in weights:
+        raise ValueError(f"ckpt_path={path} is not an fprnn checkpoint (no model.layers.0.W in it)")
+    wrong = model.shape_mismatch(weights)
     if wrong:
         raise ValueError(f"ckpt_path={path} {wrong}")
     return int(ckpt.get("global_step", 0))

@@ -162,19 +162,26 @@ def plot_angles(items, out: Path, written: list) -> None:
 
 
 def plot_eigs(items, out: Path, written: list) -> None:
-    items = [it for it in items if (it["dir"] / "weights.pt").exists()]
-    if not items:
+    """eig of every run's final W — of each layer's, for a stack."""
+    panels = []
+    for it in items:
+        if (it["dir"] / "weights.pt").exists():
+            w = torch.load(it["dir"] / "weights.pt", map_location="cpu")
+            Ws = [w[k] for k in sorted((k for k in w if k.startswith("layers.") and k.endswith(".W")),
+                                       key=lambda k: int(k.split(".")[1]))]
+            panels += [(it, l if len(Ws) > 1 else None, W) for l, W in enumerate(Ws)]
+    if not panels:
         return
-    n = len(items)
+    n = len(panels)
     cols = min(n, 5)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows + 0.4), squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
-    for ax, it in zip(axes.flat, items):
-        W = torch.load(it["dir"] / "weights.pt", map_location="cpu")["W"]
+    for ax, (it, l, W) in zip(axes.flat, panels):
         _eig_panel(ax, W, continuous=it["res"].get("dynamics") != "discrete", s=4)
-        ax.set_title(f"{it['res'].get('rule')} η={it['res'].get('lr')}", fontsize=9)
+        layer = "" if l is None else f", layer {l}"
+        ax.set_title(f"{it['res'].get('rule')} η={it['res'].get('lr')}{layer}", fontsize=9)
     fig.suptitle("eigenvalues of the final W" if n > 1 else "eig(final W)")
     fig.tight_layout()
     _save(fig, out, "eig_W", written)

@@ -99,12 +99,11 @@ def run_landscape(run_dir: Path, n_line: int = 41, n_plane: int = 15, probe: int
     import hydra
     from omegaconf import OmegaConf
 
-    from .module import loss_and_grad
+    from .update import loss_and_grad
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     model = hydra.utils.instantiate(cfg.model)
     w = torch.load(run_dir / "weights.pt", map_location="cpu")
-    with torch.no_grad():
-        model.W.copy_(w["W"])
+    model.load_state_dict(w)
     data = hydra.utils.instantiate(cfg.data)
     task = data.task
     if task == "classification":

@@ -1,10 +1,12 @@
-"""FixedPointRNN: r = f(W r + x) with x = W_in p and a fixed read-out W_out (section 3.2)."""
+"""FixedPointRNN: a stack of recurrent layers r_ℓ = f(W_ℓ r_ℓ + V_ℓ r_{ℓ−1} + b_ℓ), each solved
+to its fixed point in turn, read out as W_out r_L + b_out. One layer with a fixed random read-in
+V_1 = W_in and read-out, no biases, is the paper's network (section 3.2)."""
 from __future__ import annotations
 
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -55,22 +57,37 @@ def _solver_kwargs(name: str, kwargs: dict) -> dict:
     return dict(kwargs)
 
 
-class FixedPointRNN(nn.Module):
-    """A recurrent network trained on its fixed points.
+def _sizes(N, layers) -> list[int]:
+    """The layer sizes from ``N`` (one layer) or ``layers`` (a list), whichever is given."""
+    if (N is None) == (layers is None):
+        raise ValueError(f"give the layer sizes once: N (one layer) or layers (a list), got "
+                         f"N={N!r}, layers={layers!r}; set the other to null")
+    sizes = [N] if layers is None else list(layers) if isinstance(layers, (list, tuple)) else None
+    if not sizes or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
+        raise ValueError(f"N must be a positive integer, got {N!r}" if layers is None else
+                         f"layers must be a non-empty list of positive integers, got {layers!r}")
+    return sizes
 
-    W (N×N) is initialised as σ_W Z/√N; the read-in W_in (N×n_in, Z/√n_in) and read-out
-    W_out (n_out×N, Z/√N) are fixed random buffers, as in the paper. ``n_in=None`` feeds x
-    directly (x = p, the linear task); ``n_out=None`` reads r itself out.
-    """
 
-    def __init__(self, N: int, n_in: int | None = None, n_out: int | None = None, *,
-                 activation: str | Activation | Callable = "tanh", dynamics: str | Dynamics = "rate",
-                 solver: str = "anderson", solver_kwargs: dict | None = None, sigma_W: float = 0.5,
-                 seed: int = 0, dtype: Any = "float32", bptt_steps: int = 50, bptt_damping: float = 0.5):
+def _per_layer(name: str, value, L: int) -> list:
+    """A setting shared by every layer, or a list of one value per layer."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != L:
+            raise ValueError(f"{name} lists {len(value)} values for {L} layers: give one value, or one per layer")
+        return list(value)
+    return [value] * L
+
+
+class Layer(nn.Module):
+    """One recurrent layer: r = f(W r + x), x = V s + b for the previous layer's rates s (the
+    input for the first layer). ``V`` is a fixed buffer unless ``train_readin``; ``V`` is None when
+    s is fed directly (x = s + b); ``b`` exists only with ``bias``. ``W`` learns unless
+    ``train_W=False`` (with σ_W = 0: W ≡ 0, a feed-forward layer r = f(V s + b))."""
+
+    def __init__(self, N: int, n_in: int | None, gen: torch.Generator, dt: torch.dtype, *, activation,
+                 dynamics, solver: str, solver_kwargs: dict | None, sigma_W: float, train_W: bool,
+                 train_readin: bool, bias: bool, bptt_steps: int, bptt_damping: float):
         super().__init__()
-        for name, v in (("N", N), ("n_in", n_in), ("n_out", n_out)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not (isinstance(sigma_W, (int, float)) and math.isfinite(sigma_W) and sigma_W >= 0):
             raise ValueError(f"sigma_W must be a non-negative finite number, got {sigma_W!r}")
         self.act = get_activation(activation)
@@ -81,68 +98,26 @@ class FixedPointRNN(nn.Module):
             raise ValueError(f"solver 'direct' solves the linear model only; activation is "
                              f"{self.act.name!r}: use 'anderson', 'iterate' or 'euler'")
         self.bptt_steps, self.bptt_damping = int(bptt_steps), float(bptt_damping)
-        self.N, self.n_in, self.n_out = N, n_in, n_out
-        dt = get_dtype(dtype)
-        gen = torch.Generator().manual_seed(int(seed))
-        self.W = nn.Parameter(sigma_W * torch.randn(N, N, generator=gen, dtype=torch.float64).to(dt) / math.sqrt(N))
-        W_in = torch.randn(N, n_in, generator=gen, dtype=torch.float64) / math.sqrt(n_in) if n_in else None
-        W_out = torch.randn(n_out, N, generator=gen, dtype=torch.float64) / math.sqrt(N) if n_out else None
-        self.register_buffer("W_in", None if W_in is None else W_in.to(dt))
-        self.register_buffer("W_out", None if W_out is None else W_out.to(dt))
-        # the constructor's arguments, so that a run can be rebuilt (FixedPointRNN.load); None when
-        # the activation or dynamics is an object rather than a name
-        named = isinstance(activation, str) and isinstance(dynamics, str)
-        self.config = dict(N=N, n_in=n_in, n_out=n_out, activation=activation, dynamics=dynamics,
-                           solver=solver, solver_kwargs=dict(self.solver_kwargs), sigma_W=sigma_W,
-                           seed=seed, dtype=str(dt).replace("torch.", ""), bptt_steps=self.bptt_steps,
-                           bptt_damping=self.bptt_damping) if named else None
+        self.N, self.n_in = N, n_in
+        # float64 normals, drawn in this order (W, then V, then the next layer's, then W_out):
+        # one layer draws exactly the paper's network as fprnn always drew it
+        W = sigma_W * torch.randn(N, N, generator=gen, dtype=torch.float64).to(dt) / math.sqrt(N)
+        if train_W:
+            self.W = nn.Parameter(W)
+        else:
+            self.register_buffer("W", W)
+        V = (torch.randn(N, n_in, generator=gen, dtype=torch.float64) / math.sqrt(n_in)).to(dt) if n_in else None
+        if V is not None and train_readin:
+            self.V = nn.Parameter(V)
+        else:
+            self.register_buffer("V", V)
+        self.b = nn.Parameter(torch.zeros(N, dtype=dt)) if bias else None
 
-    @classmethod
-    def load(cls, run_dir, map_location="cpu") -> "FixedPointRNN":
-        """The trained network of a finished run, from ``run_dir/model.json`` (the constructor's
-        arguments) and ``run_dir/weights.pt``: ready to predict (``net(p)``) and to analyse
-        (``fixed_point``, ``stability``)."""
-        import json
-        from pathlib import Path
-        run_dir = Path(run_dir)
-        for f in ("model.json", "weights.pt"):
-            if not (run_dir / f).is_file():
-                raise FileNotFoundError(f"{run_dir / f}: not found; FixedPointRNN.load needs a run "
-                                        f"directory with model.json and weights.pt")
-        net = cls(**json.loads((run_dir / "model.json").read_text()))
-        weights = torch.load(run_dir / "weights.pt", map_location=map_location)
-        wrong = net.shape_mismatch(weights)
-        if wrong:
-            raise ValueError(f"{run_dir}: weights.pt {wrong} (built from model.json)")
-        with torch.no_grad():
-            for name in net.WEIGHTS:
-                if weights[name] is not None:
-                    getattr(net, name).copy_(weights[name])
-        return net
+    def input(self, s: Tensor) -> Tensor:
+        """x = V s + b, rows = samples."""
+        x = s @ self.V.T if self.V is not None else s
+        return x + self.b if self.b is not None else x
 
-    WEIGHTS = ("W", "W_in", "W_out")
-
-    def shape_mismatch(self, weights: dict) -> str | None:
-        """How saved ``weights`` (name → tensor or None) fail to fit this network, or None."""
-        for name in self.WEIGHTS:
-            saved, mine = weights.get(name), getattr(self, name)
-            if (saved is None) != (mine is None) or (saved is not None and saved.shape != mine.shape):
-                return (f"has {name} of shape {None if saved is None else tuple(saved.shape)}, the model "
-                        f"{None if mine is None else tuple(mine.shape)}")
-        return None
-
-    # -- maps ---------------------------------------------------------------------------
-    def input(self, p: Tensor) -> Tensor:
-        want = self.n_in or self.N
-        if p.dim() != 2 or p.shape[1] != want:
-            raise ValueError(f"input must be (m, {want}), got shape {tuple(p.shape)}")
-        p = p.to(self.W.dtype)
-        return p @ self.W_in.T if self.W_in is not None else p
-
-    def readout(self, r: Tensor) -> Tensor:
-        return r @ self.W_out.T if self.W_out is not None else r
-
-    # -- fixed points -------------------------------------------------------------------
     def _solve(self, W: Tensor, x: Tensor, u0: Tensor | None) -> Solution:
         if self.solver_name == "direct":
             return solvers.direct(W, x)
@@ -163,6 +138,7 @@ class FixedPointRNN(nn.Module):
         """Solve r = f(W r + x) for a batch of inputs x (m, N) (already read in), starting from
         the state u0 (zeros by default; pass ``previous.solution.u`` for a warm start)."""
         W = self.W.detach() if W is None else W
+        x = x.detach()
         return self._at(W, x, self._solve(W, x, u0))
 
     def _at(self, W: Tensor, x: Tensor, sol: solvers.Solution) -> FixedPoint:
@@ -173,7 +149,7 @@ class FixedPointRNN(nn.Module):
     @torch.no_grad()
     def solved_fixed_point(self, x: Tensor) -> FixedPoint:
         """The fixed point solved to tolerance, for what only means something at a true fixed
-        point (stability, eq 2.3). The model's own solver when it stops on a tolerance; under a
+        point (stability, eq 2.3). The layer's own solver when it stops on a tolerance; under a
         fixed-step protocol (``euler`` with tol=None, the paper's forward pass, which stops short
         and, once W is unstable, nowhere near a fixed point) Anderson continues from where that
         protocol stopped — it converges to unstable fixed points too."""
@@ -184,7 +160,8 @@ class FixedPointRNN(nn.Module):
         return self._at(W, x, solvers.anderson(self.dyn.state_map(W, x, self.act), fp.solution.u))
 
     def unrolled(self, x: Tensor) -> Tensor:
-        """Rates with an autograd graph through the solver's iterations, for ``rule=bptt``.
+        """Rates with an autograd graph through the solver's iterations (W's and x's), for
+        ``rule=bptt``.
 
         With ``solver=euler`` all ``steps`` Euler steps from 0 are unrolled (e.g. 500): the forward
         pass itself under the paper's protocol (``euler_paper``, no tolerance); with a tolerance
@@ -203,10 +180,177 @@ class FixedPointRNN(nn.Module):
             u = u + damping * (g(u) - u)
         return self.dyn.rate(u, self.act)
 
-    def forward(self, p: Tensor) -> Tensor:
-        """Read-out of the fixed point for raw inputs p (no graph)."""
-        return self.readout(self.fixed_point(self.input(p)).r)
-
     def stability(self, fp: FixedPoint) -> Tensor:
         """Per-sample stability value (max Re λ(G_i W) or ρ(G_i W)); stable iff < 1."""
         return self.dyn.stability(self.W.detach(), fp.gain)
+
+
+class FixedPointRNN(nn.Module):
+    """A stack of recurrent layers trained on their fixed points.
+
+    ``layers`` (or ``N`` for one layer) gives the sizes. Layer ℓ's W_ℓ is σ_W Z/√N_ℓ, its read-in
+    V_ℓ is Z/√N_{ℓ−1} (the input size for the first), the read-out W_out is Z/√N_L; biases start at
+    zero. Read-in and read-out are fixed random buffers, as in the paper, unless ``train_readin``
+    / ``train_readout``. ``n_in=None`` feeds the input directly to the first layer (x = p, the
+    linear task); ``n_out=None`` reads r_L itself out. ``train_W=False, sigma_W=0``: every W ≡ 0,
+    the same network as a feed-forward one (the baseline the recurrence is measured against). ``activation``, ``dynamics``, ``solver``,
+    ``solver_kwargs`` and ``sigma_W`` are shared by the layers, or lists of one per layer.
+    """
+
+    def __init__(self, N: int | None = None, n_in: int | None = None, n_out: int | None = None, *,
+                 layers: Sequence[int] | None = None, activation: Any = "tanh", dynamics: Any = "rate",
+                 solver: Any = "anderson", solver_kwargs: Any = None, sigma_W: Any = 0.5, seed: int = 0,
+                 dtype: Any = "float32", bptt_steps: int = 50, bptt_damping: float = 0.5,
+                 train_W: bool = True, train_readin: bool = False, train_readout: bool = False,
+                 bias: bool = False):
+        super().__init__()
+        sizes = _sizes(N, layers)
+        for name, v in (("n_in", n_in), ("n_out", n_out)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name, v in (("train_W", train_W), ("train_readin", train_readin), ("train_readout", train_readout),
+                        ("bias", bias)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} must be true or false, got {v!r}")
+        L = len(sizes)
+        if n_in is None and L > 1:
+            raise ValueError(f"a stack of {L} layers needs a read-in: set n_in")
+        if train_readin and n_in is None:
+            raise ValueError("train_readin=true needs a read-in to train: set n_in")
+        if train_readout and n_out is None:
+            raise ValueError("train_readout=true needs a read-out to train: set n_out")
+        dt = get_dtype(dtype)
+        gen = torch.Generator().manual_seed(int(seed))
+        per = {k: _per_layer(k, v, L) for k, v in dict(activation=activation, dynamics=dynamics,
+               solver=solver, solver_kwargs=solver_kwargs, sigma_W=sigma_W).items()}
+        fan_in = [n_in, *sizes[:-1]]
+        self.layers = nn.ModuleList(
+            Layer(sizes[l], fan_in[l], gen, dt, train_W=train_W, train_readin=train_readin, bias=bias,
+                  bptt_steps=bptt_steps,
+                  bptt_damping=bptt_damping, **{k: v[l] for k, v in per.items()}) for l in range(L))
+        self.sizes, self.n_in, self.n_out, self.N = sizes, n_in, n_out, sizes[-1]
+        self.train_readin, self.train_readout, self.bias = train_readin, train_readout, bias
+        W_out = (torch.randn(n_out, sizes[-1], generator=gen, dtype=torch.float64) / math.sqrt(sizes[-1])).to(dt) \
+            if n_out else None
+        if W_out is not None and train_readout:
+            self.W_out = nn.Parameter(W_out)
+        else:
+            self.register_buffer("W_out", W_out)
+        self.b_out = nn.Parameter(torch.zeros(n_out, dtype=dt)) if (bias and n_out) else None
+        # the constructor's arguments, so that a run can be rebuilt (FixedPointRNN.load); None when
+        # an activation or dynamics is an object rather than a name
+        named = all(isinstance(v, str) for k in ("activation", "dynamics") for v in per[k])
+        self.config = dict(N=N, n_in=n_in, n_out=n_out, layers=None if layers is None else sizes,
+                           activation=activation, dynamics=dynamics, solver=solver,
+                           solver_kwargs=[dict(layer.solver_kwargs) for layer in self.layers]
+                           if isinstance(solver_kwargs, (list, tuple)) else dict(self.layers[0].solver_kwargs),
+                           sigma_W=sigma_W, seed=seed, dtype=str(dt).replace("torch.", ""),
+                           bptt_steps=int(bptt_steps), bptt_damping=float(bptt_damping),
+                           train_W=train_W, train_readin=train_readin, train_readout=train_readout,
+                           bias=bias) if named else None
+
+    @classmethod
+    def load(cls, run_dir, map_location="cpu") -> "FixedPointRNN":
+        """The trained network of a finished run, from ``run_dir/model.json`` (the constructor's
+        arguments) and ``run_dir/weights.pt`` (its state dict): ready to predict (``net(p)``) and
+        to analyse (``fixed_points``, ``layers[ℓ].stability``)."""
+        import json
+        from pathlib import Path
+        run_dir = Path(run_dir)
+        for f in ("model.json", "weights.pt"):
+            if not (run_dir / f).is_file():
+                raise FileNotFoundError(f"{run_dir / f}: not found; FixedPointRNN.load needs a run "
+                                        f"directory with model.json and weights.pt")
+        net = cls(**json.loads((run_dir / "model.json").read_text()))
+        weights = torch.load(run_dir / "weights.pt", map_location=map_location)
+        wrong = net.shape_mismatch(weights)
+        if wrong:
+            raise ValueError(f"{run_dir}: weights.pt {wrong} (built from model.json)")
+        net.load_state_dict(weights)
+        return net
+
+    def shape_mismatch(self, weights: dict) -> str | None:
+        """How saved ``weights`` (a state dict) fail to fit this network, or None."""
+        mine = self.state_dict()
+        for name in [*mine, *(k for k in weights if k not in mine)]:
+            a, b = weights.get(name), mine.get(name)
+            if a is None or b is None or a.shape != b.shape:
+                return (f"has {name} of shape {None if a is None else tuple(a.shape)}, the model "
+                        f"{None if b is None else tuple(b.shape)}")
+        return None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].W.dtype
+
+    def readins(self) -> list[Tensor]:
+        """The trained read-in tensors (V_ℓ, b_ℓ), in the order of ``named_readins``."""
+        return [t for _, t in self.named_readins()]
+
+    def named_readins(self) -> list[tuple[str, Tensor]]:
+        return [(f"layers.{l}.{n}", t) for l, layer in enumerate(self.layers) for n in ("V", "b")
+                if isinstance(t := getattr(layer, n), nn.Parameter)]
+
+    def named_readouts(self) -> list[tuple[str, Tensor]]:
+        return [(n, t) for n in ("W_out", "b_out") if isinstance(t := getattr(self, n), nn.Parameter)]
+
+    # -- maps ---------------------------------------------------------------------------
+    def check_input(self, p: Tensor) -> Tensor:
+        want = self.n_in or self.layers[0].N
+        if p.dim() != 2 or p.shape[1] != want:
+            raise ValueError(f"input must be (m, {want}), got shape {tuple(p.shape)}")
+        return p.to(self.dtype)
+
+    def readout(self, r: Tensor) -> Tensor:
+        out = r @ self.W_out.T if self.W_out is not None else r
+        return out + self.b_out if self.b_out is not None else out
+
+    @torch.no_grad()
+    def fixed_points(self, p: Tensor, solved: bool = False) -> list[FixedPoint]:
+        """The fixed point of every layer for raw inputs p (m, n_in), solved in order (layer ℓ's
+        input is layer ℓ−1's rates). ``solved=True``: each solved to tolerance (see
+        ``Layer.solved_fixed_point``), for stability."""
+        s, fps = self.check_input(p), []
+        for layer in self.layers:
+            x = layer.input(s)
+            fps.append(layer.solved_fixed_point(x) if solved else layer.fixed_point(x))
+            s = fps[-1].r
+        return fps
+
+    def unrolled(self, p: Tensor) -> Tensor:
+        """The last layer's rates with an autograd graph through every layer (``Layer.unrolled``)."""
+        s = self.check_input(p)
+        for layer in self.layers:
+            s = layer.unrolled(layer.input(s))
+        return s
+
+    @torch.no_grad()
+    def forward(self, p: Tensor) -> Tensor:
+        """Read-out of the fixed point for raw inputs p (no graph)."""
+        return self.readout(self.fixed_points(p)[-1].r)
+
+    # -- the paper's one-layer network: its layer's members ------------------------------
+    @property
+    def layer(self) -> Layer:
+        """The one recurrent layer; a stack's are ``layers[ℓ]``."""
+        if len(self.layers) != 1:
+            raise ValueError(f"this network has {len(self.layers)} layers: use layers[ℓ]")
+        return self.layers[0]
+
+    W = property(lambda self: self.layer.W, doc="the one layer's W")
+    W_in = property(lambda self: self.layer.V, doc="the one layer's read-in")
+    act = property(lambda self: self.layer.act)
+    dyn = property(lambda self: self.layer.dyn)
+
+    def input(self, p: Tensor) -> Tensor:
+        """x = W_in p (+ b) for raw inputs p, with the one layer's read-in."""
+        return self.layer.input(self.check_input(p))
+
+    def fixed_point(self, x: Tensor, u0: Tensor | None = None, W: Tensor | None = None) -> FixedPoint:
+        return self.layer.fixed_point(x, u0, W)
+
+    def solved_fixed_point(self, x: Tensor) -> FixedPoint:
+        return self.layer.solved_fixed_point(x)
+
+    def stability(self, fp: FixedPoint) -> Tensor:
+        return self.layer.stability(fp)

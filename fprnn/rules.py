@@ -51,11 +51,17 @@ def _out(dW: Tensor, info: dict, return_info: bool):
 
 # --- the factors of the reparameterized rules (derived in docs/rules.md) -------------------
 
+def input_factor(W: Tensor, gain: Tensor, grad_r: Tensor) -> Tensor:
+    """Rows a_i = (I − W G_i) G_i δ_i: w2/w3's left factor, and the read-in's reparameterized
+    step −η a_i s_iᵀ for an input s_i (gradient descent on the input map, pulled back: docs/stack.md)."""
+    gd = gain * grad_r
+    return gd - (gain * gd) @ W.T
+
+
 def factors(W: Tensor, r: Tensor, gain: Tensor, grad_r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Rows of a_i = (I − W G_i) G_i δ_i, c_i = (I − G_i W) r_i and b_i = (I − G_i W)ᵀ c_i,
     so that eq 2.19 reads ΔW3_i = −η a_i b_iᵀ. Cost: three (m×N)·(N×N) products."""
-    gd = gain * grad_r
-    A = gd - (gain * gd) @ W.T
+    A = input_factor(W, gain, grad_r)
     C = r - gain * (r @ W.T)
     B = C - (gain * C) @ W
     return A, B, C
@@ -125,25 +131,48 @@ def w4(W, r, gain, grad_r, lr, *, return_info: bool = False):
 
 def w1(W, r, gain, grad_r, lr, *, method: str = "auto", tol: float | None = None,
        max_iter: int | None = None, chunk: int = 32, return_info: bool = False):
-    """Euclidean gradient descent, eq 2.6: ΔW1_i = −η G_i (I − G_i W)^{−T} δ_i r_iᵀ = −η p_i r_iᵀ.
+    """Euclidean gradient descent, eq 2.6: ΔW1_i = −η G_i (I − G_i W)^{−T} δ_i r_iᵀ = −η p_i r_iᵀ,
+    with p_i from :func:`implicit_adjoint` (its ``method``, ``tol``, ``max_iter`` and ``chunk``);
+    ``info["adjoint"]`` holds the rows p_i (a stack reuses them for its read-in and credit).
+
+    Without ``return_info`` a singular I − G_i W raises ValueError and an adjoint iteration that
+    does not converge raises RuntimeError; with it, both are reported in ``info``."""
+    _check(W, r, gain, grad_r, lr)
+    P, info = implicit_adjoint(W, gain, grad_r, method=method, tol=tol, max_iter=max_iter, chunk=chunk)
+    info["adjoint"] = P
+    if not return_info:
+        if info.get("singular"):
+            raise ValueError(f"w1: I − G_i W is singular for {info['singular']} samples (the fixed "
+                             f"point is not hyperbolic)")
+        if info.get("converged") is False:
+            raise RuntimeError(f"w1 adjoint iteration did not converge in {info['iters']} iterations; "
+                               f"the map r ← f(Wr + x) is not contracting: use method='exact'")
+    return _out(-(lr / r.shape[0]) * (P.T @ r), info, return_info)
+
+
+def implicit_adjoint(W: Tensor, gain: Tensor, grad_r: Tensor, *, method: str = "auto",
+                     tol: float | None = None, max_iter: int | None = None,
+                     chunk: int = 32) -> tuple[Tensor, dict]:
+    """Rows p_i = G_i (I − G_i W)^{−T} δ_i: the gradient of the loss with respect to the fixed
+    point's input x_i (dL_i = p_iᵀ dx_i, since dr_i = (I − G_i W)⁻¹ G_i dx_i). It gives w1's step,
+    the read-in's gradient and the credit passed down a stack of layers. Returns (P, info).
 
     p_i = g_i ⊙ u_i with (I − G_i W)ᵀ u_i = δ_i.
     - ``method="exact"``: batched LU solves, ``chunk`` samples at a time (O(m N³)); one solve
       when every sample has the same gains (the linear model);
     - ``method="adjoint"``: the iteration P ← G ⊙ (D + P W) (recurrent backprop), O(k m N²);
-      it converges only while the discrete map is contracting: ``info["converged"]`` says so and,
-      without ``return_info``, non-convergence raises RuntimeError (stops when the change is
-      ≤ tol·max|P|; defaults tol = 16 ε of the dtype, as ``auto`` — a fixed 1e-8 would be
-      below float32's rounding and never be met — and max_iter=1000);
+      it converges only while the discrete map is contracting: ``info["converged"]`` says so
+      (stops when the change is ≤ tol·max|P|; defaults tol = 16 ε of the dtype, as ``auto`` —
+      a fixed 1e-8 would be below float32's rounding and never be met — and max_iter=1000);
     - ``method="auto"`` (default): exact, to rounding, at the adjoint's cost where it can be —
       the adjoint iteration per sample until its change is ≤ tol·‖p_i‖∞ (default 16 ε of the
       dtype, max_iter 50), then batched LU for the samples that did not get there (slowly
       contracting or unstable fixed points: the samples w1 is about). ``info["exact_samples"]``
-      counts those. With shared gains it is the single exact solve."""
-    _check(W, r, gain, grad_r, lr)
+      counts those. With shared gains it is the single exact solve.
+    ``info["singular"]`` counts samples whose I − G_i W is singular."""
     if method not in ("auto", "exact", "adjoint"):
         raise ValueError(f"unknown w1 method {method!r}; choose 'auto', 'exact' or 'adjoint'")
-    m, n = r.shape
+    m, n = grad_r.shape
     info: dict = {}
     if method != "adjoint" and bool((gain == gain[:1]).all()):
         # one gain for all samples (e.g. the linear model, G = I): a single N×N solve
@@ -152,8 +181,6 @@ def w1(W, r, gain, grad_r, lr, *, method: str = "auto", tol: float | None = None
         U, err = torch.linalg.solve_ex(M, grad_r.T)
         if int(err) != 0:
             info["singular"] = m
-            if not return_info:
-                raise ValueError("w1: I − G W is singular (the fixed point is not hyperbolic)")
         P = g * U.T
     elif method != "adjoint":
         if method == "auto":    # LU only for the rows the adjoint iteration did not settle
@@ -162,14 +189,11 @@ def w1(W, r, gain, grad_r, lr, *, method: str = "auto", tol: float | None = None
                                     max_iter=50 if max_iter is None else max_iter)
             info["exact_samples"] = int(rows.numel())
         else:
-            P, rows = torch.empty_like(grad_r), torch.arange(m, device=r.device)
+            P, rows = torch.empty_like(grad_r), torch.arange(m, device=grad_r.device)
         if rows.numel():
             P[rows], sing = _exact_rows(W, gain[rows], grad_r[rows], chunk)
             if sing:
                 info["singular"] = sing
-                if not return_info:
-                    raise ValueError(f"w1: I − G_i W is singular for {sing} samples (the fixed "
-                                     f"point is not hyperbolic)")
     else:  # adjoint
         tol = 16 * torch.finfo(W.dtype).eps if tol is None else tol
         max_iter = 1000 if max_iter is None else max_iter
@@ -186,11 +210,7 @@ def w1(W, r, gain, grad_r, lr, *, method: str = "auto", tol: float | None = None
                 info["converged"] = True
                 break
         info["iters"] = k
-        if not info["converged"] and not return_info:
-            raise RuntimeError(f"w1 adjoint iteration did not converge in {k} iterations "
-                               f"(last change {delta:.3g}); the map r ← f(Wr + x) is not "
-                               f"contracting: use method='exact'")
-    return _out(-(lr / m) * (P.T @ r), info, return_info)
+    return P, info
 
 
 def _exact_rows(W: Tensor, gain: Tensor, grad_r: Tensor, chunk: int) -> tuple[Tensor, int]:

@@ -1,7 +1,7 @@
 """One training run from a Hydra config: build, fit, test, and leave results behind.
 
 Writes into the run directory: ``results.json`` (always, also for a diverged or failed run),
-``weights.pt`` (W, W_in, W_out) with ``model.json`` (``FixedPointRNN.load(run_dir)`` rebuilds the
+``weights.pt`` (the network's state dict: every layer's W, V, b and the read-out) with ``model.json`` (``FixedPointRNN.load(run_dir)`` rebuilds the
 network), ``checkpoints/last.ckpt``, CSV logs and the offline W&B run.
 """
 from __future__ import annotations
@@ -125,6 +125,7 @@ def build(cfg: DictConfig, run_dir: Path | str):
     check_compatible(model, data)
     optimizer = hydra.utils.instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     module = FixedPointModule(model, rule=cfg.rule.name, lr=cfg.lr, task=data.task,
+                              lr_readin=cfg.get("lr_readin"), lr_readout=cfg.get("lr_readout"),
                               rule_kwargs=_plain(cfg.rule.get("kwargs")), optimizer=optimizer,
                               **_plain(cfg.get("fault")), **_plain(cfg.get("module")))
     loggers = [hydra.utils.instantiate(c, save_dir=str(run_dir))
@@ -210,21 +211,23 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
     out["train_loss"] = _finite(metrics.get("train/loss_epoch"))
     if "train/acc_epoch" in metrics:
         out["train_acc"] = _finite(metrics.get("train/acc_epoch"))
-    W = module.model.W.detach()
+    m = module.model
+    out["params"] = {"W": sum(layer.W.numel() for layer in m.layers),
+                     "readin": sum(t.numel() for t in m.readins()),
+                     "readout": sum(t.numel() for _, t in m.named_readouts())}
     try:   # the final numbers must not cost the run its results.json
         p, _ = data.probe_batch(int(cfg.get("probe_size", 16)))
         out.update(module.probe_stability(p))
         out.update(_stability_peak(trainer, out))
         if data.task == "regression":
+            W = m.W.detach()
             out["loss_W"] = data.loss(W)
             out["loss_W_star"] = data.loss(data.W_star().to(W.dtype))
             out["test_loss"] = out["loss_W"]
     except Exception as e:
         out["final_metrics_error"] = f"{type(e).__name__}: {e}"
     if trainer is None or trainer.is_global_zero:
-        m = module.model
-        atomic_save({n: None if getattr(m, n) is None else getattr(m, n).detach().cpu() for n in m.WEIGHTS},
-                    run_dir / "weights.pt")
+        atomic_save({k: v.detach().cpu() for k, v in m.state_dict().items()}, run_dir / "weights.pt")
         if m.config is not None:
             atomic_write_text(run_dir / "model.json", json.dumps(m.config, indent=2))
     return out

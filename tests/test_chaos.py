@@ -53,8 +53,8 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_W(tmp_pat
         saved = at
     resumed = train(make_cfg([*over, "resume=true"], run_dir))
     assert resumed["status"] == "finished" and resumed["steps"] == STEPS
-    W_ref = torch.load(tmp_path / "ref" / "weights.pt")["W"]
-    W_res = torch.load(run_dir / "weights.pt")["W"]
+    W_ref = torch.load(tmp_path / "ref" / "weights.pt")["layers.0.W"]
+    W_res = torch.load(run_dir / "weights.pt")["layers.0.W"]
     assert float((W_res - W_ref).abs().max()) <= 1e-12 * float(W_ref.abs().max())
     # the training curve survives the kills: the same rows as the uninterrupted run's
     assert loss_rows(run_dir) == loss_rows(tmp_path / "ref") and len(loss_rows(run_dir)) == STEPS

@@ -50,8 +50,8 @@ def test_two_devices_equal_one_device(tmp_path, mnist_dir, name):
     run_ddp(over, tmp_path / "two")
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert one["steps"] == two["steps"] == STEPS and two["status"] == "finished"
-    W1 = torch.load(tmp_path / "one" / "weights.pt")["W"]
-    W2 = torch.load(tmp_path / "two" / "weights.pt")["W"]
+    W1 = torch.load(tmp_path / "one" / "weights.pt")["layers.0.W"]
+    W2 = torch.load(tmp_path / "two" / "weights.pt")["layers.0.W"]
     assert float((W2 - W1).norm() / W1.norm()) < 1e-6
     assert not any(p.name.startswith("2") for p in (tmp_path / "two").iterdir())  # one run dir
 
@@ -64,8 +64,8 @@ def test_linear_w2_batch_form_is_exact_under_ddp(tmp_path):
     W0 = build(cfg, tmp_path / "init")[1].W.detach().clone()
     train(cfg)
     run_ddp(over, tmp_path / "two")
-    W1 = torch.load(tmp_path / "one" / "weights.pt")["W"]
-    W2 = torch.load(tmp_path / "two" / "weights.pt")["W"]
+    W1 = torch.load(tmp_path / "one" / "weights.pt")["layers.0.W"]
+    W2 = torch.load(tmp_path / "two" / "weights.pt")["layers.0.W"]
     assert float((W1 - W0).norm()) > 0.1 * float(W0.norm())            # training moved W
     assert float((W2 - W1).norm()) < 1e-10 * float((W1 - W0).norm())
 
@@ -75,7 +75,7 @@ def test_rank_agreement_check_fires(tmp_path, mnist_dir):
             "+callbacks.perturb.rank=1", "+callbacks.perturb.step=3"]
     proc = run_ddp(over, tmp_path / "bad", check=False)
     assert proc.returncode != 0
-    assert "ranks disagree on W after step 5" in proc.stderr
+    assert "ranks disagree on the weights after step 5" in proc.stderr
     saved = json.loads((tmp_path / "bad" / "results.json").read_text())
     assert saved["status"] == "failed" and "ranks disagree" in saved["error"]
 
@@ -95,8 +95,8 @@ def test_unequal_sample_counts_per_device_are_weighted(tmp_path, mnist_dir):
     run_ddp(over, tmp_path / "two")
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert one["faults"] == two["faults"] == 0 and one["steps"] == two["steps"] == 5
-    W1 = torch.load(tmp_path / "one" / "weights.pt")["W"]
-    W2 = torch.load(tmp_path / "two" / "weights.pt")["W"]
+    W1 = torch.load(tmp_path / "one" / "weights.pt")["layers.0.W"]
+    W2 = torch.load(tmp_path / "two" / "weights.pt")["layers.0.W"]
     assert float((W2 - W1).norm() / W1.norm()) < 1e-10
 
 
@@ -111,6 +111,6 @@ def test_a_fault_on_one_device_skips_the_step_on_every_device(tmp_path, mnist_di
     one = train(make_cfg([*over[:-3], "+callbacks.nan._target_=ddp_callbacks.NaNOnRank",
                           "+callbacks.nan.rank=0", "+callbacks.nan.step=2"], tmp_path / "one"))
     assert one["faults"] == 1
-    W1 = torch.load(tmp_path / "one" / "weights.pt")["W"]
-    W2 = torch.load(tmp_path / "two" / "weights.pt")["W"]
+    W1 = torch.load(tmp_path / "one" / "weights.pt")["layers.0.W"]
+    W2 = torch.load(tmp_path / "two" / "weights.pt")["layers.0.W"]
     assert float((W2 - W1).norm() / W1.norm()) < 1e-10

@@ -37,7 +37,7 @@ def test_truncated_bptt_gradient_approaches_w1():
     p = torch.rand(6, 10, dtype=torch.float64)
     x = m.input(p)
     y = torch.randint(0, 4, (6,))
-    r = m.unrolled(x)
+    r = m.layer.unrolled(x)
     loss = torch.nn.functional.cross_entropy(m.readout(r), y)
     loss.backward()
     fp = m.fixed_point(x)
@@ -51,7 +51,7 @@ def test_euler_bptt_unrolls_the_paper_protocol():
     m = FixedPointRNN(10, 5, 3, solver="euler", solver_kwargs={"dt": 0.01, "steps": 500}, dtype="float64")
     x = m.input(torch.rand(4, 5, dtype=torch.float64))
     with torch.no_grad():
-        r = m.unrolled(x)
+        r = m.layer.unrolled(x)
     assert torch.allclose(r, m.fixed_point(x).r, atol=1e-14)
 
 

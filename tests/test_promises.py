@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fprnn import rules
-from fprnn.module import loss_and_grad
+from fprnn.update import loss_and_grad
 from fprnn.run import build, train
 
 from helpers import QUICK_MNIST, make_cfg, wandb_offline_config, wandb_offline_history
@@ -67,7 +67,7 @@ def test_w2_leaving_its_domain_in_training_is_a_fault_that_never_reaches_W(tmp_p
     res = train(make_cfg([*QUICK_MNIST, "rule=w2", "lr=1000", "fault.max_faults=2"], tmp_path, mnist_dir))
     assert res["status"] == "diverged" and res["faults"] == 2
     assert all("w2 left its domain" in f for f in res["fault_log"])
-    W = torch.load(tmp_path / "weights.pt")["W"]
+    W = torch.load(tmp_path / "weights.pt")["layers.0.W"]
     W0 = build(make_cfg([*QUICK_MNIST], tmp_path / "init", mnist_dir), tmp_path / "init")[1].W.detach()
     assert torch.equal(W, W0)        # no step was applied
 

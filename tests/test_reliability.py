@@ -36,8 +36,8 @@ def test_interrupt_then_resume_gives_the_uninterrupted_W(tmp_path, mnist_dir, si
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     resumed = train(make_cfg([*over, "resume=true"], run_dir))
     assert resumed["status"] == "finished" and resumed["steps"] == ref["steps"] == 16
-    W_ref = torch.load(tmp_path / "ref" / "weights.pt")["W"]
-    W_res = torch.load(run_dir / "weights.pt")["W"]
+    W_ref = torch.load(tmp_path / "ref" / "weights.pt")["layers.0.W"]
+    W_res = torch.load(run_dir / "weights.pt")["layers.0.W"]
     assert float((W_res - W_ref).abs().max()) <= 1e-12 * float(W_ref.abs().max())
     assert loss_rows(run_dir) == loss_rows(tmp_path / "ref")        # the curve before the cut is kept
     # the stability peak seen before the cut (step 3 here) travels in the checkpoint
@@ -63,7 +63,7 @@ def test_forced_divergence_ends_with_status_not_crash(tmp_path, mnist_dir):
     res = train(make_cfg(over, tmp_path, mnist_dir))        # returns: a diverged run is a result
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["status"] == "diverged" and res["faults"] >= 5
-    assert torch.isfinite(torch.load(tmp_path / "weights.pt")["W"]).all()
+    assert torch.isfinite(torch.load(tmp_path / "weights.pt")["layers.0.W"]).all()
     with pytest.raises(SystemExit, match="strict=true: the run ended with status 'diverged'"):
         train(make_cfg([*over, "strict=true"], tmp_path / "strict", mnist_dir))
 
@@ -94,7 +94,7 @@ def test_validation_names_the_bad_value(tmp_path, mnist_dir, override, message):
 def test_checkpoint_from_another_network_is_refused(tmp_path, mnist_dir):
     train(make_cfg([*QUICK_MNIST, "trainer.max_steps=1"], tmp_path / "a", mnist_dir))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    with pytest.raises(ValueError, match=r"holds a network with N=300, but model.N=50"):
+    with pytest.raises(ValueError, match=r"has layers.0.W of shape \(300, 300\), the model \(50, 50\)"):
         train(make_cfg([*QUICK_MNIST, "model.N=50", f"ckpt_path={ckpt}"], tmp_path / "b", mnist_dir))
     with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
         train(make_cfg([*QUICK_MNIST, f"ckpt_path={tmp_path}/nope.ckpt"], tmp_path / "c", mnist_dir))

@@ -6,7 +6,7 @@ import torch
 from hydra.errors import HydraException
 
 from fprnn import rules
-from fprnn.module import loss_and_grad
+from fprnn.update import loss_and_grad
 from fprnn.run import build, train
 
 from helpers import QUICK_MNIST, make_cfg
@@ -82,8 +82,8 @@ def test_checkpoint_resume_continues_to_the_identical_W(tmp_path, mnist_dir):
     ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
     resumed = train(make_cfg([*common, "trainer.max_epochs=3", f"ckpt_path={ckpt}"], tmp_path / "part", mnist_dir))
-    Wf = torch.load(tmp_path / "full" / "weights.pt")["W"]
-    Wr = torch.load(tmp_path / "part" / "weights.pt")["W"]
+    Wf = torch.load(tmp_path / "full" / "weights.pt")["layers.0.W"]
+    Wr = torch.load(tmp_path / "part" / "weights.pt")["layers.0.W"]
     assert resumed["steps"] == full["steps"] == 12
     assert torch.equal(Wf, Wr)
 
@@ -102,14 +102,13 @@ def test_results_json_and_weights_for_mnist(tmp_path, mnist_dir):
     assert saved["frac_stable"] == 1.0 and saved["max_re_eig"] < 1
     assert saved["solver_max_residual"] <= 1e-5
     w = torch.load(tmp_path / "weights.pt")
-    assert w["W"].shape == (300, 300) and w["W_in"].shape == (300, 784) and w["W_out"].shape == (10, 300)
+    assert w["layers.0.W"].shape == (300, 300) and w["layers.0.V"].shape == (300, 784) and w["W_out"].shape == (10, 300)
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     assert (tmp_path / "csv" / "metrics.csv").read_text().count("\n") > 4
     # test_acc against the saved weights, evaluated independently on the same 500 test images
     data, model, *_ = build(cfg, tmp_path / "again")
     data.setup()
-    with torch.no_grad():
-        model.W.copy_(w["W"])
+    model.load_state_dict(w)
     x, y = data.test_set.tensors
     acc = float((model(x).argmax(1) == y).double().mean())
     assert saved["test_acc"] == pytest.approx(acc, abs=1e-6) and acc > 0.3   # 4 steps; chance is 0.1
@@ -120,7 +119,7 @@ def test_linear_task_learns_and_reports_loss_W(tmp_path):
                     "trainer.max_steps=200"], tmp_path)
     res = train(cfg)
     data, *_ = build(cfg, tmp_path / "again")
-    W = torch.load(tmp_path / "weights.pt")["W"]
+    W = torch.load(tmp_path / "weights.pt")["layers.0.W"]
     assert res["loss_W"] == pytest.approx(data.loss(W), rel=1e-12)
     W0 = build(cfg, tmp_path / "again")[1].W.detach()
     assert res["loss_W"] < 0.05 * data.loss(W0)
@@ -151,7 +150,7 @@ def test_a_finished_run_loads_back_in_one_call(tmp_path, mnist_dir):
     res = train(cfg)
     net = FixedPointRNN.load(tmp_path)
     assert (net.N, net.n_in, net.n_out, net.act.name) == (64, 784, 10, "softplus")
-    assert torch.equal(net.W.detach(), torch.load(tmp_path / "weights.pt")["W"])
+    assert torch.equal(net.W.detach(), torch.load(tmp_path / "weights.pt")["layers.0.W"])
     data, *_ = build(cfg, tmp_path / "again")
     data.setup()
     x, y = data.test_set.tensors

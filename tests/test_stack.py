@@ -1,0 +1,150 @@
+"""Stacked layers with trained read-in, read-out and biases: every gradient against autograd
+through a converged unrolled solve written here by hand, every rule per layer against the core
+rule, the reparameterized read-in against its per-sample formula, and the one-layer network
+against the paper's initialisation."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fprnn import rules
+from fprnn.model import FixedPointRNN
+from fprnn.update import rule_step
+
+TIGHT = {"tol": 1e-13, "max_iter": 500}
+
+
+def stack(seed=0, **kw):
+    opts = dict(layers=[12, 9], n_in=7, n_out=4, dtype="float64", sigma_W=0.6, seed=seed,
+                train_readin=True, train_readout=True, bias=True, solver_kwargs=TIGHT)
+    opts.update(kw)
+    net = FixedPointRNN(**opts)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():       # biases away from zero, so that their gradients mean something
+        for t in (net.layers[0].b, net.layers[1].b, net.b_out):
+            t.copy_(0.3 * torch.randn(t.shape, generator=g, dtype=torch.float64))
+    p = torch.randn(10, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (10,), generator=g)
+    return net, p, y
+
+
+def autograd_reference(net, p, y, steps=400):
+    """Gradients of the mean loss by autograd through damped iterations started at each layer's
+    fixed point (converged: the unrolled map's derivative is the implicit one to ~0.75^steps);
+    also ∇ with respect to the rates r_1 that the second layer reads (δ_1, summed over samples)."""
+    fps = net.fixed_points(p)
+    params = dict(net.named_parameters())
+    s = p
+    inputs = []
+    for layer, fp in zip(net.layers, fps):
+        inputs.append(s)
+        x = s @ layer.V.T + layer.b
+        u = fp.r.clone()
+        for _ in range(steps):
+            u = u + 0.5 * (torch.tanh(u @ layer.W.T + x) - u)
+        s = u
+    loss = F.cross_entropy(s @ net.W_out.T + net.b_out, y)
+    grads = torch.autograd.grad(loss, [*params.values(), inputs[1]])
+    return dict(zip(params, grads[:-1])), grads[-1] * len(p), fps
+
+
+def test_stack_gradients_equal_autograd_through_the_converged_solve():
+    net, p, y = stack()
+    step = rule_step(net, p, y, "classification", rules.w1, 1.0, [{}, {}])
+    assert step.fault is None
+    want, delta1, fps = autograd_reference(net, p, y)
+    assert set(step.grads) == set(want) == {"layers.0.W", "layers.0.V", "layers.0.b", "layers.1.W",
+                                            "layers.1.V", "layers.1.b", "W_out", "b_out"}
+    for name, g in want.items():        # w1 with η = 1: −ΔW is ∇_W of the mean loss
+        rel = float((step.grads[name] - g).norm() / g.norm())
+        assert rel < 1e-8, (name, rel)
+    assert float((step.deltas[0] - delta1).norm() / delta1.norm()) < 1e-8
+    # the fixed points the gradients were taken at are fixed points
+    for layer, fp in zip(net.layers, fps):
+        assert float((torch.tanh(fp.r @ layer.W.detach().T + fp.x) - fp.r).abs().max()) < 1e-12
+
+
+def test_stack_gradient_against_finite_differences_of_resolved_fixed_points():
+    """The implicit gradient of V_1 (the deepest, credit through both layers) along a random
+    direction, against central differences of the loss re-solved at V_1 ± εD."""
+    net, p, y = stack(seed=3)
+    step = rule_step(net, p, y, "classification", rules.w1, 1.0, [{}, {}])
+    D = torch.randn(net.layers[0].V.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    V = net.layers[0].V.detach().clone()
+
+    def J(t):
+        with torch.no_grad():
+            net.layers[0].V.copy_(V + t * D)
+        return float(F.cross_entropy(net(p), y))
+
+    eps = 1e-5
+    fd = (J(eps) - J(-eps)) / (2 * eps)
+    assert fd == pytest.approx(float((step.grads["layers.0.V"] * D).sum()), rel=1e-7)
+
+
+@pytest.mark.parametrize("rule", ["w1", "w2", "w3", "w4", "jfb"])
+def test_every_rule_per_layer_is_the_core_rule_on_that_layer(rule):
+    net, p, y = stack(seed=1)
+    lr = 0.05
+    step = rule_step(net, p, y, "classification", rules.RULES[rule], lr, [{}, {}])
+    assert step.fault is None
+    for l, (layer, fp) in enumerate(zip(net.layers, step.fps)):
+        want = rules.RULES[rule](layer.W.detach(), fp.r, fp.gain, step.deltas[l], lr)
+        assert torch.allclose(step.grads[f"layers.{l}.W"], -want, rtol=0, atol=1e-15), (rule, l)
+    # the credit handed down does not depend on the rule that moves the W's
+    ref = rule_step(net, p, y, "classification", rules.w1, lr, [{}, {}])
+    assert torch.allclose(step.deltas[0], ref.deltas[0], rtol=1e-12, atol=0)
+
+
+def test_reparameterized_readin_is_its_per_sample_formula():
+    """ΔV_ℓ ∝ −mean_i (I − W G_i) G_i δ_i s_iᵀ, built here with explicit N×N matrices."""
+    net, p, y = stack(seed=2)
+    step = rule_step(net, p, y, "classification", rules.w3, 0.1, [{}, {}], readin="reparam")
+    inputs = [p, step.fps[0].r]
+    for l, layer in enumerate(net.layers):
+        W, fp, delta = layer.W.detach(), step.fps[l], step.deltas[l]
+        I = torch.eye(W.shape[0], dtype=W.dtype)
+        a = [(I - W @ torch.diag(g)) @ torch.diag(g) @ d for g, d in zip(fp.gain, delta)]
+        want_V = sum(torch.outer(ai, si) for ai, si in zip(a, inputs[l])) / len(p)
+        want_b = sum(a) / len(p)
+        assert torch.allclose(step.grads[f"layers.{l}.V"], want_V, rtol=1e-12, atol=1e-15)
+        assert torch.allclose(step.grads[f"layers.{l}.b"], want_b, rtol=1e-12, atol=1e-15)
+    # W = 0 turns it into the gradient (both are G δ sᵀ there)
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.W.zero_()
+    a = rule_step(net, p, y, "classification", rules.w3, 0.1, [{}, {}], readin="reparam")
+    b = rule_step(net, p, y, "classification", rules.w3, 0.1, [{}, {}], readin="gradient")
+    for l in range(2):
+        assert torch.allclose(a.grads[f"layers.{l}.V"], b.grads[f"layers.{l}.V"], rtol=1e-12, atol=1e-16)
+
+
+def test_one_layer_draws_the_papers_initial_weights():
+    """W = σ_W Z/√N, then W_in = Z/√n_in, then W_out = Z/√N, from one generator of float64
+    normals (W scaled after the cast to float32, as the paper's network always was)."""
+    net = FixedPointRNN(50, 30, 10, sigma_W=0.5, seed=7)
+    g = torch.Generator().manual_seed(7)
+    W = 0.5 * torch.randn(50, 50, generator=g, dtype=torch.float64).float() / math.sqrt(50)
+    W_in = torch.randn(50, 30, generator=g, dtype=torch.float64) / math.sqrt(30)
+    W_out = torch.randn(10, 50, generator=g, dtype=torch.float64) / math.sqrt(50)
+    assert torch.equal(net.W.detach(), W) and torch.equal(net.W_in, W_in.float())
+    assert torch.equal(net.W_out, W_out.float())
+    assert [n for n, _ in net.named_parameters()] == ["layers.0.W"]       # nothing else learns
+
+
+def test_stack_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"give the layer sizes once: N \(one layer\) or layers"):
+        FixedPointRNN(300, 784, 10, layers=[300, 300])
+    with pytest.raises(ValueError, match=r"layers must be a non-empty list of positive integers, got \[300, 0\]"):
+        FixedPointRNN(None, 784, 10, layers=[300, 0])
+    with pytest.raises(ValueError, match=r"activation lists 3 values for 2 layers"):
+        FixedPointRNN(None, 784, 10, layers=[30, 20], activation=["tanh", "relu", "tanh"])
+    with pytest.raises(ValueError, match="a stack of 2 layers needs a read-in: set n_in"):
+        FixedPointRNN(None, None, 10, layers=[30, 20])
+    with pytest.raises(ValueError, match="train_readout=true needs a read-out to train: set n_out"):
+        FixedPointRNN(30, 5, None, train_readout=True)
+    net = FixedPointRNN(None, 5, 3, layers=[8, 6], activation=["tanh", "relu"])
+    assert [layer.act.name for layer in net.layers] == ["tanh", "relu"]
+    with pytest.raises(ValueError, match=r"this network has 2 layers: use layers\[ℓ\]"):
+        net.W
