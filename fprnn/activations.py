@@ -1,6 +1,7 @@
 """Activation functions f and their derivatives f' (the gains G = diag f'(z), eq 2.3)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,17 +45,69 @@ ACTIVATIONS: dict[str, Activation] = {
 }
 
 
-def get_activation(spec: str | Activation | Callable[[Tensor], Tensor]) -> Activation:
-    """Look up an activation by name, pass an :class:`Activation` through, or wrap a callable
-    (its derivative then comes from autograd)."""
+def powerlaw(k: float = 0.04, n: float = 2.0, r_max: float | None = None, cap: str = "smooth") -> Activation:
+    """The supralinear unit of the stabilized supralinear network, f(z) = k [z]₊ⁿ (n ≥ 1), with a
+    rate bound r_max so that rates cannot run away: ``cap="smooth"`` f = r_max tanh(k[z]₊ⁿ / r_max)
+    (f' never 0 above threshold), ``"hard"`` f = min(k[z]₊ⁿ, r_max). f' exact."""
+    for name, v, lo in (("k", k, 0.0), ("n", n, 1.0)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or v == 0:
+            raise ValueError(f"powerlaw {name} must be a finite number ≥ {lo:g} (and > 0), got {v!r}")
+    if r_max is not None and (isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not r_max > 0):
+        raise ValueError(f"powerlaw r_max must be a positive number or null, got {r_max!r}")
+    if cap not in ("smooth", "hard"):
+        raise ValueError(f"powerlaw cap must be 'smooth' or 'hard', got {cap!r}")
+
+    def raw(z):
+        return k * torch.relu(z) ** n
+
+    def draw(z):
+        return k * n * torch.relu(z) ** (n - 1) * (z > 0).to(z.dtype)
+
+    if r_max is None:
+        f, df = raw, draw
+    elif cap == "smooth":
+        def f(z):
+            return r_max * torch.tanh(raw(z) / r_max)
+
+        def df(z):
+            return draw(z) * (1 - torch.tanh(raw(z) / r_max) ** 2)
+    else:
+        def f(z):
+            return torch.clamp(raw(z), max=r_max)
+
+        def df(z):
+            return draw(z) * (raw(z) < r_max).to(z.dtype)
+    label = f"powerlaw(k={k:g}, n={n:g}" + (f", r_max={r_max:g} {cap}" if r_max is not None else "") + ")"
+    return Activation(label, f, df)
+
+
+#: activations with parameters: ``{"name": "powerlaw", "k": 0.04, "n": 2}`` in a config
+FACTORIES: dict[str, Callable[..., Activation]] = {"powerlaw": powerlaw}
+
+
+def get_activation(spec) -> Activation:
+    """Look up an activation by name (``"tanh"``, ``"powerlaw"`` with its defaults), build one
+    with parameters from a dict (``{"name": "powerlaw", "k": 0.04, "n": 2, "r_max": 200}``), pass
+    an :class:`Activation` through, or wrap a callable (its derivative then comes from autograd)."""
     if isinstance(spec, Activation):
         return spec
+    if isinstance(spec, dict):
+        kw = dict(spec)
+        name = kw.pop("name", None)
+        if name not in FACTORIES:
+            raise ValueError(f"an activation with parameters needs name: one of {sorted(FACTORIES)}, got {name!r}")
+        try:
+            return FACTORIES[name](**kw)
+        except TypeError as e:
+            raise ValueError(f"activation {name!r}: {e}") from None
+    if isinstance(spec, str) and spec in FACTORIES:
+        return FACTORIES[spec]()
     if isinstance(spec, str):
         try:
             return ACTIVATIONS[spec]
         except KeyError:
             raise ValueError(
-                f"unknown activation {spec!r}; choose one of {sorted(ACTIVATIONS)} or pass a callable"
+                f"unknown activation {spec!r}; choose one of {sorted([*ACTIVATIONS, *FACTORIES])} or pass a callable"
             ) from None
     if callable(spec):
         return Activation(getattr(spec, "__name__", "custom"), spec, _autograd_df(spec))

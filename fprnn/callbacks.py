@@ -121,8 +121,9 @@ class StabilityMonitor(pl.Callback):
             fig = eig_figure(W, continuous=layer.dyn.continuous)
             lam = torch.linalg.eigvals(W.double())
             for lg in loggers:
-                lg.experiment.log({layer_key("stability/eig_W", l, len(layers)): wandb.Image(fig),
-                                   layer_key("stability/eig_W_real", l, len(layers)): wandb.Histogram(lam.real.numpy()),
+                L = len(layers)
+                lg.experiment.log({layer_key("stability/eig_W", l, L): wandb.Image(fig),
+                                   layer_key("stability/eig_W_real", l, L): wandb.Histogram(lam.real.numpy()),
                                    "trainer/global_step": trainer.global_step})
             plt.close(fig)
 
@@ -167,3 +168,21 @@ class AngleMonitor(pl.Callback):
                     if math.isfinite(theta):
                         logs[layer_key(f"angle/theta{a[1:]}{b[1:]}", l, L)] = theta
         _log(trainer, logs)
+
+
+class AnalysisMonitor(pl.Callback):
+    """Every k steps, on the probe batch: :func:`fprnn.analysis.analyse` — the fractions of fixed
+    points stable (with time constants), inhibition-stabilized and with a paradoxical response,
+    the mean ISN index — logged as ``analysis/…``."""
+
+    def __init__(self, every_n_steps: int = 50, probe_size: int = 16):
+        self.every, self.probe_size = int(every_n_steps), int(probe_size)
+        self.probe = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.probe = trainer.datamodule.probe_batch(self.probe_size)[0]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.probe is not None and _every(trainer, self.every):
+            from .analysis import analyse
+            _log(trainer, {f"analysis/{k}": v for k, v in analyse(pl_module.model, self.probe).items()})

@@ -335,26 +335,7 @@ class ArraysDataModule(TensorData):
                     ds.tensors = ((ds.tensors[0] - mean) / std, ds.tensors[1])
 
     def _read(self) -> dict[str, torch.Tensor]:
-        if not self.path.is_file():
-            raise FileNotFoundError(f"data.path={self.path}: no such file")
-        if self.path.suffix == ".npz":
-            import numpy as np
-            try:
-                with np.load(self.path, allow_pickle=False) as f:
-                    raw = {k: torch.from_numpy(f[k]) for k in f.files}
-            except Exception as e:
-                raise ValueError(f"data.path={self.path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-        elif self.path.suffix == ".pt":
-            try:
-                raw = torch.load(self.path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise ValueError(f"data.path={self.path}: not a readable .pt file ({type(e).__name__})") from None
-            if not isinstance(raw, dict):
-                raise ValueError(f"data.path={self.path}: holds a {type(raw).__name__}, expected a dict of tensors")
-            raw = {k: torch.as_tensor(v) for k, v in raw.items()}
-        else:
-            raise ValueError(f"data.path={self.path}: unknown file type {self.path.suffix!r}; use .npz or .pt")
-        return self._validated(raw)
+        return self._validated(read_arrays(self.path))
 
     def _validated(self, raw: dict) -> dict[str, torch.Tensor]:
         where = f"data.path={self.path}"
@@ -379,6 +360,79 @@ class ArraysDataModule(TensorData):
 
     def setup(self, stage: str | None = None) -> None:
         pass                         # read and split at construction (its sizes are needed early)
+
+
+def read_arrays(path: Path) -> dict[str, torch.Tensor]:
+    """The arrays of a ``.npz`` or ``.pt`` file (a dict of tensors), with errors that name it."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path={path}: no such file")
+    if path.suffix == ".npz":
+        import numpy as np
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return {k: torch.from_numpy(f[k]) for k in f.files}
+        except Exception as e:
+            raise ValueError(f"data.path={path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if path.suffix == ".pt":
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"data.path={path}: not a readable .pt file ({type(e).__name__})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"data.path={path}: holds a {type(raw).__name__}, expected a dict of tensors")
+        return {k: torch.as_tensor(v) for k, v in raw.items()}
+    raise ValueError(f"data.path={path}: unknown file type {path.suffix!r}; use .npz or .pt")
+
+
+class ResponsesDataModule(TensorData):
+    """Recorded steady-state responses to fit: a ``.npz``/``.pt`` file (or ``arrays``) with
+    stimuli ``X`` (n, d), the recorded rates ``R`` (n, k) and ``units`` (k,), the indices of the
+    recorded units among the network's N; optional held-out ``X_test`` / ``R_test``, otherwise
+    ``test_size`` of the stimuli are held out. The loss is the squared error of those units'
+    fixed-point rates (no read-out), so δ is nonzero on recorded units only. ``direct=True``
+    feeds X as the network's input itself (d = N, model.n_in=null), else through a read-in."""
+
+    task = "regression"
+
+    def __init__(self, path: str | None = None, test_size=0.2, direct: bool = False, arrays: dict | None = None,
+                 batch_size: int = 64, val_size=0.1, **split):
+        super().__init__(batch_size=batch_size, val_size=val_size, **split)
+        _check_split("test_size", test_size)
+        if (path is None) == (arrays is None):
+            raise ValueError("responses data: give data.path (a .npz or .pt file)")
+        where = f"data.path={path}" if path is not None else "responses"
+        raw = read_arrays(Path(path)) if path is not None else {k: torch.as_tensor(v) for k, v in arrays.items()}
+        missing = [k for k in ("X", "R", "units") if k not in raw]
+        if missing:
+            raise ValueError(f"{where}: missing {missing} (found {sorted(raw)}); expected X (n, d) stimuli, "
+                             f"R (n, k) recorded rates and units (k,) their indices")
+        X = _features(where, "X", raw["X"])
+        R = _targets(where, "R", raw["R"], len(X), "X")
+        units = raw["units"]
+        if units.dim() != 1 or len(units) != R.shape[1] or units.is_floating_point() \
+                or len(set(units.tolist())) != len(units) or int(units.min()) < 0:
+            raise ValueError(f"{where}: units must be {R.shape[1]} distinct non-negative integer indices (one per "
+                             f"column of R), got {units.tolist()[:10]}")
+        if "X_test" in raw:
+            if "R_test" not in raw:
+                raise ValueError(f"{where}: X_test is given without R_test")
+            Xt = _features(where, "X_test", raw["X_test"])
+            Rt = _targets(where, "R_test", raw["R_test"], len(Xt), "X_test")
+            if Xt.shape[1] != X.shape[1] or Rt.shape[1] != R.shape[1]:
+                raise ValueError(f"{where}: X_test/R_test have {Xt.shape[1]}/{Rt.shape[1]} columns, X/R "
+                                 f"{X.shape[1]}/{R.shape[1]}")
+        else:
+            keep, held = split_indices(len(X), _split_count("test_size", test_size, len(X)), self.seed, stream=1)
+            X, R, Xt, Rt = X[keep], R[keep], X[held], R[held]
+        self.name, self.units = "responses", units.long()
+        self.n_in, self.n_out = (None if direct else X.shape[1]), None
+        if direct:
+            self.N = X.shape[1]
+        self._set_splits(X, R, Xt, Rt)
+
+    def setup(self, stage: str | None = None) -> None:
+        pass
 
 
 def _features(where: str, name: str, X: torch.Tensor) -> torch.Tensor:

@@ -49,12 +49,24 @@ class Dynamics:
         """Step size of one simulated step: dt/τ for continuous time, 1 for the discrete map."""
         return dt if self.continuous else 1.0
 
-    def stability(self, W: Tensor, gain: Tensor) -> Tensor:
+    def stability(self, W: Tensor, gain: Tensor, tau: Tensor | None = None) -> Tensor:
         """Per-sample stability value s_i of the fixed point with gains ``gain`` (m, N);
         stable iff s_i < 1. Continuous time (J = (−I + G W)/τ, eq 2.3): s_i = max Re λ(G_i W).
-        Discrete time (eq 2.4): s_i = ρ(G_i W)."""
-        lam = torch.linalg.eigvals(gain.unsqueeze(-1) * W)  # G_i W: row j of W scaled by g_ij
-        return lam.real.amax(-1) if self.continuous else lam.abs().amax(-1)
+        Discrete time (eq 2.4): s_i = ρ(G_i W).
+
+        With per-unit time constants ``tau`` (N,) the linearization is J_i = T⁻¹(−I + G_i W) for
+        rate dynamics and T⁻¹(−I + W G_i) for voltage dynamics (T = diag τ): their eigenvalues
+        differ once τ does. Then s_i = 1 + τ_min max Re λ(J_i), which is max Re λ(G_i W) again
+        when all τ are equal."""
+        if tau is None:
+            lam = torch.linalg.eigvals(gain.unsqueeze(-1) * W)  # G_i W: row j of W scaled by g_ij
+            return lam.real.amax(-1) if self.continuous else lam.abs().amax(-1)
+        if not self.continuous:
+            raise ValueError("time constants apply to continuous dynamics only")
+        M = W * gain.unsqueeze(-2) if self.state_is_voltage else gain.unsqueeze(-1) * W
+        eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+        J = (M - eye) / tau.to(W.dtype).unsqueeze(-1)
+        return 1 + tau.min() * torch.linalg.eigvals(J).real.amax(-1)
 
 
 DYNAMICS: dict[str, Dynamics] = {

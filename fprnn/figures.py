@@ -187,6 +187,62 @@ def plot_eigs(items, out: Path, written: list) -> None:
     _save(fig, out, "eig_W", written)
 
 
+def plot_responses(items, out: Path, written: list, n_units: int = 4) -> None:
+    """Fitted against recorded responses on the held-out stimuli, for runs that fit recorded
+    responses: a scatter of all of them, and for a few recorded units their tuning curve at the
+    highest contrast and contrast-response curve at their best orientation (``data=ssn_teacher``;
+    other responses data: the responses over the test stimuli in file order)."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from .model import FixedPointRNN
+    for it in items:
+        d = it["dir"]
+        if it["res"].get("data") not in ("responses", "ssn_teacher") or not (d / "model.json").exists():
+            continue
+        cfg = OmegaConf.load(d / ".hydra" / "config.yaml")
+        data = hydra.utils.instantiate(cfg.data)
+        net = FixedPointRNN.load(d)
+        X, R = data.test_set.tensors
+        fit = net.fixed_points(X)[-1].r[:, data.units].float()
+        R = R.float()
+        units = torch.linspace(0, R.shape[1] - 1, n_units).round().long()
+        grid = hasattr(data, "contrasts")
+        fig, axes = plt.subplots(1 + grid, n_units + 1, figsize=(3.0 * (n_units + 1), 2.8 * (1 + grid)),
+                                 squeeze=False)
+        ax = axes[0, 0]
+        ax.scatter(R.flatten(), fit.flatten(), s=3, alpha=0.4)
+        hi = float(max(R.max(), fit.max()))
+        ax.plot([0, hi], [0, hi], "k--", lw=0.8)
+        ax.set_xlabel("recorded rate")
+        ax.set_ylabel("fitted rate")
+        ax.set_title(f"held-out stimuli, R² = {it['res'].get('test_r2', float('nan')):.3f}", fontsize=9)
+        for j, u in enumerate(units.tolist(), start=1):
+            if grid:
+                nc, no = len(data.contrasts), data.n_orient
+                rec, fitted = R[:, u].reshape(nc, no), fit[:, u].reshape(nc, no)
+                best = int(rec[-1].argmax())
+                axes[0, j].plot(rec[-1], "o", ms=3, label="recorded")
+                axes[0, j].plot(fitted[-1], "-", label="fitted")
+                axes[0, j].set_title(f"unit {int(data.units[u])}: tuning, c = {data.contrasts[-1]:g}", fontsize=9)
+                axes[0, j].set_xlabel("orientation index")
+                axes[1, j].plot(data.contrasts, rec[:, best], "o", ms=3, label="recorded")
+                axes[1, j].plot(data.contrasts, fitted[:, best], "-", label="fitted")
+                axes[1, j].set_xscale("log")
+                axes[1, j].set_xlabel("contrast")
+                axes[1, j].set_title("contrast response (best orientation)", fontsize=9)
+            else:
+                axes[0, j].plot(R[:, u], "o", ms=3, label="recorded")
+                axes[0, j].plot(fit[:, u], "-", label="fitted")
+                axes[0, j].set_title(f"unit {int(data.units[u])}", fontsize=9)
+                axes[0, j].set_xlabel("test stimulus")
+        axes[0, 1].legend(fontsize=7)
+        for ax in axes[1:, 0]:
+            ax.axis("off")
+        fig.tight_layout()
+        _save(fig, out, f"responses_{d.name}" if len(items) > 1 else "responses", written)
+
+
 def make_figures(root: str | Path, wandb: bool = False) -> list[Path]:
     """Write the figures of one run or a sweep into ``root/figures``; return the files."""
     root = Path(root)
@@ -203,7 +259,10 @@ def make_figures(root: str | Path, wandb: bool = False) -> list[Path]:
                 "loss", out, written, log=True)
     if not regression:
         plot_curves(items, "train/acc_step", "training accuracy", "accuracy", out, written)
-        plot_curves(items, "val/acc", "test accuracy (end of epoch)", "test_accuracy", out, written, marker="o")
+        plot_curves(items, "val/acc", "validation accuracy (end of epoch)", "val_accuracy", out, written, marker="o")
+    else:
+        plot_curves(items, "val/r2", "validation R² (recorded units)", "val_r2", out, written, marker="o")
+        plot_responses(items, out, written)
     plot_curves(items, "stability/max_re_eig", "max over probes of max Re λ(G_i W)", "stability", out, written,
                 hline=(1.0, "stability boundary"))
     plot_curves(items, "stability/max_re_eig_W", "max Re λ(W) (the authors' check)", "stability_W", out,

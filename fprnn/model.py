@@ -82,11 +82,23 @@ class Layer(nn.Module):
     """One recurrent layer: r = f(W r + x), x = V s + b for the previous layer's rates s (the
     input for the first layer). ``V`` is a fixed buffer unless ``train_readin``; ``V`` is None when
     s is fed directly (x = s + b); ``b`` exists only with ``bias``. ``W`` learns unless
-    ``train_W=False`` (with σ_W = 0: W ≡ 0, a feed-forward layer r = f(V s + b))."""
+    ``train_W=False`` (with σ_W = 0: W ≡ 0, a feed-forward layer r = f(V s + b)).
+
+    Excitatory/inhibitory networks (docs/constraints.md): ``n_exc`` makes the first units
+    excitatory (``sign`` +1: their outgoing weights, columns of W, stay ≥ 0) and the rest
+    inhibitory (≤ 0); ``p_connect`` or ``mask_path`` fix a connectivity ``mask`` (zeros stay zero),
+    ``self_connections=False`` empties its diagonal; ``constraint`` says how every step keeps them
+    (``project`` or ``reparam``). Such a W starts as |Z| ⊙ S ⊙ M with the magnitudes of
+    ``blocks`` = [[J_EE, J_EI], [J_IE, J_II]] (the mean total weight a unit gets from each
+    population; default σ_W for all four: balanced). ``tau`` (and ``tau_I`` for inhibitory units)
+    are time constants: they move no fixed point, but stability and Euler's steps use them."""
 
     def __init__(self, N: int, n_in: int | None, gen: torch.Generator, dt: torch.dtype, *, activation,
                  dynamics, solver: str, solver_kwargs: dict | None, sigma_W: float, train_W: bool,
-                 train_readin: bool, bias: bool, bptt_steps: int, bptt_damping: float):
+                 train_readin: bool, bias: bool, bptt_steps: int, bptt_damping: float,
+                 n_exc: float | int | None = None, p_connect: float | None = None, mask_path: str | None = None,
+                 mask_seed: int | None = None, self_connections: bool = True, constraint: str = "project",
+                 blocks=None, tau: float | None = None, tau_I: float | None = None):
         super().__init__()
         if not (isinstance(sigma_W, (int, float)) and math.isfinite(sigma_W) and sigma_W >= 0):
             raise ValueError(f"sigma_W must be a non-negative finite number, got {sigma_W!r}")
@@ -101,7 +113,17 @@ class Layer(nn.Module):
         self.N, self.n_in = N, n_in
         # float64 normals, drawn in this order (W, then V, then the next layer's, then W_out):
         # one layer draws exactly the paper's network as fprnn always drew it
-        W = sigma_W * torch.randn(N, N, generator=gen, dtype=torch.float64).to(dt) / math.sqrt(N)
+        Z = torch.randn(N, N, generator=gen, dtype=torch.float64)
+        mask_gen = gen if mask_seed is None else torch.Generator().manual_seed(int(mask_seed))
+        sign, mask = self._wiring(N, mask_gen, n_exc, p_connect, mask_path, self_connections, constraint)
+        self.register_buffer("sign", None if sign is None else sign.to(dt))
+        self.register_buffer("mask", mask)
+        self.constraint = constraint
+        W = sigma_W * Z.to(dt) / math.sqrt(N) if sign is None and mask is None else \
+            _constrained_init(Z, sign, mask, sigma_W if blocks is None else blocks).to(dt)
+        self.register_buffer("tau", _time_constants(N, tau, tau_I, sign, self.dyn))
+        if self.tau is not None:
+            self.tau = self.tau.to(dt)
         if train_W:
             self.W = nn.Parameter(W)
         else:
@@ -112,6 +134,28 @@ class Layer(nn.Module):
         else:
             self.register_buffer("V", V)
         self.b = nn.Parameter(torch.zeros(N, dtype=dt)) if bias else None
+
+    @staticmethod
+    def _wiring(N, gen, n_exc, p_connect, mask_path, self_connections, constraint):
+        from . import constraints
+        if constraint not in constraints.METHODS:
+            raise ValueError(f"unknown constraint {constraint!r}; choose one of {list(constraints.METHODS)}")
+        if p_connect is not None and mask_path is not None:
+            raise ValueError(f"give p_connect or mask_path, not both (got {p_connect!r} and {mask_path!r})")
+        sign = None if n_exc is None else constraints.cell_types(N, n_exc)
+        if mask_path is not None:
+            mask = constraints.load_mask(mask_path, N)
+            if not self_connections:
+                mask.fill_diagonal_(False)
+        elif p_connect is not None or not self_connections:
+            mask = constraints.random_mask(N, 1.0 if p_connect is None else p_connect, gen, self_connections)
+        else:
+            mask = None
+        return sign, mask
+
+    @property
+    def constrained(self) -> bool:
+        return self.sign is not None or self.mask is not None
 
     def input(self, s: Tensor) -> Tensor:
         """x = V s + b, rows = samples."""
@@ -131,6 +175,8 @@ class Layer(nn.Module):
         kw = dict(self.solver_kwargs)
         if self.solver_name == "euler":
             kw["dt"] = self.dyn.euler_dt(kw.get("dt", 0.01))
+            if self.tau is not None:     # dt is then in the time constants' units: per-unit dt/τ
+                kw["dt"] = kw["dt"] / self.tau
         return kw
 
     @torch.no_grad()
@@ -181,8 +227,55 @@ class Layer(nn.Module):
         return self.dyn.rate(u, self.act)
 
     def stability(self, fp: FixedPoint) -> Tensor:
-        """Per-sample stability value (max Re λ(G_i W) or ρ(G_i W)); stable iff < 1."""
-        return self.dyn.stability(self.W.detach(), fp.gain)
+        """Per-sample stability value (max Re λ(G_i W) or ρ(G_i W), with time constants
+        1 + τ_min max Re λ(T⁻¹(−I + G_i W))); stable iff < 1."""
+        return self.dyn.stability(self.W.detach(), fp.gain, self.tau)
+
+
+def _constrained_init(Z: Tensor, sign: Tensor | None, mask: Tensor | None, blocks) -> Tensor:
+    """|Z| with each column's sign and the mask; a unit's mean total weight from each population is
+    the block's magnitude (a number: the same for all four blocks)."""
+    N = Z.shape[0]
+    s = torch.ones(N, dtype=Z.dtype) if sign is None else sign.to(Z.dtype)
+    M = torch.ones(N, N, dtype=torch.bool) if mask is None else mask
+    J = torch.as_tensor(blocks, dtype=Z.dtype)
+    if J.dim() == 0:
+        J = J.expand(2, 2)
+    if tuple(J.shape) != (2, 2) or not bool(torch.isfinite(J).all() and (J >= 0).all()):
+        raise ValueError(f"blocks must be a non-negative number or [[J_EE, J_EI], [J_IE, J_II]], got {blocks!r}")
+    exc = s > 0
+    pop = [exc, ~exc]
+    W = torch.zeros(N, N, dtype=Z.dtype)
+    half_normal_mean = math.sqrt(2 / math.pi)
+    for a in range(2):
+        for b in range(2):
+            rows, cols = pop[a], pop[b]
+            if not (rows.any() and cols.any()):
+                continue
+            blk = M[rows][:, cols]
+            fan = blk.sum(1, keepdim=True).clamp_min(1).to(Z.dtype)      # each unit's inputs from b
+            ri, ci = rows.nonzero().squeeze(1), cols.nonzero().squeeze(1)
+            W[ri[:, None], ci[None, :]] = J[a, b] * Z[ri[:, None], ci[None, :]].abs() * blk / (half_normal_mean * fan)
+    return W * s * M
+
+
+def _time_constants(N: int, tau, tau_I, sign: Tensor | None, dyn) -> Tensor | None:
+    """Per-unit τ: ``tau`` for every unit (or the excitatory ones) and ``tau_I`` for inhibitory ones."""
+    if tau is None and tau_I is None:
+        return None
+    if not dyn.continuous:
+        raise ValueError(f"time constants (tau={tau!r}, tau_I={tau_I!r}) need continuous dynamics, "
+                         f"not {dyn.name!r}")
+    for name, v in (("tau", tau), ("tau_I", tau_I)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not math.isfinite(v) or v <= 0):
+            raise ValueError(f"{name} must be a positive number, got {v!r}")
+    if tau_I is not None and sign is None:
+        raise ValueError("tau_I is the inhibitory units' time constant: set n_exc too")
+    t = torch.full((N,), 1.0 if tau is None else float(tau), dtype=torch.float64)
+    if tau_I is not None:
+        t[sign < 0] = float(tau_I)
+    return t
 
 
 class FixedPointRNN(nn.Module):
@@ -193,7 +286,8 @@ class FixedPointRNN(nn.Module):
     zero. Read-in and read-out are fixed random buffers, as in the paper, unless ``train_readin``
     / ``train_readout``. ``n_in=None`` feeds the input directly to the first layer (x = p, the
     linear task); ``n_out=None`` reads r_L itself out. ``train_W=False, sigma_W=0``: every W ≡ 0,
-    the same network as a feed-forward one (the baseline the recurrence is measured against). ``activation``, ``dynamics``, ``solver``,
+    the same network as a feed-forward one (the baseline the recurrence is measured against).
+    ``activation``, ``dynamics``, ``solver``,
     ``solver_kwargs`` and ``sigma_W`` are shared by the layers, or lists of one per layer.
     """
 
@@ -202,7 +296,10 @@ class FixedPointRNN(nn.Module):
                  solver: Any = "anderson", solver_kwargs: Any = None, sigma_W: Any = 0.5, seed: int = 0,
                  dtype: Any = "float32", bptt_steps: int = 50, bptt_damping: float = 0.5,
                  train_W: bool = True, train_readin: bool = False, train_readout: bool = False,
-                 bias: bool = False):
+                 bias: bool = False, n_exc: Any = None, p_connect: Any = None, mask_path: Any = None,
+                 mask_seed: Any = None, self_connections: Any = True, constraint: Any = "project", blocks=None,
+                 tau: Any = None,
+                 tau_I: Any = None):
         super().__init__()
         sizes = _sizes(N, layers)
         for name, v in (("n_in", n_in), ("n_out", n_out)):
@@ -221,13 +318,15 @@ class FixedPointRNN(nn.Module):
             raise ValueError("train_readout=true needs a read-out to train: set n_out")
         dt = get_dtype(dtype)
         gen = torch.Generator().manual_seed(int(seed))
-        per = {k: _per_layer(k, v, L) for k, v in dict(activation=activation, dynamics=dynamics,
-               solver=solver, solver_kwargs=solver_kwargs, sigma_W=sigma_W).items()}
+        shared = dict(activation=activation, dynamics=dynamics, solver=solver, solver_kwargs=solver_kwargs,
+                      sigma_W=sigma_W, n_exc=n_exc, p_connect=p_connect, mask_path=mask_path, mask_seed=mask_seed,
+                      self_connections=self_connections, constraint=constraint, tau=tau, tau_I=tau_I)
+        per = {k: _per_layer(k, v, L) for k, v in shared.items()}
         fan_in = [n_in, *sizes[:-1]]
         self.layers = nn.ModuleList(
             Layer(sizes[l], fan_in[l], gen, dt, train_W=train_W, train_readin=train_readin, bias=bias,
-                  bptt_steps=bptt_steps,
-                  bptt_damping=bptt_damping, **{k: v[l] for k, v in per.items()}) for l in range(L))
+                  bptt_steps=bptt_steps, bptt_damping=bptt_damping, blocks=blocks,
+                  **{k: v[l] for k, v in per.items()}) for l in range(L))
         self.sizes, self.n_in, self.n_out, self.N = sizes, n_in, n_out, sizes[-1]
         self.train_readin, self.train_readout, self.bias = train_readin, train_readout, bias
         W_out = (torch.randn(n_out, sizes[-1], generator=gen, dtype=torch.float64) / math.sqrt(sizes[-1])).to(dt) \
@@ -239,15 +338,13 @@ class FixedPointRNN(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(n_out, dtype=dt)) if (bias and n_out) else None
         # the constructor's arguments, so that a run can be rebuilt (FixedPointRNN.load); None when
         # an activation or dynamics is an object rather than a name
-        named = all(isinstance(v, str) for k in ("activation", "dynamics") for v in per[k])
-        self.config = dict(N=N, n_in=n_in, n_out=n_out, layers=None if layers is None else sizes,
-                           activation=activation, dynamics=dynamics, solver=solver,
-                           solver_kwargs=[dict(layer.solver_kwargs) for layer in self.layers]
-                           if isinstance(solver_kwargs, (list, tuple)) else dict(self.layers[0].solver_kwargs),
-                           sigma_W=sigma_W, seed=seed, dtype=str(dt).replace("torch.", ""),
-                           bptt_steps=int(bptt_steps), bptt_damping=float(bptt_damping),
-                           train_W=train_W, train_readin=train_readin, train_readout=train_readout,
-                           bias=bias) if named else None
+        named = all(isinstance(v, (str, dict)) for k in ("activation", "dynamics") for v in per[k])
+        kws = [dict(layer.solver_kwargs) for layer in self.layers]
+        shared["solver_kwargs"] = kws if isinstance(solver_kwargs, (list, tuple)) else kws[0]
+        self.config = dict(N=N, n_in=n_in, n_out=n_out, layers=None if layers is None else sizes, **shared,
+                           seed=seed, dtype=str(dt).replace("torch.", ""), bptt_steps=int(bptt_steps),
+                           bptt_damping=float(bptt_damping), train_W=train_W, train_readin=train_readin,
+                           train_readout=train_readout, bias=bias, blocks=blocks) if named else None
 
     @classmethod
     def load(cls, run_dir, map_location="cpu") -> "FixedPointRNN":
@@ -323,6 +420,26 @@ class FixedPointRNN(nn.Module):
         for layer in self.layers:
             s = layer.unrolled(layer.input(s))
         return s
+
+    @torch.no_grad()
+    def scale_to_stable(self, p: Tensor, target: float = 0.9, factor: float = 0.8, tries: int = 40) -> float:
+        """Scale every layer's W by ``factor`` until the fixed points of the inputs p converge in
+        every layer with stability below ``target`` (an initialisation that starts stable: a
+        strong random E/I W often has no attracting fixed point). Returns the scale applied."""
+        if not 0 < target <= 1:
+            raise ValueError(f"stable_init must be in (0, 1] (stability below it), got {target!r}")
+        scale = 1.0
+        for _ in range(tries):
+            fps = self.fixed_points(p, solved=True)
+            ok = all(bool(torch.isfinite(fp.r).all()) and (fp.solution.tol is None or fp.solution.n_nonconverged == 0)
+                     for fp in fps)
+            if ok and max(float(layer.stability(fp).max()) for layer, fp in zip(self.layers, fps)) < target:
+                return scale
+            for layer in self.layers:
+                layer.W.mul_(factor)
+            scale *= factor
+        raise ValueError(f"stable_init={target}: W scaled down to {scale:.3g} of its start and the probe's "
+                         f"fixed points still do not converge below stability {target}")
 
     @torch.no_grad()
     def forward(self, p: Tensor) -> Tensor:

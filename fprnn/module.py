@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from functools import partial
 from typing import Any, Callable
 
 import pytorch_lightning as pl
@@ -13,8 +14,8 @@ import torchmetrics
 from . import rules
 from .dynamics import eig_W
 from .model import FixedPointRNN
-from . import ddp
-from .update import READIN_UPDATES, StackStep, bptt_step, loss_and_grad, rule_step
+from . import constraints, ddp
+from .update import READIN_UPDATES, StackStep, bptt_step, loss_and_grad, rule_step, unfit
 
 Tensor = torch.Tensor
 ALL_RULES = sorted([*rules.RULES, "bptt"])
@@ -37,10 +38,11 @@ class FixedPointModule(pl.LightningModule):
 
     Each step solves the batch's fixed points and hands the optimizer −ΔW as each W's gradient:
     plain SGD with lr = 1 (the default) makes W ← W + ΔW exactly, as in the paper; momentum or
-    Adam then act on the rule's direction. Read-in (V_ℓ, b_ℓ) and read-out (W_out, b_out) tensors
+    Adam then act on the rule's direction; ``scheduler`` (a torch LR scheduler factory) is stepped
+    at each epoch end. Read-in (V_ℓ, b_ℓ) and read-out (W_out, b_out) tensors
     are their own parameter groups, with learning rates ``lr_readin`` / ``lr_readout`` (default:
-    the optimizer's). ``readin="reparam"`` moves read-ins along the reparameterized direction
-    instead of the gradient (docs/stack.md).
+    the optimizer's). ``readin="reparam"`` (default) moves read-ins by the reparameterized step,
+    ``"gradient"`` by their gradient (docs/stack.md).
 
     Faults — fixed points that did not converge (more than ``max_nonconverged`` of the batch, for
     solvers with a tolerance; fewer are left out of the update and counted), NaN/inf in r, the
@@ -53,16 +55,19 @@ class FixedPointModule(pl.LightningModule):
 
     def __init__(self, model: FixedPointRNN, rule: str = "w3", lr: float = 0.25, task: str = "classification",
                  rule_kwargs: dict | None = None, optimizer: Callable | None = None,
-                 lr_readin: float | None = None, lr_readout: float | None = None, readin: str = "gradient",
-                 on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
-                 max_skipped: float = 0.5, check_every: int = 50):
+                 scheduler: Callable | None = None, lr_readin: float | None = None,
+                 lr_readout: float | None = None, readin: str = "reparam",
+                 units=None, on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
+                 max_skipped: float = 0.5, backtrack: int = 0, check_every: int = 50):
         super().__init__()
         if rule not in ALL_RULES:
             raise ValueError(f"unknown rule {rule!r}; choose one of {ALL_RULES}")
-        for name, v, optional in (("lr", lr, False), ("lr_readin", lr_readin, True), ("lr_readout", lr_readout, True)):
+        for name, v, optional in (("lr", lr, False), ("lr_readin", lr_readin, True),
+                                  ("lr_readout", lr_readout, True)):
             if not (optional and v is None) and (isinstance(v, bool) or not isinstance(v, (int, float))
                                                  or not math.isfinite(v) or v <= 0):
-                raise ValueError(f"{name} must be a positive finite number{' or null' if optional else ''}, got {v!r}")
+                raise ValueError(f"{name} must be a positive finite number{' or null' if optional else ''}, "
+                                 f"got {v!r}")
         if readin not in READIN_UPDATES:
             raise ValueError(f"unknown readin update {readin!r}; choose one of {list(READIN_UPDATES)}")
         if task not in TASKS:
@@ -74,6 +79,8 @@ class FixedPointModule(pl.LightningModule):
         if isinstance(max_skipped, bool) or not isinstance(max_skipped, (int, float)) \
                 or not 0 <= max_skipped < 1:
             raise ValueError(f"max_skipped must be a fraction in [0, 1), got {max_skipped!r}")
+        if isinstance(backtrack, bool) or not isinstance(backtrack, int) or backtrack < 0:
+            raise ValueError(f"backtrack must be a count of halvings ≥ 0 (0 = off), got {backtrack!r}")
         if not any(True for _ in model.parameters()):
             raise ValueError("nothing to train: model.train_W, train_readin and train_readout are all false")
         if task == "classification" and model.W_out is None:
@@ -84,19 +91,25 @@ class FixedPointModule(pl.LightningModule):
         self.layer_kwargs = [resolve_rule_kwargs(rule, rule_kwargs, layer) for layer in model.layers]
         self.rule_kwargs = self.layer_kwargs[0]
         self.rule = None if rule == "bptt" else rules.get_rule(rule)
-        self.optimizer_factory = optimizer
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
-        self.max_skipped = float(max_skipped)
+        self.max_skipped, self.backtrack = float(max_skipped), backtrack
+        # the recorded units whose rates the loss is on (fitting responses; None: a read-out)
+        self.register_buffer("units", None if units is None else torch.as_tensor(units, dtype=torch.long),
+                             persistent=False)
         self.check_every = int(check_every)   # steps between rank-agreement checks (and each epoch)
         # the loggers get the whole run config from fprnn.run, not these few keys
-        self.save_hyperparameters(ignore=["model", "optimizer"], logger=False)
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"], logger=False)
         for split in ("train", "val", "test"):
             setattr(self, f"{split}_loss", torchmetrics.MeanMetric())
             setattr(self, f"{split}_max_residual", torchmetrics.MaxMetric())
             if task == "classification":
                 setattr(self, f"{split}_acc", torchmetrics.Accuracy("multiclass", num_classes=model.n_out))
+            elif units is not None:     # pooled over units: 1 − SS_res / SS_tot (variance-weighted)
+                setattr(self, f"{split}_r2", torchmetrics.R2Score(len(self.units), multioutput="variance_weighted"))
         # run bookkeeping (saved in checkpoints, so a resumed run reports the whole run)
         self.faults = self.consecutive_faults = 0     # a fault skips its step: faults = skipped steps
+        self.clipped = self.backtracks = 0            # constrained entries; halved steps
         self.status = "running"
         self.fault_log: list[str] = []
         self.step_ms: list[float] = []
@@ -113,9 +126,16 @@ class FixedPointModule(pl.LightningModule):
         return [dict(g, lr=lr) if lr is not None else g for g, lr in groups if g["params"]]
 
     def configure_optimizers(self):
-        if self.optimizer_factory is None:
-            return torch.optim.SGD(self.param_groups(), lr=1.0)
-        return self.optimizer_factory(self.param_groups())
+        factory = self.optimizer_factory or partial(torch.optim.SGD, lr=1.0)
+        opt = factory(self.param_groups())
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "epoch"}}
+
+    def on_train_epoch_end(self) -> None:
+        sched = self.lr_schedulers()       # manual optimization: Lightning leaves the stepping to us
+        if sched is not None:
+            sched.step()
 
     # -- the step ---------------------------------------------------------------------
     def _fault(self, what: str) -> None:
@@ -142,10 +162,11 @@ class FixedPointModule(pl.LightningModule):
         p, y = self._cast(p, y)
         if self.rule is None:
             return bptt_step(self.model, p, y, self.task, self.lr, self.manual_backward,
-                             max_nonconverged=self.max_nonconverged)
+                             max_nonconverged=self.max_nonconverged, units=self.units)
         gather = (lambda t: self.all_gather(t).flatten(0, 1)) if self._gathers else None
         return rule_step(self.model, p, y, self.task, self.rule, self.lr, self.layer_kwargs,
-                         readin=self.readin, max_nonconverged=self.max_nonconverged, gather=gather)
+                         readin=self.readin, max_nonconverged=self.max_nonconverged, gather=gather,
+                         units=self.units)
 
     def on_train_batch_start(self, batch, batch_idx):
         # Ctrl-C is turned into a flag by run.py and raised here, between steps, so that the
@@ -160,10 +181,13 @@ class FixedPointModule(pl.LightningModule):
         step = self.compute_update(*batch)
         step.weights_before = [layer.W.detach().clone() for layer in self.model.layers]
         fault = ddp.sync_fault(self.trainer.strategy, self.world, step.fault, self.device)
+        if fault is None and self.backtrack:
+            fault = self.apply_with_backtracking(step, batch[0])
+        elif fault is None:
+            self.apply(step)
         if fault is not None:
             self._fault(fault)
         else:
-            self.apply(step)
             self.consecutive_faults = 0
         self.step_ms.append(1e3 * (time.perf_counter() - t0))
         self.iters_sum += sum(fp.solution.iters_mean for fp in step.fps)
@@ -179,20 +203,59 @@ class FixedPointModule(pl.LightningModule):
         self.log_dict(logs, on_step=True, on_epoch=True, prog_bar=False, batch_size=bs,
                       sync_dist=self.world > 1)
         self.log("loss", step.losses.mean(), prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
+        if any(layer.constrained for layer in self.model.layers):
+            self.log("train/clipped", float(self.clipped), on_step=True, on_epoch=False, batch_size=bs)
+        if self.backtrack:
+            self.log("train/backtracks", float(self.backtracks), on_step=True, on_epoch=False, batch_size=bs)
         self._maybe_check_ranks(batch_idx)
         return None
 
     def apply(self, step: StackStep) -> None:
-        """Hand every trained tensor its (device-averaged) gradient and take the optimizer step."""
+        """Hand every trained tensor its (device-averaged) gradient and take the optimizer step;
+        then put every constrained W back on its constraints (fprnn.constraints)."""
         done = {n for n in step.grads if n.endswith(".W")} if self._gathers else set()
         if self.rule is None:   # bptt: DDP averaged autograd's gradients already
             done = set(step.grads)
         grads = ddp.reduce_grads(self.trainer.strategy, self.world, step.grads, step.n_used, done)
+        layers = self.model.layers
+        for l, layer in enumerate(layers):
+            if layer.mask is not None and f"layers.{l}.W" in grads:     # no momentum off the mask
+                grads[f"layers.{l}.W"] = grads[f"layers.{l}.W"] * layer.mask
         opt = self.optimizers()
         opt.zero_grad(set_to_none=False)
         for name, t in self.model.named_parameters():
             t.grad = grads[name]
         opt.step()
+        with torch.no_grad():
+            for l, layer in enumerate(layers):
+                if layer.constrained and isinstance(layer.W, torch.nn.Parameter):
+                    W, n = constraints.constrain(step.weights_before[l], layer.W, layer.sign, layer.mask,
+                                                 layer.constraint)
+                    layer.W.copy_(W)
+                    self.clipped += n
+
+    def apply_with_backtracking(self, step: StackStep, p: Tensor) -> str | None:
+        """Step control: apply the step, then solve the batch at the new weights; while its fixed
+        points do not converge or a probed one (the first 16) is unstable, halve the step (up to
+        ``backtrack`` times). A step that no halving rescues is undone and returned as a fault.
+        The optimizer's state (momentum, Adam's moments) keeps the full step's update."""
+        before = {n: t.detach().clone() for n, t in self.model.named_parameters()}
+        self.apply(step)
+        p = p.to(self.model.dtype)
+        for k in range(self.backtrack + 1):
+            why = unfit(self.model, p, self.max_nonconverged)
+            if why is None:
+                return None
+            if k == self.backtrack:
+                break
+            self.backtracks += 1
+            with torch.no_grad():
+                for n, t in self.model.named_parameters():
+                    t.copy_(before[n] + 0.5 * (t - before[n]))
+        with torch.no_grad():
+            for n, t in self.model.named_parameters():
+                t.copy_(before[n])
+        return f"step undone after {self.backtrack} halvings: {why}"
 
     # -- multi-device ------------------------------------------------------------------
     @property
@@ -221,13 +284,17 @@ class FixedPointModule(pl.LightningModule):
     def _eval_step(self, batch, split: str):
         p, y = self._cast(*batch)
         fps = self.model.fixed_points(p)
-        losses, _, logits = loss_and_grad(self.task, self.model, fps[-1].r, y)
+        losses, _, out = loss_and_grad(self.task, self.model, fps[-1].r, y, self.units)
         getattr(self, f"{split}_loss")(losses.float())
         logs = {f"{split}/loss": getattr(self, f"{split}_loss")}
         if self.task == "classification":
             acc = getattr(self, f"{split}_acc")
-            acc(logits.argmax(1), y)
+            acc(out.argmax(1), y)
             logs[f"{split}/acc"] = acc
+        elif self.units is not None:
+            r2 = getattr(self, f"{split}_r2")
+            r2(out.float(), y.float())
+            logs[f"{split}/r2"] = r2
         mr = getattr(self, f"{split}_max_residual")
         mr(max(fp.solution.residual.max() for fp in fps))
         logs[f"{split}/max_residual"] = mr
@@ -272,7 +339,8 @@ class FixedPointModule(pl.LightningModule):
             self.status = "no_progress"
 
     # -- checkpoint state -------------------------------------------------------------
-    _STATE = ("faults", "consecutive_faults", "status", "fault_log", "step_ms", "iters_sum")
+    _STATE = ("faults", "consecutive_faults", "status", "fault_log", "step_ms", "iters_sum", "clipped",
+              "backtracks")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["fprnn"] = {k: getattr(self, k) for k in self._STATE}
@@ -285,5 +353,6 @@ class FixedPointModule(pl.LightningModule):
         n = max(len(self.step_ms), 1)
         return {"step_ms_median": statistics.median(self.step_ms) if self.step_ms else None,
                 "solver_iters_mean": self.iters_sum / n, "faults": self.faults,
+                "clipped": self.clipped, "backtracks": self.backtracks,
                 "attempted_steps": len(self.step_ms),
                 "fault_log": self.fault_log[-20:]}

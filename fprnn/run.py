@@ -1,8 +1,9 @@
 """One training run from a Hydra config: build, fit, test, and leave results behind.
 
 Writes into the run directory: ``results.json`` (always, also for a diverged or failed run),
-``weights.pt`` (the network's state dict: every layer's W, V, b and the read-out) with ``model.json`` (``FixedPointRNN.load(run_dir)`` rebuilds the
-network), ``checkpoints/last.ckpt``, CSV logs and the offline W&B run.
+``weights.pt`` (the network's state dict: every layer's W, V, b and the read-out) with
+``model.json`` (``FixedPointRNN.load(run_dir)`` rebuilds the network), ``checkpoints/last.ckpt``,
+CSV logs and the offline W&B run.
 """
 from __future__ import annotations
 
@@ -81,6 +82,9 @@ def check_compatible(model, data) -> None:
         raise ValueError(f"model.n_out={model.n_out} does not match the data's {n_out} {what}")
     if n_out is None and getattr(data, "N", model.N) != model.N:
         raise ValueError(f"model.N={model.N} does not match the data's dimension N={data.N}")
+    units = getattr(data, "units", None)
+    if units is not None and int(units.max()) >= model.N:
+        raise ValueError(f"the data records unit {int(units.max())}, but the network has model.N={model.N} units")
 
 
 def _model_sizes(cfg: DictConfig, data) -> dict:
@@ -123,10 +127,14 @@ def build(cfg: DictConfig, run_dir: Path | str):
     data = _instantiate(cfg.data)
     model = _instantiate(cfg.model, **_model_sizes(cfg, data))
     check_compatible(model, data)
+    if cfg.get("stable_init") is not None and not (cfg.get("resume") or cfg.get("ckpt_path")):
+        model.scale_to_stable(data.probe_batch(int(cfg.get("probe_size", 16)))[0], float(cfg.stable_init))
     optimizer = hydra.utils.instantiate(cfg.optimizer) if cfg.get("optimizer") else None
+    scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = FixedPointModule(model, rule=cfg.rule.name, lr=cfg.lr, task=data.task,
                               lr_readin=cfg.get("lr_readin"), lr_readout=cfg.get("lr_readout"),
-                              rule_kwargs=_plain(cfg.rule.get("kwargs")), optimizer=optimizer,
+                              units=getattr(data, "units", None),
+                              rule_kwargs=_plain(cfg.rule.get("kwargs")), optimizer=optimizer, scheduler=scheduler,
                               **_plain(cfg.get("fault")), **_plain(cfg.get("module")))
     loggers = [hydra.utils.instantiate(c, save_dir=str(run_dir))
                for c in (cfg.get("logger") or {}).values() if c is not None]
@@ -169,6 +177,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         tested = trainer.test(module, datamodule=data, verbose=False)[0]
         results["test_loss"] = tested.get("test/loss")
         results["test_acc"] = tested.get("test/acc")
+        if "test/r2" in tested:
+            results["test_r2"] = tested["test/r2"]
         results["solver_max_residual"] = tested.get("test/max_residual")
     except BaseException as e:  # recorded, then re-raised: a crash is not a result
         error = e
@@ -211,6 +221,10 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
     out["train_loss"] = _finite(metrics.get("train/loss_epoch"))
     if "train/acc_epoch" in metrics:
         out["train_acc"] = _finite(metrics.get("train/acc_epoch"))
+    for k in ("acc", "r2"):
+        if f"val/{k}" in metrics:
+            out[f"val_{k}"] = _finite(metrics.get(f"val/{k}"))     # the last validation (what tuning reads)
+    out["epochs"] = int(trainer.current_epoch) if trainer is not None else 0
     m = module.model
     out["params"] = {"W": sum(layer.W.numel() for layer in m.layers),
                      "readin": sum(t.numel() for t in m.readins()),
@@ -219,7 +233,9 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
         p, _ = data.probe_batch(int(cfg.get("probe_size", 16)))
         out.update(module.probe_stability(p))
         out.update(_stability_peak(trainer, out))
-        if data.task == "regression":
+        if any(layer.sign is not None for layer in m.layers):
+            out.update(_ei_analysis(m, data))
+        if callable(getattr(data, "loss", None)):      # the linear task's J(W), eq 3.1
             W = m.W.detach()
             out["loss_W"] = data.loss(W)
             out["loss_W_star"] = data.loss(data.W_star().to(W.dtype))
@@ -230,6 +246,17 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
         atomic_save({k: v.detach().cpu() for k, v in m.state_dict().items()}, run_dir / "weights.pt")
         if m.config is not None:
             atomic_write_text(run_dir / "model.json", json.dumps(m.config, indent=2))
+    return out
+
+
+def _ei_analysis(model, data) -> dict[str, Any]:
+    """fprnn.analysis at the test stimuli's fixed points (up to 256): the fitted network's, and a
+    teacher's (data=ssn_teacher) for comparison."""
+    from .analysis import analyse
+    p = data.test_set.tensors[0][:256]
+    out = {"analysis": analyse(model, p)}
+    if getattr(data, "teacher", None) is not None:
+        out["teacher_analysis"] = analyse(data.teacher, p)
     return out
 
 

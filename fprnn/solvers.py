@@ -184,17 +184,23 @@ def _iterate(g, u0, tol, n, damping, evals, stall: float = 0.0, window: int = 5)
 def euler(g: StateMap, u0: Tensor, *, dt: float = 0.01, steps: int = 500,
           tol: float | None = None) -> Solution:
     """Forward Euler of τ du/dt = −u + g(u) with step dt/τ = ``dt`` for ``steps`` steps;
-    ``iters`` counts steps taken.
+    ``iters`` counts steps taken. ``dt`` may be a tensor (N,) of per-unit steps dt/τ_i.
 
     The paper's forward pass is dt/τ = 0.01 for 500 steps from r = 0 (section 3.2); it stops
     short of the fixed point, which the returned residual shows. With ``tol`` a sample stops
     early once its residual is ≤ tol."""
-    _check_positive("dt", dt)
     _check_positive("steps", steps, integer=True)
     _check_positive("tol", tol, allow_none=True)
-    if dt > 1:
-        raise ValueError(f"dt (= dt/τ) must be ≤ 1, got {dt!r}")
-    return _iterate(g, u0, tol, int(steps), float(dt), evals=False).solution("euler")
+    if isinstance(dt, Tensor):
+        if not bool(torch.isfinite(dt).all() and (dt > 0).all() and (dt <= 1).all()):
+            raise ValueError(f"every unit's dt/τ must be in (0, 1], got values in [{float(dt.min()):.3g}, "
+                             f"{float(dt.max()):.3g}]")
+    else:
+        _check_positive("dt", dt)
+        if dt > 1:
+            raise ValueError(f"dt (= dt/τ) must be ≤ 1, got {dt!r}")
+        dt = float(dt)
+    return _iterate(g, u0, tol, int(steps), dt, evals=False).solution("euler")
 
 
 def anderson(g: StateMap, u0: Tensor, *, tol: float = 1e-5, max_iter: int = 200,

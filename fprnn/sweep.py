@@ -3,6 +3,7 @@
     python sweep.py fig2                       # linear task, w1/w2/w3 × η ∈ {0.03 … 3}
     python sweep.py fig4 solver=anderson       # a preset with overrides for every point
     python sweep.py rule=w1,w3 lr=0.01,0.1 data=mnist --jobs 2
+    python sweep.py beyond                     # trained read-in/out: rules vs W ≡ 0, 1 and 2 layers
 
 Each point runs as its own process (its own W&B run, memory and, with trainer=ddp, its own
 devices) in ``OUT/<rule>_lr<lr>/``. ``OUT/summary.csv`` and ``OUT/summary.md`` get one row per
@@ -46,6 +47,37 @@ PRESETS: dict[str, dict] = {
     "w4_mnist": {"base": MNIST_PAPER, "rule": ["w4"], "lr": [0.005, 0.01, 0.02, 0.05, 0.1],
                  "doc": "MNIST, w4 (the authors' code)"},
 }
+
+
+def _beyond_points() -> list[tuple[str, str, str, list[str], dict]]:
+    """(name, rule, lr, overrides, table columns) of the trained read-in/read-out comparison: on
+    MNIST and Fashion-MNIST, one and two layers of 300, each rule and the same network with W ≡ 0.
+    Adam makes η irrelevant except to w2, whose exact step needs 1 − ηκ > 0: η = 0.25 leaves the
+    domain within 220 steps on MNIST, so w2 gets 0.02. bptt runs on one layer only: through two
+    unrolled layers of 300 its step costs ~10× w3's (15 vs 68 ms), ~8 minutes a run here."""
+    methods = {"w3": ("w3", "0.25", []), "w2": ("w2", "0.02", []), "w1": ("w1", "0.25", []),
+               "bptt": ("bptt", "0.25", []), "jfb": ("jfb", "0.25", []),
+               "W≡0 (MLP)": ("w3", "0.25", ["model.train_W=false", "model.sigma_W=0"])}
+    points = []
+    for data in ("mnist", "fashion_mnist"):
+        for layers in ([300], [300, 300]):
+            shape = ["model.N=null", f"model.layers=[{','.join(map(str, layers))}]"] if len(layers) > 1 else []
+            for label, (rule, lr, extra) in methods.items():
+                if rule == "bptt" and len(layers) > 1:
+                    continue
+                tag = "mlp" if rule != label else rule
+                points.append((f"{data}_{'x'.join(map(str, layers))}_{tag}", rule, lr,
+                               [f"data={data}", *shape, *extra],
+                               {"data": data, "layers": "×".join(map(str, layers)), "method": label}))
+    return points
+
+
+PRESETS["beyond"] = {"base": ["experiment=deep_mnist"],
+                     "points": _beyond_points(), "lr": [],
+                     "columns": ["data", "layers", "method", "lr", "status", "test_acc", "val_acc", "epochs",
+                                 "wall_s", "step_ms_median", "peak_max_re_eig", "min_frac_stable", "frac_stable"],
+                     "doc": "trained read-in/out (experiment=deep_mnist), MNIST and Fashion-MNIST, 1 and 2 "
+                            "layers: w3, w2, w1, bptt, jfb and W ≡ 0"}
 # max_re_eig, frac_stable: per-sample, at the final W; peak_*: the largest seen during training,
 # per sample and of eig(W) itself (the authors' check, a proxy: see docs/rules.md)
 COLUMNS = ["rule", "lr", "status", "loss_W", "train_loss", "test_loss", "test_acc", "max_re_eig",
@@ -55,15 +87,23 @@ DONE = ("finished", "diverged")
 
 @dataclass
 class Point:
+    name: str
     rule: str
     lr: str
     overrides: list[str]
     run_dir: Path
+    columns: dict = field(default_factory=dict)     # what the preset says of it (data, method, …)
     result: dict = field(default_factory=dict)
 
-    @property
-    def name(self) -> str:
-        return f"{self.rule}_lr{self.lr}"
+
+def make_points(preset: str, rules: list[str], lrs: list[str], overrides: list[str], out: Path) -> list[Point]:
+    """The grid rule × lr, or a preset's own list of points: the sweep's overrides, then the
+    point's own (its data, layers, …)."""
+    listed = PRESETS.get(preset, {}).get("points")
+    if listed is None:
+        return [Point(f"{r}_lr{lr}", r, lr, overrides, out / f"{r}_lr{lr}") for r in rules for lr in lrs]
+    return [Point(name, rule, lr, merge([*overrides, *extra]), out / name, cols)
+            for name, rule, lr, extra, cols in listed]
 
 
 def parse(argv: list[str]) -> tuple[str, list[str], list[str], list[str]]:
@@ -75,6 +115,8 @@ def parse(argv: list[str]) -> tuple[str, list[str], list[str], list[str]]:
                 raise SystemExit(f"unknown preset {word!r}; choose one of {sorted(PRESETS)} "
                                  f"or give a grid such as rule=w1,w3 lr=0.01,0.1")
             preset = word
+        elif word.startswith(("rule=", "lr=")) and "points" in PRESETS.get(preset, {}):
+            raise SystemExit(f"preset {preset!r} has its own rules and learning rates; got {word!r}")
         elif word.startswith("rule="):
             rules = [r for r in word[5:].split(",") if r]
         elif word.startswith("lr="):
@@ -82,7 +124,7 @@ def parse(argv: list[str]) -> tuple[str, list[str], list[str], list[str]]:
         else:
             rest.append(word)
     p = PRESETS.get(preset, {"base": [], "rule": ["w3"], "lr": [0.25]})
-    rules = rules or list(p["rule"])
+    rules = rules or list(p.get("rule", []))
     lrs = lrs or [str(v) for v in p["lr"]]
     for v in lrs:
         try:
@@ -155,16 +197,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_summary(out: Path, points: list[Point]) -> None:
-    rows = [{c: (p.rule if c == "rule" else p.lr if c == "lr" else p.result.get(c)) for c in COLUMNS}
-            for p in points]
+def write_summary(out: Path, points: list[Point], columns: list[str] = COLUMNS) -> None:
+    own = lambda p, c: p.columns[c] if c in p.columns else p.rule if c == "rule" else p.lr if c == "lr" else None
+    rows = [{c: own(p, c) if own(p, c) is not None else p.result.get(c) for c in columns} for p in points]
     with (out / "summary.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w = csv.DictWriter(fh, fieldnames=columns)
         w.writeheader()
         for r in rows:
             w.writerow({k: _fmt(v) for k, v in r.items()})
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in rows]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
@@ -184,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     out = (a.out or default_out(preset, rules, overrides)).resolve()
     group = out.name
     wandb_group = not any(o.startswith(("logger=", "~logger")) for o in overrides)
-    points = [Point(r, lr, overrides, out / f"{r}_lr{lr}") for r in rules for lr in lrs]
+    points = make_points(preset, rules, lrs, overrides, out)
+    columns = PRESETS.get(preset, {}).get("columns", COLUMNS)
     if a.dry_run:
         for p in points:
             print(" ".join(command(p, group, wandb_group)))
@@ -219,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{done}/{len(points)}] {p.name}: {r.get('status')} {metric} "
                       f"max_re_eig={_fmt(r.get('max_re_eig'))} ({_fmt(r.get('wall_s'))} s, "
                       f"sweep {time.perf_counter() - t0:.0f} s)", flush=True)
-                write_summary(out, points)
+                write_summary(out, points, columns)
     finally:
         signal.signal(signal.SIGINT, previous)
-    write_summary(out, points)
+    write_summary(out, points, columns)
     print((out / "summary.md").read_text())
     if not a.no_figures:
         try:

@@ -3,7 +3,7 @@
 The loss sits on the read-out of the last layer's fixed point. Going down the stack, layer ℓ gets
 δ_ℓ = ∇_{r_ℓ} L; its W_ℓ moves by the selected rule on (W_ℓ, r_ℓ, G_ℓ, δ_ℓ); and, where a read-in
 is trained or a layer lies below, the implicit adjoint p_ℓ = G_ℓ (I − G_ℓ W_ℓ)^{−T} δ_ℓ gives
-∇V_ℓ = mean p_ℓ r_{ℓ−1}ᵀ, ∇b_ℓ = mean p_ℓ and δ_{ℓ−1} = V_ℓᵀ p_ℓ (derivation: docs/stack.md).
+∇V_ℓ = mean p_ℓ r_{ℓ−1}ᵀ, ∇b_ℓ = mean p_ℓ and δ_{ℓ−1} = V_ℓᵀ p_ℓ (docs/stack.md).
 The read-out's gradient is the ordinary one. Nothing here touches the weights: the result is a
 gradient per trained tensor (−ΔW for the W's), for a torch optimizer to apply.
 """
@@ -29,17 +29,22 @@ def readout_error(task: str, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     classification: cross-entropy of softmax(ŷ), gradient softmax − onehot;
     regression: ‖ŷ − y‖², gradient 2 (ŷ − y)."""
     if task == "classification":
-        return F.cross_entropy(out, y, reduction="none"), torch.softmax(out, 1) - F.one_hot(y, out.shape[1]).to(out.dtype)
+        onehot = F.one_hot(y, out.shape[1]).to(out.dtype)
+        return F.cross_entropy(out, y, reduction="none"), torch.softmax(out, 1) - onehot
     err = out - y
     return (err ** 2).sum(1), 2 * err
 
 
-def loss_and_grad(task: str, model: FixedPointRNN, r: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def loss_and_grad(task: str, model: FixedPointRNN, r: Tensor, y: Tensor,
+                  units: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample losses L_i, their gradients δ_i = ∇_r L_i (rows) at the last layer's rates r,
-    and the read-out ŷ = W_out r + b_out (r itself when the model has no read-out):
-    δ = W_outᵀ ∇_ŷ L, or ∇_ŷ L without a read-out (section 3.1)."""
-    out = model.readout(r)
+    and the prediction ŷ: the read-out W_out r + b_out (r itself without one), or — fitting
+    recorded responses — the rates of the recorded ``units`` themselves, so that δ is nonzero on
+    those units only. δ = W_outᵀ ∇_ŷ L through a read-out (section 3.1)."""
+    out = model.readout(r) if units is None else r[:, units]
     losses, err = readout_error(task, out, y)
+    if units is not None:
+        return losses, torch.zeros_like(r).index_copy_(1, units, err), out
     return losses, (err @ model.W_out if model.W_out is not None else err), out
 
 
@@ -62,7 +67,8 @@ class StackStep:
         return len(self.losses) if self.keep is None else int(self.keep.sum())
 
 
-def solve_and_check(model: FixedPointRNN, p: Tensor, max_nonconverged: float) -> tuple[list[FixedPoint], Tensor | None, str | None]:
+def solve_and_check(model: FixedPointRNN, p: Tensor,
+                    max_nonconverged: float) -> tuple[list[FixedPoint], Tensor | None, str | None]:
     """Every layer's fixed point for inputs p, the samples fit to learn from (converged in every
     layer; None = all) and the first fault: non-finite values, or more than ``max_nonconverged``
     of the batch missing the tolerance in some layer."""
@@ -85,11 +91,24 @@ def solve_and_check(model: FixedPointRNN, p: Tensor, max_nonconverged: float) ->
 
 
 @torch.no_grad()
-def _forward(model: FixedPointRNN, p: Tensor, y: Tensor, task: str,
-             max_nonconverged: float) -> tuple[StackStep, Tensor]:
+def unfit(model: FixedPointRNN, p: Tensor, max_nonconverged: float = 0.0, probe: int = 16) -> str | None:
+    """Why the network's current weights are unfit for inputs p — fixed points that do not
+    converge (see :func:`solve_and_check`) or an unstable one among the first ``probe`` — or None.
+    Step control asks this after a step."""
+    fps, _, fault = solve_and_check(model, p, max_nonconverged)
+    if fault is not None:
+        return fault
+    worst = max(float(layer.dyn.stability(layer.W.detach(), fp.gain[:probe], layer.tau).max())
+                for layer, fp in zip(model.layers, fps))
+    return None if worst < 1 else f"an unstable fixed point (stability {worst:.3g})"
+
+
+@torch.no_grad()
+def _forward(model: FixedPointRNN, p: Tensor, y: Tensor, task: str, max_nonconverged: float,
+             units: Tensor | None) -> tuple[StackStep, Tensor]:
     """The fixed points, losses and δ_L of a step, with the first fault found so far."""
     fps, keep, fault = solve_and_check(model, p, max_nonconverged)
-    losses, delta, logits = loss_and_grad(task, model, fps[-1].r, y)
+    losses, delta, logits = loss_and_grad(task, model, fps[-1].r, y, units)
     if fault is None and not torch.isfinite(losses).all():
         fault = "non-finite loss"
     return StackStep(fps, losses, logits, keep, fault=fault), delta
@@ -114,10 +133,11 @@ def _rule_fault(info: dict) -> str | None:
 @torch.no_grad()
 def rule_step(model: FixedPointRNN, p: Tensor, y: Tensor, task: str, rule: Callable, lr: float,
               rule_kwargs: list[dict], *, readin: str = "gradient", max_nonconverged: float = 0.0,
-              gather: Callable[[Tensor], Tensor] | None = None) -> StackStep:
+              gather: Callable[[Tensor], Tensor] | None = None, units: Tensor | None = None) -> StackStep:
     """The step of a hand-computed rule (module docstring). ``rule_kwargs``: per layer.
-    ``gather`` (several devices, w2's shared-gain batch rule): W's rule sees the global batch."""
-    step, delta = _forward(model, p, y, task, max_nonconverged)
+    ``gather`` (several devices, w2's shared-gain batch rule): W's rule sees the global batch.
+    ``units``: the loss is on these units' rates (recorded responses), see :func:`loss_and_grad`."""
+    step, delta = _forward(model, p, y, task, max_nonconverged, units)
     if step.fault is not None:
         return step
     fps, keep = step.fps, step.keep
@@ -150,7 +170,7 @@ def rule_step(model: FixedPointRNN, p: Tensor, y: Tensor, task: str, rule: Calla
         if l == 0 and not trained:
             break
         P = info.get("adjoint")
-        if P is None:
+        if P is None and (l > 0 or readin == "gradient"):    # one layer's reparam needs no solve
             P, pinfo = rules.implicit_adjoint(W, gain, delta)
             if pinfo.get("singular"):
                 step.fault = f"I − G W singular for {pinfo['singular']} samples in layer {l}"
@@ -168,18 +188,18 @@ def rule_step(model: FixedPointRNN, p: Tensor, y: Tensor, task: str, rule: Calla
 
 
 def bptt_step(model: FixedPointRNN, p: Tensor, y: Tensor, task: str, lr: float, backward: Callable,
-              *, max_nonconverged: float = 0.0) -> StackStep:
+              *, max_nonconverged: float = 0.0, units: Tensor | None = None) -> StackStep:
     """``rule=bptt``: autograd through every layer's unrolled solver (``FixedPointRNN.unrolled``).
     ``backward`` runs the backward pass (Lightning's ``manual_backward``, which lets DDP average
     the gradients). The W's get η ∂L/∂W, as ΔW = −η ∂L/∂W; the other tensors their gradient."""
-    step, delta = _forward(model, p, y, task, max_nonconverged)
+    step, delta = _forward(model, p, y, task, max_nonconverged, units)
     if step.fault is not None:
         return step
     fps, keep = step.fps, step.keep
     params = dict(model.named_parameters())
     for t in params.values():
         t.grad = None
-    bl, _, _ = loss_and_grad(task, model, model.unrolled(p), y)
+    bl, _, _ = loss_and_grad(task, model, model.unrolled(p), y, units)
     backward(lr * bl.mean())
     for name, t in params.items():
         step.grads[name] = t.grad.detach().clone() / (1 if name.endswith(".W") else lr)

@@ -56,6 +56,22 @@ def test_two_devices_equal_one_device(tmp_path, mnist_dir, name):
     assert not any(p.name.startswith("2") for p in (tmp_path / "two").iterdir())  # one run dir
 
 
+def test_two_devices_equal_one_device_for_a_trained_two_layer_stack(tmp_path, mnist_dir):
+    """Every trained tensor — both W's, both read-ins, the biases, the read-out — is reduced."""
+    over = [*common(mnist_dir), "rule=w3", "lr=0.25", "model.N=null", "model.layers=[40,30]",
+            "model.train_readin=true", "model.train_readout=true", "model.bias=true",
+            "module.readin=gradient", "lr_readin=0.5", "lr_readout=0.5"]
+    train(make_cfg(over, tmp_path / "one"))
+    run_ddp(over, tmp_path / "two")
+    w1 = torch.load(tmp_path / "one" / "weights.pt")
+    w2 = torch.load(tmp_path / "two" / "weights.pt")
+    w0 = build(make_cfg(over, tmp_path / "init"), tmp_path / "init")[1].state_dict()
+    assert set(w1) == set(w2) == set(w0) and len(w1) == 8
+    for k in w1:
+        assert float((w2[k] - w1[k]).norm() / w1[k].norm()) < 1e-6, k
+        assert not torch.equal(w1[k], w0[k]), f"{k} did not learn"
+
+
 def test_linear_w2_batch_form_is_exact_under_ddp(tmp_path):
     """eq 3.8 is not a mean of per-device updates: the factors are gathered instead."""
     over = ["experiment=paper_linear", "rule=w2", "lr=1", "progress_bar=false", "logger=csv",

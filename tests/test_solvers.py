@@ -143,7 +143,7 @@ def test_custom_activation_gets_autograd_derivative():
 
 
 def test_bad_names_and_options_are_rejected_with_choices():
-    with pytest.raises(ValueError, match=r"unknown activation 'sigmoidd'.*\['identity', 'relu', 'softplus', 'tanh'\]"):
+    with pytest.raises(ValueError, match=r"unknown activation 'sigmoidd'.*\['identity', 'powerlaw', 'relu', 'softplus', 'tanh'\]"):
         get_activation("sigmoidd")
     with pytest.raises(ValueError, match=r"unknown dynamics 'ratee'.*\['discrete', 'rate', 'voltage'\]"):
         get_dynamics("ratee")

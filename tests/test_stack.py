@@ -10,7 +10,10 @@ import torch.nn.functional as F
 
 from fprnn import rules
 from fprnn.model import FixedPointRNN
+from fprnn.run import build
 from fprnn.update import rule_step
+
+from helpers import make_cfg
 
 TIGHT = {"tol": 1e-13, "max_iter": 500}
 
@@ -148,3 +151,34 @@ def test_stack_arguments_are_checked():
     assert [layer.act.name for layer in net.layers] == ["tanh", "relu"]
     with pytest.raises(ValueError, match=r"this network has 2 layers: use layers\[ℓ\]"):
         net.W
+
+
+STACK_CFG = ["progress_bar=false", "logger=csv", "data.train_subset=256", "data.batch_size=256",
+             "data.val_size=0", "data.test_subset=100", "data.shuffle=false", "trainer.max_steps=1",
+             "trainer.limit_val_batches=0", "model.dtype=float64", "solver.kwargs.tol=1e-12",
+             "model.N=null", "model.layers=[30,20]", "model.train_readin=true", "model.train_readout=true",
+             "model.bias=true", "lr_readin=0.5", "lr_readout=0.25"]
+
+
+@pytest.mark.parametrize("rule,readin", [("w3", "reparam"), ("w1", "gradient"), ("bptt", "gradient")])
+def test_one_training_step_of_a_stack_moves_every_tensor_by_its_group(tmp_path, mnist_dir, rule, readin):
+    """Through Lightning, SGD: each W by the rule's ΔW (group lr 1), read-ins by −0.5 × their
+    update, the read-out by −0.25 × its gradient — all from the first batch at the initial weights.
+    bptt (300 damped steps) against the implicit gradients."""
+    lr = 0.05
+    cfg = make_cfg([*STACK_CFG, f"rule={rule}", f"lr={lr}", f"module.readin={readin}",
+                    "model.bptt_steps=300", "model.bptt_damping=0.9"], tmp_path, mnist_dir)
+    data, model, module, trainer = build(cfg, tmp_path)
+    data.setup()
+    p, y = data.train_set.tensors[0][:256].double(), data.train_set.tensors[1][:256]
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    want = rule_step(model, p, y, "classification", rules.RULES["w1" if rule == "bptt" else rule], lr,
+                     [{}, {}], readin=readin).grads
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 1 and module.faults == 0
+    group_lr = {"V": 0.5, "b": 0.5, "W_out": 0.25, "b_out": 0.25, "W": 1.0}
+    tol = 1e-6 if rule == "bptt" else 1e-10
+    for name, t in model.named_parameters():
+        expected = -group_lr[name.split(".")[-1]] * want[name]
+        got = t.detach() - before[name]
+        assert float((got - expected).norm() / expected.norm()) < tol, name
