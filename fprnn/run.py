@@ -128,7 +128,8 @@ def build(cfg: DictConfig, run_dir: Path | str):
     model = _instantiate(cfg.model, **_model_sizes(cfg, data))
     check_compatible(model, data)
     if cfg.get("stable_init") is not None and not (cfg.get("resume") or cfg.get("ckpt_path")):
-        model.scale_to_stable(data.probe_batch(int(cfg.get("probe_size", 16)))[0], float(cfg.stable_init))
+        # on up to 256 training inputs: the probe batch alone can miss the hardest ones
+        model.scale_to_stable(data.probe_batch(256)[0], float(cfg.stable_init))
     optimizer = hydra.utils.instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = FixedPointModule(model, rule=cfg.rule.name, lr=cfg.lr, task=data.task,

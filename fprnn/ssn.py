@@ -18,7 +18,7 @@ from .model import FixedPointRNN
 
 Tensor = torch.Tensor
 CONTRASTS = (2.0, 5.0, 10.0, 20.0, 40.0, 60.0)
-BLOCKS = ((1.0, 1.0), (1.2, 0.8))       # [[J_EE, J_EI], [J_IE, J_II]]: ISN at high contrast
+BLOCKS = ((1.5, 1.5), (1.5, 1.0))       # [[J_EE, J_EI], [J_IE, J_II]]: an ISN at contrasts 40 and 60
 
 
 def ssn(N: int = 200, seed: int = 0, blocks=BLOCKS, **kw) -> FixedPointRNN:
