@@ -369,7 +369,8 @@ class FixedPointRNN(nn.Module):
     def shape_mismatch(self, weights: dict) -> str | None:
         """How saved ``weights`` (a state dict) fail to fit this network, or None."""
         mine = self.state_dict()
-        for name in [*mine, *(k for k in weights if k not in mine)]:
+        names = sorted(mine, key=lambda k: not k.startswith("layers."))    # the layers first, in order
+        for name in [*names, *(k for k in weights if k not in mine)]:
             a, b = weights.get(name), mine.get(name)
             if a is None or b is None or a.shape != b.shape:
                 return (f"has {name} of shape {None if a is None else tuple(a.shape)}, the model "
