@@ -200,8 +200,11 @@ def plot_responses(items, out: Path, written: list, n_units: int = 4) -> None:
         d = it["dir"]
         if it["res"].get("data") not in ("responses", "ssn_teacher") or not (d / "model.json").exists():
             continue
-        cfg = OmegaConf.load(d / ".hydra" / "config.yaml")
-        data = hydra.utils.instantiate(cfg.data)
+        # the run's config: Hydra's copy, or the one every logger got (csv/hparams.yaml)
+        found = [f for f in (d / ".hydra" / "config.yaml", d / "csv" / "hparams.yaml") if f.exists()]
+        if not found:
+            continue
+        data = hydra.utils.instantiate(OmegaConf.load(found[0]).data)
         net = FixedPointRNN.load(d)
         X, R = data.test_set.tensors
         fit = net.fixed_points(X)[-1].r[:, data.units].float()
@@ -229,6 +232,8 @@ def plot_responses(items, out: Path, written: list, n_units: int = 4) -> None:
                 axes[1, j].plot(data.contrasts, rec[:, best], "o", ms=3, label="recorded")
                 axes[1, j].plot(data.contrasts, fitted[:, best], "-", label="fitted")
                 axes[1, j].set_xscale("log")
+                axes[1, j].minorticks_off()
+                axes[1, j].set_xticks(data.contrasts, [f"{c:g}" for c in data.contrasts])
                 axes[1, j].set_xlabel("contrast")
                 axes[1, j].set_title("contrast response (best orientation)", fontsize=9)
             else:

@@ -75,4 +75,4 @@ class SSNTeacherData(ResponsesDataModule):
                  kappa: float = 0.5, teacher_seed: int = 1234, **split):
         arrays, self.teacher = teacher_responses(N, n_record, n_orient, tuple(contrasts), kappa, teacher_seed)
         super().__init__(arrays=arrays, direct=True, **split)
-        self.name = "ssn_teacher"
+        self.name, self.contrasts, self.n_orient = "ssn_teacher", tuple(contrasts), n_orient

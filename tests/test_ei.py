@@ -265,3 +265,20 @@ def test_ssn_teacher_converges_is_stable_and_inhibition_stabilized_at_high_contr
     low, high = analysis.analyse(teacher, arrays["X"][:12]), analysis.analyse(teacher, arrays["X"][-12:])
     assert low["frac_stable"] == high["frac_stable"] == 1.0
     assert low["frac_isn"] == 0 and high["frac_isn"] > 0.5 and high["frac_paradoxical"] > 0.5
+
+
+def test_ssn_fit_preset_keeps_the_constraints_and_draws_fitted_against_recorded(tmp_path):
+    from fprnn.figures import make_figures
+    from fprnn.run import train
+
+    from helpers import make_cfg
+    res = train(make_cfg(["experiment=ssn_fit", "trainer.max_epochs=5", "progress_bar=false", "logger=csv"],
+                         tmp_path))
+    assert res["status"] == "finished" and res["steps"] == 5 and -10 < res["test_r2"] < 1
+    assert res["analysis"]["frac_stable"] == 1.0 and 0 <= res["teacher_analysis"]["frac_isn"] <= 1
+    net = FixedPointRNN.load(tmp_path)
+    layer, teacher = net.layers[0], teacher_responses()[1].layers[0]
+    assert constraints.violations(layer.W, layer.sign, layer.mask) == 0 and res["clipped"] > 0
+    assert torch.equal(layer.mask, teacher.mask) and not torch.equal(layer.W, teacher.W)
+    names = {p.name for p in make_figures(tmp_path)}
+    assert {"responses.png", "val_r2.png"} <= names
