@@ -89,7 +89,6 @@ class FixedPointModule(pl.LightningModule):
         self.model, self.rule_name, self.lr, self.task = model, rule, float(lr), task
         self.lr_readin, self.lr_readout, self.readin = lr_readin, lr_readout, readin
         self.layer_kwargs = [resolve_rule_kwargs(rule, rule_kwargs, layer) for layer in model.layers]
-        self.rule_kwargs = self.layer_kwargs[0]
         self.rule = None if rule == "bptt" else rules.get_rule(rule)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
