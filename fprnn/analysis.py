@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .dynamics import get_dynamics
 from .model import FixedPointRNN
 
 Tensor = torch.Tensor
@@ -22,8 +23,7 @@ def isn_index(W: Tensor, gain: Tensor, sign: Tensor) -> Tensor:
     at the fixed point's gains. Above 1 it would be unstable on its own, so the network is
     inhibition-stabilized (ISN) if the whole is stable."""
     exc = sign > 0
-    W_EE = W[exc][:, exc]
-    return torch.linalg.eigvals(gain[:, exc].unsqueeze(-1) * W_EE).real.amax(-1)
+    return get_dynamics("rate").stability(W[exc][:, exc], gain[:, exc])
 
 
 def linear_response(W: Tensor, gain: Tensor, dx: Tensor) -> Tensor:

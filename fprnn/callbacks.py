@@ -67,7 +67,25 @@ def update_peak(peak: dict, s: dict, step: int) -> dict:
     return peak
 
 
-class StabilityMonitor(pl.Callback):
+class _ProbeMonitor(pl.Callback):
+    """Something measured every k steps (``_log``) on a fixed probe batch of training inputs."""
+
+    def __init__(self, every_n_steps: int = 50, probe_size: int = 16):
+        self.every, self.probe_size = int(every_n_steps), int(probe_size)
+        self.probe = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.probe = trainer.datamodule.probe_batch(self.probe_size)[0]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.probe is not None and _every(trainer, self.every):
+            self._log(trainer, pl_module)
+
+    def _log(self, trainer, pl_module):
+        raise NotImplementedError
+
+
+class StabilityMonitor(_ProbeMonitor):
     """Every k steps, on a fixed probe batch: per-sample max Re λ(G_i W) (ρ(G_i W) for discrete
     dynamics), its max, the fraction of stable fixed points, and eig(W). Every ``media_every``
     steps (and at the end) the eigenvalues of W go to W&B as a complex-plane scatter with the
@@ -78,30 +96,22 @@ class StabilityMonitor(pl.Callback):
     the end. It goes into results.json and is checkpointed with the run."""
 
     def __init__(self, every_n_steps: int = 50, probe_size: int = 16, media_every: int = 500):
-        self.every, self.probe_size, self.media_every = int(every_n_steps), int(probe_size), int(media_every)
-        self.probe = None
+        super().__init__(every_n_steps, probe_size)
+        self.media_every = int(media_every)
         self.peak: dict[str, float] = {}
-
-    def on_train_start(self, trainer, pl_module):
-        self.probe = trainer.datamodule.probe_batch(self.probe_size)[0]
 
     def _log(self, trainer, pl_module):
         s = pl_module.probe_stability(self.probe)
         _log(trainer, {f"stability/{k}": v for k, v in s.items()})
         update_peak(self.peak, s, trainer.global_step)
+        if _every(trainer, self.media_every):
+            self.log_media(trainer, pl_module)
 
     def state_dict(self):
         return {"peak": dict(self.peak)}
 
     def load_state_dict(self, state):
         self.peak = dict(state.get("peak", {}))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.probe is None or not _every(trainer, self.every):
-            return
-        self._log(trainer, pl_module)
-        if _every(trainer, self.media_every):
-            self.log_media(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
         if self.probe is not None:
@@ -170,19 +180,11 @@ class AngleMonitor(pl.Callback):
         _log(trainer, logs)
 
 
-class AnalysisMonitor(pl.Callback):
+class AnalysisMonitor(_ProbeMonitor):
     """Every k steps, on the probe batch: :func:`fprnn.analysis.analyse` — the fractions of fixed
     points stable (with time constants), inhibition-stabilized and with a paradoxical response,
     the mean ISN index — logged as ``analysis/…``."""
 
-    def __init__(self, every_n_steps: int = 50, probe_size: int = 16):
-        self.every, self.probe_size = int(every_n_steps), int(probe_size)
-        self.probe = None
-
-    def on_train_start(self, trainer, pl_module):
-        self.probe = trainer.datamodule.probe_batch(self.probe_size)[0]
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.probe is not None and _every(trainer, self.every):
-            from .analysis import analyse
-            _log(trainer, {f"analysis/{k}": v for k, v in analyse(pl_module.model, self.probe).items()})
+    def _log(self, trainer, pl_module):
+        from .analysis import analyse
+        _log(trainer, {f"analysis/{k}": v for k, v in analyse(pl_module.model, self.probe).items()})

@@ -193,18 +193,17 @@ def plot_responses(items, out: Path, written: list, n_units: int = 4) -> None:
     highest contrast and contrast-response curve at their best orientation (``data=ssn_teacher``;
     other responses data: the responses over the test stimuli in file order)."""
     import hydra
-    from omegaconf import OmegaConf
 
     from .model import FixedPointRNN
+    from .run import saved_config
     for it in items:
         d = it["dir"]
         if it["res"].get("data") not in ("responses", "ssn_teacher") or not (d / "model.json").exists():
             continue
-        # the run's config: Hydra's copy, or the one every logger got (csv/hparams.yaml)
-        found = [f for f in (d / ".hydra" / "config.yaml", d / "csv" / "hparams.yaml") if f.exists()]
-        if not found:
+        try:
+            data = hydra.utils.instantiate(saved_config(d).data)
+        except FileNotFoundError:
             continue
-        data = hydra.utils.instantiate(OmegaConf.load(found[0]).data)
         net = FixedPointRNN.load(d)
         X, R = data.test_set.tensors
         fit = net.fixed_points(X)[-1].r[:, data.units].float()

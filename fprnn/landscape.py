@@ -7,7 +7,7 @@ stability boundary |t| = √(1 − σw²)/c (dashed) and, on the plane, the exac
 (white).
 
 ``python -m fprnn.landscape RUN_DIR``: the same slices around a trained network's final W
-(``RUN_DIR/weights.pt``, config from ``RUN_DIR/.hydra/config.yaml``), with J = the mean loss of its
+(``FixedPointRNN.load(RUN_DIR)``, data from the run's config), with J = the mean loss of its
 fixed points on a probe set; points whose fixed points do not converge are left blank.
 """
 from __future__ import annotations
@@ -97,13 +97,12 @@ def run_landscape(run_dir: Path, n_line: int = 41, n_plane: int = 15, probe: int
                   lines: int = 3, seed: int = 0) -> dict:
     """Slices of the mean loss of a trained network's fixed points around its final W."""
     import hydra
-    from omegaconf import OmegaConf
 
+    from .model import FixedPointRNN
+    from .run import saved_config
     from .update import loss_and_grad
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    model = hydra.utils.instantiate(cfg.model)
-    w = torch.load(run_dir / "weights.pt", map_location="cpu")
-    model.load_state_dict(w)
+    cfg = saved_config(run_dir)
+    model = FixedPointRNN.load(run_dir)
     data = hydra.utils.instantiate(cfg.data)
     task = data.task
     if task == "classification":
@@ -114,6 +113,7 @@ def run_landscape(run_dir: Path, n_line: int = 41, n_plane: int = 15, probe: int
     x = model.input(p.to(model.W.dtype))
     y = y if task == "classification" else y.to(model.W.dtype)
 
+    @torch.no_grad()
     def J(W: Tensor) -> float:
         fp = model.fixed_point(x, W=W.to(model.W.dtype))
         if fp.solution.tol is not None and fp.solution.n_nonconverged:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from . import solvers
+from . import constraints, solvers
 from .activations import Activation, get_activation
 from .dynamics import Dynamics, get_dynamics
 from .solvers import Solution
@@ -121,9 +121,7 @@ class Layer(nn.Module):
         self.constraint = constraint
         W = sigma_W * Z.to(dt) / math.sqrt(N) if sign is None and mask is None else \
             _constrained_init(Z, sign, mask, sigma_W if blocks is None else blocks).to(dt)
-        self.register_buffer("tau", _time_constants(N, tau, tau_I, sign, self.dyn))
-        if self.tau is not None:
-            self.tau = self.tau.to(dt)
+        self.register_buffer("tau", _time_constants(N, tau, tau_I, sign, self.dyn, dt))
         if train_W:
             self.W = nn.Parameter(W)
         else:
@@ -137,7 +135,6 @@ class Layer(nn.Module):
 
     @staticmethod
     def _wiring(N, gen, n_exc, p_connect, mask_path, self_connections, constraint):
-        from . import constraints
         if constraint not in constraints.METHODS:
             raise ValueError(f"unknown constraint {constraint!r}; choose one of {list(constraints.METHODS)}")
         if p_connect is not None and mask_path is not None:
@@ -205,7 +202,7 @@ class Layer(nn.Module):
         W = self.W.detach()
         return self._at(W, x, solvers.anderson(self.dyn.state_map(W, x, self.act), fp.solution.u))
 
-    def unrolled(self, x: Tensor) -> Tensor:
+    def unrolled(self, x: Tensor, u0: Tensor | None = None) -> Tensor:
         """Rates with an autograd graph through the solver's iterations (W's and x's), for
         ``rule=bptt``.
 
@@ -213,13 +210,13 @@ class Layer(nn.Module):
         pass itself under the paper's protocol (``euler_paper``, no tolerance); with a tolerance
         the forward pass stops each sample early, the unrolled one does not. Otherwise the fixed
         point is solved without a graph and ``bptt_steps`` damped steps (``bptt_damping``) are
-        unrolled from it (truncated BPTT)."""
+        unrolled from it (truncated BPTT), starting the solve from ``u0`` if given."""
         if self.solver_name == "euler":
             kw = self._solver_options()
             damping, steps = kw["dt"], int(kw.get("steps", 500))
             u = torch.zeros_like(x)
         else:
-            u = self.fixed_point(x).solution.u
+            u = self.fixed_point(x, u0).solution.u
             steps, damping = self.bptt_steps, self.bptt_damping
         g = self.dyn.state_map(self.W, x, self.act)
         for _ in range(steps):
@@ -259,7 +256,7 @@ def _constrained_init(Z: Tensor, sign: Tensor | None, mask: Tensor | None, block
     return W * s * M
 
 
-def _time_constants(N: int, tau, tau_I, sign: Tensor | None, dyn) -> Tensor | None:
+def _time_constants(N: int, tau, tau_I, sign: Tensor | None, dyn, dt: torch.dtype) -> Tensor | None:
     """Per-unit τ: ``tau`` for every unit (or the excitatory ones) and ``tau_I`` for inhibitory ones."""
     if tau is None and tau_I is None:
         return None
@@ -272,7 +269,7 @@ def _time_constants(N: int, tau, tau_I, sign: Tensor | None, dyn) -> Tensor | No
             raise ValueError(f"{name} must be a positive number, got {v!r}")
     if tau_I is not None and sign is None:
         raise ValueError("tau_I is the inhibitory units' time constant: set n_exc too")
-    t = torch.full((N,), 1.0 if tau is None else float(tau), dtype=torch.float64)
+    t = torch.full((N,), 1.0 if tau is None else float(tau), dtype=dt)
     if tau_I is not None:
         t[sign < 0] = float(tau_I)
     return t
@@ -415,11 +412,12 @@ class FixedPointRNN(nn.Module):
             s = fps[-1].r
         return fps
 
-    def unrolled(self, p: Tensor) -> Tensor:
-        """The last layer's rates with an autograd graph through every layer (``Layer.unrolled``)."""
+    def unrolled(self, p: Tensor, start: list[Tensor] | None = None) -> Tensor:
+        """The last layer's rates with an autograd graph through every layer (``Layer.unrolled``);
+        ``start``: each layer's state to solve from (e.g. the forward pass's)."""
         s = self.check_input(p)
-        for layer in self.layers:
-            s = layer.unrolled(layer.input(s))
+        for l, layer in enumerate(self.layers):
+            s = layer.unrolled(layer.input(s), None if start is None else start[l])
         return s
 
     @torch.no_grad()

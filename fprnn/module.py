@@ -325,8 +325,8 @@ class FixedPointModule(pl.LightningModule):
                    "max_re_eig_W": re_W, "spectral_radius_W": rho_W,
                    "probe_residual": float(fp.solution.residual.max())}
             for k, v in one.items():
-                worst = max if k != "frac_stable" else min
-                out[k] = v if k not in out else worst(out[k], v)
+                if k != "frac_stable":      # for the whole stack: the samples stable in every layer
+                    out[k] = max(out.get(k, v), v)
                 if L > 1:
                     out[f"{k}/{l}"] = v
         out["frac_stable"] = float(stable.float().mean())

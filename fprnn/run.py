@@ -92,6 +92,16 @@ def _model_sizes(cfg: DictConfig, data) -> dict:
     return {k: getattr(data, k) for k in ("n_in", "n_out") if cfg.model.get(k) == "auto"}
 
 
+def saved_config(run_dir) -> DictConfig:
+    """A finished run's config: Hydra's copy (``.hydra/config.yaml``), or the one every logger got
+    (``csv/hparams.yaml``, also written by runs started from Python)."""
+    run_dir = Path(run_dir)
+    for f in (run_dir / ".hydra" / "config.yaml", run_dir / "csv" / "hparams.yaml"):
+        if f.exists():
+            return OmegaConf.load(f)
+    raise FileNotFoundError(f"{run_dir}: no .hydra/config.yaml or csv/hparams.yaml, the run's config")
+
+
 def log_config(trainer, cfg: DictConfig) -> None:
     """The whole resolved config (model, solver, rule, data, optimizer, trainer, seed, …) as the
     hyperparameters of every logger: the W&B run config, the CSV logger's hparams.yaml."""

@@ -41,11 +41,22 @@ def loss_and_grad(task: str, model: FixedPointRNN, r: Tensor, y: Tensor,
     and the prediction ŷ: the read-out W_out r + b_out (r itself without one), or — fitting
     recorded responses — the rates of the recorded ``units`` themselves, so that δ is nonzero on
     those units only. δ = W_outᵀ ∇_ŷ L through a read-out (section 3.1)."""
+    losses, err, out = _prediction_error(task, model, r, y, units)
+    return losses, _delta(model, r, err, units), out
+
+
+def _prediction_error(task, model, r, y, units):
+    """(L_i, ∇_ŷ L_i, ŷ) of the prediction ŷ that :func:`loss_and_grad` describes."""
     out = model.readout(r) if units is None else r[:, units]
     losses, err = readout_error(task, out, y)
+    return losses, err, out
+
+
+def _delta(model, r, err, units):
+    """δ = ∇_r L from ∇_ŷ L: through the read-out, or onto the recorded units."""
     if units is not None:
-        return losses, torch.zeros_like(r).index_copy_(1, units, err), out
-    return losses, (err @ model.W_out if model.W_out is not None else err), out
+        return torch.zeros_like(r).index_copy_(1, units, err)
+    return err @ model.W_out if model.W_out is not None else err
 
 
 @dataclass
@@ -105,13 +116,13 @@ def unfit(model: FixedPointRNN, p: Tensor, max_nonconverged: float = 0.0, probe:
 
 @torch.no_grad()
 def _forward(model: FixedPointRNN, p: Tensor, y: Tensor, task: str, max_nonconverged: float,
-             units: Tensor | None) -> tuple[StackStep, Tensor]:
-    """The fixed points, losses and δ_L of a step, with the first fault found so far."""
+             units: Tensor | None) -> tuple[StackStep, Tensor, Tensor]:
+    """The fixed points, losses, ∇_ŷ L and δ_L of a step, with the first fault found so far."""
     fps, keep, fault = solve_and_check(model, p, max_nonconverged)
-    losses, delta, logits = loss_and_grad(task, model, fps[-1].r, y, units)
+    losses, err, logits = _prediction_error(task, model, fps[-1].r, y, units)
     if fault is None and not torch.isfinite(losses).all():
         fault = "non-finite loss"
-    return StackStep(fps, losses, logits, keep, fault=fault), delta
+    return StackStep(fps, losses, logits, keep, fault=fault), err, _delta(model, fps[-1].r, err, units)
 
 
 def _nonfinite(grads: dict[str, Tensor]) -> str | None:
@@ -137,7 +148,7 @@ def rule_step(model: FixedPointRNN, p: Tensor, y: Tensor, task: str, rule: Calla
     """The step of a hand-computed rule (module docstring). ``rule_kwargs``: per layer.
     ``gather`` (several devices, w2's shared-gain batch rule): W's rule sees the global batch.
     ``units``: the loss is on these units' rates (recorded responses), see :func:`loss_and_grad`."""
-    step, delta = _forward(model, p, y, task, max_nonconverged, units)
+    step, err, delta = _forward(model, p, y, task, max_nonconverged, units)
     if step.fault is not None:
         return step
     fps, keep = step.fps, step.keep
@@ -145,10 +156,8 @@ def rule_step(model: FixedPointRNN, p: Tensor, y: Tensor, task: str, rule: Calla
     # fixed point, so no formula here holds for them
     rows = (lambda t: t) if keep is None or bool(keep.all()) else (lambda t: t[keep])
     m, L = step.n_used, len(model.layers)
-    if model.named_readouts():
-        _, err = readout_error(task, model.readout(rows(fps[-1].r)), rows(y))
-        for name, _ in model.named_readouts():
-            step.grads[name] = err.T @ rows(fps[-1].r) / m if name == "W_out" else err.mean(0)
+    for name, _ in model.named_readouts():
+        step.grads[name] = rows(err).T @ rows(fps[-1].r) / m if name == "W_out" else rows(err).mean(0)
     delta = rows(delta)
     step.deltas = [None] * L
     for l in reversed(range(L)):
@@ -192,14 +201,15 @@ def bptt_step(model: FixedPointRNN, p: Tensor, y: Tensor, task: str, lr: float, 
     """``rule=bptt``: autograd through every layer's unrolled solver (``FixedPointRNN.unrolled``).
     ``backward`` runs the backward pass (Lightning's ``manual_backward``, which lets DDP average
     the gradients). The W's get η ∂L/∂W, as ΔW = −η ∂L/∂W; the other tensors their gradient."""
-    step, delta = _forward(model, p, y, task, max_nonconverged, units)
+    step, _, delta = _forward(model, p, y, task, max_nonconverged, units)
     if step.fault is not None:
         return step
     fps, keep = step.fps, step.keep
     params = dict(model.named_parameters())
     for t in params.values():
         t.grad = None
-    bl, _, _ = loss_and_grad(task, model, model.unrolled(p), y, units)
+    # started from the forward pass's states: converged there, each layer's solve returns at once
+    bl, _, _ = loss_and_grad(task, model, model.unrolled(p, [fp.solution.u for fp in fps]), y, units)
     backward(lr * bl.mean())
     for name, t in params.items():
         step.grads[name] = t.grad.detach().clone() / (1 if name.endswith(".W") else lr)

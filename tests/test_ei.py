@@ -21,7 +21,8 @@ F64 = torch.float64
 
 def small_ssn(seed=0, **kw):
     """A 20-unit SSN (16 E, 4 I, half the connections) and 12 stimuli it converges on."""
-    net = ssn(20, seed=seed, p_connect=0.5, blocks=((1.0, 1.0), (1.2, 0.8)), **kw)
+    kw.setdefault("blocks", ((1.0, 1.0), (1.2, 0.8)))
+    net = ssn(20, seed=seed, p_connect=0.5, **kw)
     X = stimuli(preferred_orientations(net.layers[0].sign), torch.arange(4, dtype=F64) * math.pi / 4,
                 [3.0, 8.0, 15.0])
     return net, X
@@ -282,3 +283,16 @@ def test_ssn_fit_preset_keeps_the_constraints_and_draws_fitted_against_recorded(
     assert torch.equal(layer.mask, teacher.mask) and not torch.equal(layer.W, teacher.W)
     names = {p.name for p in make_figures(tmp_path)}
     assert {"responses.png", "val_r2.png"} <= names
+
+
+def test_stable_init_scales_w_until_the_fixed_points_converge_and_are_stable():
+    """An E/I network with strong excitation and no rate bound runs away for strong inputs;
+    scale_to_stable shrinks W (by 0.8 at a time) until all converge below the target."""
+    net, X = small_ssn(blocks=((3.0, 1.0), (1.2, 0.8)), activation={"name": "powerlaw", "k": 0.04, "n": 2.0})
+    before = net.fixed_points(X, solved=True)[0]
+    assert before.solution.n_nonconverged > 0 or float(net.layers[0].stability(before).max()) >= 0.9
+    W0 = net.layers[0].W.detach().clone()
+    scale = net.scale_to_stable(X, 0.9)
+    after = net.fixed_points(X, solved=True)[0]
+    assert scale < 1 and torch.allclose(net.layers[0].W, scale * W0)
+    assert after.solution.n_nonconverged == 0 and float(net.layers[0].stability(after).max()) < 0.9

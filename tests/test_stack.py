@@ -182,3 +182,23 @@ def test_one_training_step_of_a_stack_moves_every_tensor_by_its_group(tmp_path, 
         expected = -group_lr[name.split(".")[-1]] * want[name]
         got = t.detach() - before[name]
         assert float((got - expected).norm() / expected.norm()) < tol, name
+
+
+def test_a_stack_logs_and_reports_every_layer(tmp_path, mnist_dir):
+    """The README's promise: with a stack the monitors log stability/…/ℓ, angle/…/ℓ, solver/…/ℓ
+    and results.json holds each layer's stability beside the worst layer's."""
+    import csv
+    import json
+
+    from fprnn.run import train
+    over = [o for o in STACK_CFG if not o.startswith("trainer.max_steps")]
+    train(make_cfg([*over, "rule=w3", "lr=0.05", "trainer.max_steps=2", "callbacks.stability.every_n_steps=1",
+                    "callbacks.angles.every_n_steps=1"], tmp_path, mnist_dir))
+    with open(tmp_path / "csv" / "metrics.csv") as fh:
+        keys = set(next(csv.reader(fh)))
+    for l in (0, 1):
+        assert {f"stability/max_re_eig/{l}", f"stability/frac_stable/{l}", f"angle/theta13/{l}",
+                f"solver/iters/{l}"} <= keys, sorted(keys)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["max_re_eig"] == max(res["max_re_eig/0"], res["max_re_eig/1"])
+    assert res["params"] == {"W": 30 * 30 + 20 * 20, "readin": 30 * 784 + 30 + 20 * 30 + 20, "readout": 10 * 20 + 10}
