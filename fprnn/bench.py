@@ -7,7 +7,11 @@
    the paper's forward pass (Euler, dt/τ 0.01 × 500) leaves;
 3. a w3 MNIST training step with the diagnostics monitors on and off;
 4. one step with trained read-in and read-out against the paper's fixed ones, per rule (same W);
-5. (``--only memory``) resident memory along a 2000-step w3 run.
+5. (``--only memory``) resident memory along a 2000-step w3 run;
+6. (``--only fallback --run <run dir>``) at a finished run's weights, over every MNIST image: the
+   samples the solver leaves, how many the fallback settles (and whether at the fixed point a
+   long Euler run reaches), the fallback samples per training batch and the time they add, and
+   how many of 2,048 training images the solver puts on another fixed point than the dynamics.
 
 Times are medians of interleaved repeats; the machine is shared, so read ratios, not absolutes.
 """
@@ -269,6 +273,77 @@ def bench_memory(data_root: str, steps: int, every: int, lr: float) -> str:
                  ["step", "RSS MB", "growth MB"], rows)
 
 
+def _solve_all(layer, x: torch.Tensor, batch: int) -> list:
+    return [layer.fixed_point(x[i:i + batch]).solution for i in range(0, len(x), batch)]
+
+
+def bench_fallback(run_dir: str, data_root: str, batch: int, repeats: int) -> str:
+    """At the weights of ``run_dir`` (one layer), every MNIST image (60,000 training and 10,000
+    test) solved by the run's solver without the fallback, then with it: the counts left
+    unconverged, in float32 (as trained) and float64. In float64 every sample handed to the
+    fallback is solved again to 1e-10 and compared with forward Euler of the dynamics from r = 0
+    (dt/τ = 0.05, to 1e-10): the distance shows whether the fallback lands on the fixed point
+    the dynamics reach. Then the training-batch cost: per batch of ``batch`` training images, the
+    samples handed over and the median time of the solve with and without the fallback."""
+    from .data import VisionDataModule
+    from .model import FixedPointRNN
+    data = VisionDataModule("mnist", root=data_root, download=False, val_size=0)
+    data.setup()
+    p = torch.cat([data.train_set.tensors[0], data.test_set.tensors[0]])
+    net = FixedPointRNN.load(run_dir)
+    layer = net.layer
+    fallback = layer.fallback or dict(solvers.DEFAULT_FALLBACK)
+    rows, t0 = [], time.perf_counter()
+    for dtype in (torch.float32, torch.float64):
+        layer.to(dtype)
+        x = layer.input(p.to(dtype))
+        layer.fallback = None
+        plain = _solve_all(layer, x, batch)
+        layer.fallback = fallback
+        full = _solve_all(layer, x, batch)
+        left = sum(s.n_nonconverged for s in plain)
+        handed = sum(int(s.fallback.sum()) for s in full)
+        still = sum(s.n_nonconverged for s in full)
+        why = ", ".join(s.failures() for s in full if s.n_nonconverged) or "-"
+        dist = "-"
+        if dtype == torch.float64 and handed:
+            idx = torch.cat([torch.nonzero(s.fallback).squeeze(1) + i * batch for i, s in enumerate(full)])
+            xs = x[idx]
+            g = layer.dyn.state_map(layer.W.detach(), xs, layer.act)
+            tight = solvers.FALLBACKS[fallback["method"]](g, torch.zeros_like(xs), tol=1e-10, tau=layer.tau,
+                                                          **{k: v for k, v in fallback.items() if k != "method"})
+            ref = solvers.follow_euler(g, torch.zeros_like(xs), tol=1e-10, dt=0.05, steps=100_000, tau=layer.tau)
+            both = tight.converged & ref.converged
+            d = (tight.u - ref.u).abs().amax(1)[both]
+            dist = (f"{int(both.sum())} of {handed} both settled: max {float(d.max()):.2g}, "
+                    f"{int((d > 1e-6).sum())} > 1e-6 (Euler steps median {int(ref.iters.median())})")
+        rows.append([str(dtype).replace("torch.", ""), len(p), left, handed, handed - still, still, why, dist])
+    print(f"  (counts in {time.perf_counter() - t0:.0f} s)", flush=True)
+    layer.to(torch.float32)
+    x = layer.input(data.train_set.tensors[0])
+    batches = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)]
+    layer.fallback = None
+    hard = [b for b in batches if layer.fixed_point(b).solution.n_nonconverged]
+    layer.fallback = fallback
+    cost = []
+    for label, on in (("without fallback", None), ("with fallback", fallback)):
+        layer.fallback = on
+        ms = [timeit(lambda b=b: layer.fixed_point(b), repeats) for b in hard[:8]]
+        cost.append(statistics.median(ms))
+    per_batch = sum(int(layer.fixed_point(b).solution.fallback.sum()) for b in batches) / len(batches)
+    probe = data.train_set.tensors[0][:2048]
+    other = int(net.multistable(probe).sum())
+    counts = table(f"Fallback at the weights of {run_dir}: all {len(p)} MNIST images, batches of {batch}",
+                   ["dtype", "images", "solver leaves", "to fallback", "settled", "still unconverged", "why",
+                    "float64 fallback vs long Euler from r = 0"], rows)
+    timing = table(f"Fallback cost per training batch of {batch} (float32): {len(hard)} of {len(batches)} batches "
+                   f"need it", ["fallback samples / batch (all batches)", "solve ms, batch needing it, without",
+                                "with", "ratio"],
+                   [[per_batch, cost[0], cost[1], cost[1] / cost[0]]])
+    return (counts + "\n" + timing + f"\n\nOf the first {len(probe)} training images, {other} have a solver's "
+            f"fixed point other than the one the dynamics reach from rest (FixedPointRNN.multistable).")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=512)
@@ -278,8 +353,10 @@ def main(argv=None) -> None:
                     help="samples the per-sample loops run on (scaled to m; they are linear in m)")
     ap.add_argument("--data", default=os.environ.get("FPRNN_DATA", "data"),
                     help="folder holding MNIST/raw (default $FPRNN_DATA or data/)")
-    ap.add_argument("--only", choices=["rules", "solvers", "monitors", "readin", "memory"], default=None,
-                    help="one table (default: rules, solvers, monitors and readin; memory only when asked)")
+    ap.add_argument("--only", choices=["rules", "solvers", "monitors", "readin", "memory", "fallback"], default=None,
+                    help="one table (default: rules, solvers, monitors and readin; memory and fallback only "
+                         "when asked)")
+    ap.add_argument("--run", default=None, help="run directory whose weights --only fallback measures at")
     ap.add_argument("--steps", type=int, default=None,
                     help="steps for --only monitors (60) / memory (2000)")
     ap.add_argument("--lr", type=float, default=0.05, help="learning rate of the --only memory run")
@@ -295,6 +372,10 @@ def main(argv=None) -> None:
         print(bench_readin(a.data, a.m, a.N, a.repeats), flush=True)
     if a.only == "memory":
         print(bench_memory(a.data, a.steps or 2000, 100, a.lr), flush=True)
+    if a.only == "fallback":
+        if not a.run:
+            ap.error("--only fallback needs --run <run dir> (a one-layer MNIST run's directory)")
+        print(bench_fallback(a.run, a.data, a.m, a.repeats), flush=True)
 
 
 if __name__ == "__main__":

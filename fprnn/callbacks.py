@@ -37,7 +37,8 @@ def _wandb_loggers(trainer):
 
 class SolverMonitor(pl.Callback):
     """Logs the fixed-point solver's work on each training batch, per layer: mean iterations,
-    max residual, number of samples that did not reach the tolerance."""
+    max residual, number of samples that did not reach the tolerance, and how many samples the
+    solver left to the fallback (``solver/fallback``) with the fallback's steps on them."""
 
     def __init__(self, every_n_steps: int = 1):
         self.every = int(every_n_steps)
@@ -51,7 +52,9 @@ class SolverMonitor(pl.Callback):
             sol = fp.solution
             logs.update({layer_key("solver/iters", l, L): sol.iters_mean,
                          layer_key("solver/max_residual", l, L): sol.max_residual,
-                         layer_key("solver/nonconverged", l, L): float(sol.n_nonconverged)})
+                         layer_key("solver/nonconverged", l, L): float(sol.n_nonconverged),
+                         layer_key("solver/fallback", l, L): float(sol.fallback.sum()),
+                         layer_key("solver/fallback_iters", l, L): float(sol.fallback_iters.sum())})
         _log(trainer, logs)
 
 
@@ -93,15 +96,24 @@ class StabilityMonitor(_ProbeMonitor):
 
     ``peak`` keeps the worst values seen during training (largest max Re λ, smallest fraction
     stable, largest max Re λ(W), and their steps): an instability can be transient and gone by
-    the end. It goes into results.json and is checkpointed with the run."""
+    the end. It goes into results.json and is checkpointed with the run.
 
-    def __init__(self, every_n_steps: int = 50, probe_size: int = 16, media_every: int = 500):
+    Every ``multistable_every`` steps (continuous dynamics; 0: never) it also solves the probe
+    by following the dynamics from rest and logs ``stability/multistable``, the fraction of probe
+    inputs whose solver's fixed point is another than the one the dynamics reach
+    (``FixedPointRNN.multistable``); ``peak`` keeps the largest as ``max_multistable``."""
+
+    def __init__(self, every_n_steps: int = 50, probe_size: int = 16, media_every: int = 500,
+                 multistable_every: int = 250):
         super().__init__(every_n_steps, probe_size)
-        self.media_every = int(media_every)
+        self.media_every, self.multistable_every = int(media_every), int(multistable_every)
         self.peak: dict[str, float] = {}
 
     def _log(self, trainer, pl_module):
         s = pl_module.probe_stability(self.probe)
+        if _every(trainer, self.multistable_every) and all(l.dyn.continuous for l in pl_module.model.layers):
+            s["multistable"] = float(pl_module.model.multistable(self.probe.to(pl_module.device)).float().mean())
+            self.peak["max_multistable"] = max(self.peak.get("max_multistable", 0.0), s["multistable"])
         _log(trainer, {f"stability/{k}": v for k, v in s.items()})
         update_peak(self.peak, s, trainer.global_step)
         if _every(trainer, self.media_every):

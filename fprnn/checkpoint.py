@@ -1,4 +1,5 @@
-"""Nothing lost on a kill: ``last.ckpt`` every few steps, each file written whole or not at all.
+"""Nothing lost on a kill: ``last.ckpt`` every few steps, each file written whole or not at all;
+``best.ckpt``, the network with the best validation metric, when validation is held out.
 
 A SIGKILL (an out-of-memory kill, a preempted job, a lost node) cannot be handled, so the only
 defence is to have saved recently: :class:`RunCheckpoint` writes ``last.ckpt`` every
@@ -20,6 +21,8 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.loggers import CSVLogger
+
+from .model import network_state
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
@@ -112,6 +115,35 @@ class RunCheckpoint(pl.Callback):
         self.save(trainer)
 
 
+def best_metric(task: str, recorded_units: bool) -> tuple[str, str]:
+    """The validation metric the best checkpoint keeps, and whether larger is better."""
+    if task == "classification":
+        return "val/acc", "max"
+    return ("val/r2", "max") if recorded_units else ("val/loss", "min")
+
+
+def best_callbacks(dirpath: str | Path, monitor: str, mode: str, patience: int | None) -> list[pl.Callback]:
+    """Lightning's ModelCheckpoint keeping ``<dirpath>/best.ckpt`` (written through the trainer's
+    :class:`AtomicCheckpointIO`, so a kill leaves the previous best whole), and with ``patience``
+    Lightning's EarlyStopping on the same metric."""
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"best.patience must be a positive number of validations or null, got {patience!r}")
+    out: list[pl.Callback] = [ModelCheckpoint(dirpath=str(dirpath), filename="best", monitor=monitor, mode=mode,
+                                              save_top_k=1, auto_insert_metric_name=False,
+                                              enable_version_counter=False)]
+    if patience is not None:
+        out.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
+    return out
+
+
+def checkpoint_weights(path: str | Path) -> tuple[dict, dict]:
+    """The network's state dict in a training checkpoint (keys without the module's ``model.``),
+    and the checkpoint's ``epoch`` and ``global_step``."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return network_state(ckpt), {"epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}
+
+
 def check_checkpoint(path, model) -> int:
     """The checkpoint must exist, be readable and hold a network of this model's shape; returns
     the step it was saved at."""
@@ -119,18 +151,16 @@ def check_checkpoint(path, model) -> int:
     if not p.is_file():
         raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-        state = ckpt.get("state_dict", {})
+        weights, where = checkpoint_weights(p)
     except Exception as e:
         raise ValueError(f"ckpt_path={path} cannot be read ({type(e).__name__}: {str(e)[:120]}); it is "
                          f"damaged or not a checkpoint") from None
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     if "layers.0.W" not in weights:
         raise ValueError(f"ckpt_path={path} is not an fprnn checkpoint (no model.layers.0.W in it)")
     wrong = model.shape_mismatch(weights)
     if wrong:
         raise ValueError(f"ckpt_path={path} {wrong}")
-    return int(ckpt.get("global_step", 0))
+    return int(where["global_step"] or 0)
 
 
 class ResumableCSVLogger(CSVLogger):

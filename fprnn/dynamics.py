@@ -41,6 +41,21 @@ class Dynamics:
                 return act.f(r @ W.T + xr)
         return g
 
+    def state_jacobian(self, W: Tensor, x: Tensor, act: Activation) -> Callable[[Tensor, "Tensor | None"], Tensor]:
+        """u, rows ↦ the per-sample Jacobians ∂g/∂u (a, N, N) of :meth:`state_map` at the states u
+        of the samples ``rows``: G W with G = diag f'(W r + x) for rate and discrete dynamics, W G
+        with G = diag f'(v) for voltage dynamics — the matrices of eq 2.3."""
+        def jac(u: Tensor, rows: Tensor | None = None) -> Tensor:
+            if self.state_is_voltage:
+                return self._gain_times(W, act.df(u))
+            xr = x if rows is None else x[rows]
+            return self._gain_times(W, act.df(u @ W.T + xr))
+        return jac
+
+    def _gain_times(self, W: Tensor, gain: Tensor) -> Tensor:
+        """G_i W (rate, discrete: row j of W scaled by g_ij) or W G_i (voltage: column j), (m, N, N)."""
+        return W * gain.unsqueeze(-2) if self.state_is_voltage else gain.unsqueeze(-1) * W
+
     def rate(self, u: Tensor, act: Activation) -> Tensor:
         """Firing rates r from the state u."""
         return act.f(u) if self.state_is_voltage else u
@@ -58,12 +73,12 @@ class Dynamics:
         rate dynamics and T⁻¹(−I + W G_i) for voltage dynamics (T = diag τ): their eigenvalues
         differ once τ does. Then s_i = 1 + τ_min max Re λ(J_i), which is max Re λ(G_i W) again
         when all τ are equal."""
-        if tau is None:
-            lam = torch.linalg.eigvals(gain.unsqueeze(-1) * W)  # G_i W: row j of W scaled by g_ij
+        if tau is None:     # λ(W G_i) = λ(G_i W): the rate form serves every dynamics
+            lam = torch.linalg.eigvals(gain.unsqueeze(-1) * W)
             return lam.real.amax(-1) if self.continuous else lam.abs().amax(-1)
         if not self.continuous:
             raise ValueError("time constants apply to continuous dynamics only")
-        M = W * gain.unsqueeze(-2) if self.state_is_voltage else gain.unsqueeze(-1) * W
+        M = self._gain_times(W, gain)
         eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
         J = (M - eye) / tau.to(W.dtype).unsqueeze(-1)
         return 1 + tau.min() * torch.linalg.eigvals(J).real.amax(-1)

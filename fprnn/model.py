@@ -91,14 +91,19 @@ class Layer(nn.Module):
     (``project`` or ``reparam``). Such a W starts as |Z| ⊙ S ⊙ M with the magnitudes of
     ``blocks`` = [[J_EE, J_EI], [J_IE, J_II]] (the mean total weight a unit gets from each
     population; default σ_W for all four: balanced). ``tau`` (and ``tau_I`` for inhibitory units)
-    are time constants: they move no fixed point, but stability and Euler's steps use them."""
+    are time constants: they move no fixed point, but stability and Euler's steps use them.
+
+    ``fallback`` ({"method": "ptc", options…}, see :func:`fprnn.solvers.settle`; None: off): with
+    continuous dynamics, samples the solver leaves unconverged are solved again from their start
+    by following the network's dynamics. The discrete network is its map: a sample the map does
+    not settle has no fixed point the network reaches, and stays unconverged."""
 
     def __init__(self, N: int, n_in: int | None, gen: torch.Generator, dt: torch.dtype, *, activation,
                  dynamics, solver: str, solver_kwargs: dict | None, sigma_W: float, train_W: bool,
                  train_readin: bool, bias: bool, bptt_steps: int, bptt_damping: float,
                  n_exc: float | int | None = None, p_connect: float | None = None, mask_path: str | None = None,
                  mask_seed: int | None = None, self_connections: bool = True, constraint: str = "project",
-                 blocks=None, tau: float | None = None, tau_I: float | None = None):
+                 blocks=None, tau: float | None = None, tau_I: float | None = None, fallback=None):
         super().__init__()
         if not (isinstance(sigma_W, (int, float)) and math.isfinite(sigma_W) and sigma_W >= 0):
             raise ValueError(f"sigma_W must be a non-negative finite number, got {sigma_W!r}")
@@ -109,6 +114,7 @@ class Layer(nn.Module):
         if solver == "direct" and not self.act.is_identity:
             raise ValueError(f"solver 'direct' solves the linear model only; activation is "
                              f"{self.act.name!r}: use 'anderson', 'iterate' or 'euler'")
+        self.fallback = solvers.check_fallback(fallback)
         self.bptt_steps, self.bptt_damping = int(bptt_steps), float(bptt_damping)
         self.N, self.n_in = N, n_in
         # float64 normals, drawn in this order (W, then V, then the next layer's, then W_out):
@@ -165,7 +171,11 @@ class Layer(nn.Module):
         g = self.dyn.state_map(W, x, self.act)
         if u0 is None:
             u0 = torch.zeros_like(x)
-        return solvers.SOLVERS[self.solver_name](g, u0, **self._solver_options())
+        sol = solvers.SOLVERS[self.solver_name](g, u0, **self._solver_options())
+        if self.fallback is not None and self.dyn.continuous:
+            sol = solvers.settle(g, u0, sol, tau=self.tau, jac=self.dyn.state_jacobian(W, x, self.act),
+                                 **self.fallback)
+        return sol
 
     def _solver_options(self) -> dict:
         """The solver's options, with Euler's dt as this dynamics' step (1 for the discrete map)."""
@@ -201,6 +211,24 @@ class Layer(nn.Module):
             return fp
         W = self.W.detach()
         return self._at(W, x, solvers.anderson(self.dyn.state_map(W, x, self.act), fp.solution.u))
+
+    @torch.no_grad()
+    def reached_fixed_point(self, x: Tensor) -> FixedPoint:
+        """The fixed point the dynamics reach from rest (u = 0), every sample followed by the
+        fallback's method (ptc by default) whatever the solver does: where an input has several
+        attracting fixed points this is the network's, which the solver's may not be."""
+        if not self.dyn.continuous:
+            raise ValueError(f"the {self.dyn.name!r} network is its own map: its solver follows its dynamics")
+        W, x = self.W.detach(), x.detach()
+        sol = solvers.follow(self.dyn.state_map(W, x, self.act), torch.zeros_like(x), tol=self._tolerance(),
+                             tau=self.tau, jac=self.dyn.state_jacobian(W, x, self.act),
+                             **(self.fallback or solvers.DEFAULT_FALLBACK))
+        return self._at(W, x, sol)
+
+    def _tolerance(self) -> float:
+        """The solver's tolerance, or Anderson's default under a fixed-step protocol."""
+        tol = self.solver_kwargs.get("tol")
+        return tol if tol is not None else inspect.signature(solvers.anderson).parameters["tol"].default
 
     def unrolled(self, x: Tensor, u0: Tensor | None = None) -> Tensor:
         """Rates with an autograd graph through the solver's iterations (W's and x's), for
@@ -275,6 +303,11 @@ def _time_constants(N: int, tau, tau_I, sign: Tensor | None, dyn, dt: torch.dtyp
     return t
 
 
+def network_state(checkpoint: dict) -> dict:
+    """The network's state dict inside a training checkpoint (the module holds it as ``model``)."""
+    return {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
+
+
 class FixedPointRNN(nn.Module):
     """A stack of recurrent layers trained on their fixed points.
 
@@ -285,7 +318,9 @@ class FixedPointRNN(nn.Module):
     linear task); ``n_out=None`` reads r_L itself out. ``train_W=False, sigma_W=0``: every W ≡ 0,
     the same network as a feed-forward one (the baseline the recurrence is measured against).
     ``activation``, ``dynamics``, ``solver``,
-    ``solver_kwargs`` and ``sigma_W`` are shared by the layers, or lists of one per layer.
+    ``solver_kwargs``, ``sigma_W`` and ``fallback`` are shared by the layers, or lists of one per
+    layer. ``fallback`` (default: :data:`fprnn.solvers.DEFAULT_FALLBACK`, pseudo-transient
+    continuation) re-solves the samples the solver leaves by following the dynamics (``Layer``).
     """
 
     def __init__(self, N: int | None = None, n_in: int | None = None, n_out: int | None = None, *,
@@ -295,8 +330,7 @@ class FixedPointRNN(nn.Module):
                  train_W: bool = True, train_readin: bool = False, train_readout: bool = False,
                  bias: bool = False, n_exc: Any = None, p_connect: Any = None, mask_path: Any = None,
                  mask_seed: Any = None, self_connections: Any = True, constraint: Any = "project", blocks=None,
-                 tau: Any = None,
-                 tau_I: Any = None):
+                 tau: Any = None, tau_I: Any = None, fallback: Any = "default"):
         super().__init__()
         sizes = _sizes(N, layers)
         for name, v in (("n_in", n_in), ("n_out", n_out)):
@@ -317,7 +351,8 @@ class FixedPointRNN(nn.Module):
         gen = torch.Generator().manual_seed(int(seed))
         shared = dict(activation=activation, dynamics=dynamics, solver=solver, solver_kwargs=solver_kwargs,
                       sigma_W=sigma_W, n_exc=n_exc, p_connect=p_connect, mask_path=mask_path, mask_seed=mask_seed,
-                      self_connections=self_connections, constraint=constraint, tau=tau, tau_I=tau_I)
+                      self_connections=self_connections, constraint=constraint, tau=tau, tau_I=tau_I,
+                      fallback=dict(solvers.DEFAULT_FALLBACK) if fallback == "default" else fallback)
         per = {k: _per_layer(k, v, L) for k, v in shared.items()}
         fan_in = [n_in, *sizes[:-1]]
         self.layers = nn.ModuleList(
@@ -336,6 +371,8 @@ class FixedPointRNN(nn.Module):
         # the constructor's arguments, so that a run can be rebuilt (FixedPointRNN.load); None when
         # an activation or dynamics is an object rather than a name
         named = all(isinstance(v, (str, dict)) for k in ("activation", "dynamics") for v in per[k])
+        shared["fallback"] = [layer.fallback for layer in self.layers] if isinstance(fallback, (list, tuple)) \
+            else self.layers[0].fallback
         kws = [dict(layer.solver_kwargs) for layer in self.layers]
         shared["solver_kwargs"] = kws if isinstance(solver_kwargs, (list, tuple)) else kws[0]
         self.config = dict(N=N, n_in=n_in, n_out=n_out, layers=None if layers is None else sizes, **shared,
@@ -344,22 +381,29 @@ class FixedPointRNN(nn.Module):
                            train_readout=train_readout, bias=bias, blocks=blocks) if named else None
 
     @classmethod
-    def load(cls, run_dir, map_location="cpu") -> "FixedPointRNN":
+    def load(cls, path, map_location="cpu") -> "FixedPointRNN":
         """The trained network of a finished run, from ``run_dir/model.json`` (the constructor's
         arguments) and ``run_dir/weights.pt`` (its state dict): ready to predict (``net(p)``) and
-        to analyse (``fixed_points``, ``layers[ℓ].stability``)."""
+        to analyse (``fixed_points``, ``layers[ℓ].stability``). ``path`` may also be one of the
+        run's checkpoints (``run_dir/checkpoints/best.ckpt`` or ``last.ckpt``): that network."""
         import json
         from pathlib import Path
-        run_dir = Path(run_dir)
-        for f in ("model.json", "weights.pt"):
-            if not (run_dir / f).is_file():
-                raise FileNotFoundError(f"{run_dir / f}: not found; FixedPointRNN.load needs a run "
-                                        f"directory with model.json and weights.pt")
+        path = Path(path)
+        ckpt = path.suffix == ".ckpt"
+        run_dir = path.parent.parent if ckpt else path
+        source = path if ckpt else run_dir / "weights.pt"
+        for f in (run_dir / "model.json", source):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: not found; FixedPointRNN.load needs a run directory with "
+                                        f"model.json and weights.pt, or a checkpoint in its checkpoints/")
         net = cls(**json.loads((run_dir / "model.json").read_text()))
-        weights = torch.load(run_dir / "weights.pt", map_location=map_location)
+        if ckpt:
+            weights = network_state(torch.load(source, map_location=map_location, weights_only=False))
+        else:
+            weights = torch.load(source, map_location=map_location)
         wrong = net.shape_mismatch(weights)
         if wrong:
-            raise ValueError(f"{run_dir}: weights.pt {wrong} (built from model.json)")
+            raise ValueError(f"{source}: {wrong} (built from model.json)")
         net.load_state_dict(weights)
         return net
 
@@ -419,6 +463,24 @@ class FixedPointRNN(nn.Module):
         for l, layer in enumerate(self.layers):
             s = layer.unrolled(layer.input(s), None if start is None else start[l])
         return s
+
+    @torch.no_grad()
+    def multistable(self, p: Tensor, atol: float = 1e-3) -> Tensor:
+        """Per input (m,): whether, in some layer, the solver's fixed point (solved to tolerance)
+        is not the one the dynamics reach from rest (``Layer.reached_fixed_point``, more than
+        ``atol`` apart in ‖·‖∞, both converged) — an input with several attracting fixed points
+        whose solver picked another than the network's."""
+        s = self.check_input(p)
+        differ = torch.zeros(len(s), dtype=torch.bool, device=s.device)
+        for layer in self.layers:
+            x = layer.input(s)
+            mine, reached = layer.solved_fixed_point(x), layer.reached_fixed_point(x)
+            both = reached.solution.converged
+            if mine.solution.tol is not None:
+                both = both & mine.solution.converged
+            differ |= both & ((mine.r - reached.r).abs().amax(1) > atol)
+            s = mine.r
+        return differ
 
     @torch.no_grad()
     def scale_to_stable(self, p: Tensor, target: float = 0.9, factor: float = 0.8, tries: int = 40) -> float:

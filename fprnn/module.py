@@ -113,6 +113,7 @@ class FixedPointModule(pl.LightningModule):
         self.fault_log: list[str] = []
         self.step_ms: list[float] = []
         self.iters_sum = 0.0
+        self.fallback_samples = self.fallback_iters = 0   # samples handed to the solver's fallback, its steps
         self.last_step: StackStep | None = None
 
     # -- optimizer --------------------------------------------------------------------
@@ -190,6 +191,8 @@ class FixedPointModule(pl.LightningModule):
             self.consecutive_faults = 0
         self.step_ms.append(1e3 * (time.perf_counter() - t0))
         self.iters_sum += sum(fp.solution.iters_mean for fp in step.fps)
+        self.fallback_samples += sum(int(fp.solution.fallback.sum()) for fp in step.fps)
+        self.fallback_iters += sum(int(fp.solution.fallback_iters.sum()) for fp in step.fps)
         step.skipped = fault is not None
         self.last_step = step           # for the monitors (fprnn.callbacks)
         bs = len(step.losses)
@@ -339,7 +342,7 @@ class FixedPointModule(pl.LightningModule):
 
     # -- checkpoint state -------------------------------------------------------------
     _STATE = ("faults", "consecutive_faults", "status", "fault_log", "step_ms", "iters_sum", "clipped",
-              "backtracks")
+              "backtracks", "fallback_samples", "fallback_iters")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["fprnn"] = {k: getattr(self, k) for k in self._STATE}
@@ -351,7 +354,8 @@ class FixedPointModule(pl.LightningModule):
     def summary(self) -> dict[str, Any]:
         n = max(len(self.step_ms), 1)
         return {"step_ms_median": statistics.median(self.step_ms) if self.step_ms else None,
-                "solver_iters_mean": self.iters_sum / n, "faults": self.faults,
+                "solver_iters_mean": self.iters_sum / n, "solver_fallback": self.fallback_samples,
+                "solver_fallback_iters": self.fallback_iters, "faults": self.faults,
                 "clipped": self.clipped, "backtracks": self.backtracks,
                 "attempted_steps": len(self.step_ms),
                 "fault_log": self.fault_log[-20:]}

@@ -3,7 +3,9 @@
 Writes into the run directory: ``results.json`` (always, also for a diverged or failed run),
 ``weights.pt`` (the network's state dict: every layer's W, V, b and the read-out) with
 ``model.json`` (``FixedPointRNN.load(run_dir)`` rebuilds the network), ``checkpoints/last.ckpt``,
-CSV logs and the offline W&B run.
+with a held-out validation split ``checkpoints/best.ckpt`` (the best validation metric's network:
+the one tested and saved as ``weights.pt``; results.json says which), CSV logs and the offline
+W&B run.
 """
 from __future__ import annotations
 
@@ -128,9 +130,9 @@ def build(cfg: DictConfig, run_dir: Path | str):
     run_dir = Path(run_dir)
     import hydra
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import RichProgressBar
+    from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
-    from .checkpoint import AtomicCheckpointIO, RunCheckpoint
+    from .checkpoint import AtomicCheckpointIO, RunCheckpoint, best_callbacks, best_metric
     from .module import FixedPointModule
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -150,13 +152,58 @@ def build(cfg: DictConfig, run_dir: Path | str):
     loggers = [hydra.utils.instantiate(c, save_dir=str(run_dir))
                for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [RunCheckpoint(run_dir / "checkpoints", **_plain(cfg.get("ckpt")))]
+    best = _plain(cfg.get("best"))
+    if best.get("monitor") is not None and _held_out_validation(data):
+        monitor, mode = best_metric(data.task, getattr(data, "units", None) is not None)
+        if best["monitor"] != "auto":
+            monitor, mode = best["monitor"], best.get("mode") or mode
+        callbacks += best_callbacks(run_dir / "checkpoints", monitor, mode, best.get("patience"))
     if cfg.get("progress_bar", True):
         callbacks.append(RichProgressBar())
     callbacks += [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    kept = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                                      **({"enable_checkpointing": True} if kept else {}),
                                       default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
                                       enable_progress_bar=bool(cfg.get("progress_bar", True)))
     return data, model, module, trainer
+
+
+def _held_out_validation(data) -> bool:
+    """Validation on a split held out of the training set (not the paper's test-set protocol)."""
+    return not getattr(data, "val_on_test", True) and bool(getattr(data, "val_size", 0))
+
+
+def _best(trainer):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    return next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+
+
+def _test(trainer, module, data) -> dict[str, Any]:
+    tested = trainer.test(module, datamodule=data, verbose=False)[0]
+    out = {"test_loss": tested.get("test/loss"), "test_acc": tested.get("test/acc")}
+    if "test/r2" in tested:
+        out["test_r2"] = tested["test/r2"]
+    out["solver_max_residual"] = tested.get("test/max_residual")
+    return out
+
+
+def test_best(trainer, module, data) -> dict[str, Any]:
+    """Test the last network; then, if a best checkpoint was kept, put its network in the module
+    and test that one: it is the run's result (``test_…``, ``weights.pt``), the last network's
+    numbers follow as ``last_test_…``."""
+    last = _test(trainer, module, data)
+    cb = _best(trainer)
+    if cb is None or not cb.best_model_path or not Path(cb.best_model_path).is_file():
+        return {**last, "weights": "last"}
+    from .checkpoint import checkpoint_weights
+    weights, where = checkpoint_weights(cb.best_model_path)
+    module.model.load_state_dict(weights)
+    out = _test(trainer, module, data)
+    out.update({f"last_{k}": v for k, v in last.items() if k.startswith("test_")})
+    out.update(weights="best", best_checkpoint=cb.best_model_path, best_metric=cb.monitor,
+               best_score=_finite(cb.best_model_score), best_epoch=where["epoch"], best_step=where["global_step"])
+    return out
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -185,12 +232,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module.fit_metrics = {k: _finite(v) for k, v in trainer.callback_metrics.items()}
         if module.status == "running":
             module.status = "finished"
-        tested = trainer.test(module, datamodule=data, verbose=False)[0]
-        results["test_loss"] = tested.get("test/loss")
-        results["test_acc"] = tested.get("test/acc")
-        if "test/r2" in tested:
-            results["test_r2"] = tested["test/r2"]
-        results["solver_max_residual"] = tested.get("test/max_residual")
+        results.update(test_best(trainer, module, data))
     except BaseException as e:  # recorded, then re-raised: a crash is not a result
         error = e
         interrupted = isinstance(e, (KeyboardInterrupt, SystemExit)) and trainer is not None \
@@ -243,6 +285,8 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
     try:   # the final numbers must not cost the run its results.json
         p, _ = data.probe_batch(int(cfg.get("probe_size", 16)))
         out.update(module.probe_stability(p))
+        if all(layer.dyn.continuous for layer in m.layers):
+            out["multistable"] = float(m.multistable(p.to(module.device)).float().mean())
         out.update(_stability_peak(trainer, out))
         if any(layer.sign is not None for layer in m.layers):
             out.update(_ei_analysis(m, data))

@@ -4,10 +4,16 @@ Every solver takes a map ``g(u, rows)`` (see :mod:`fprnn.dynamics`) and a start 
 and returns a :class:`Solution`: the states and per-sample stats. The residual of sample i is
 ‖g(u_i) − u_i‖∞ at the returned u_i (for rate dynamics: ‖f(W r + x) − r‖∞). A sample stops
 costing compute once its residual is ≤ ``tol``; a sample that does not get there within the
-budget, or whose state stops being finite, is reported in ``converged`` — never hidden.
+budget, or whose state stops being finite, is reported in ``converged`` and ``status`` — never
+hidden.
+
+:func:`settle` is the fallback of continuous-time networks: the samples an accelerated solver
+leaves unconverged are solved again from their start by following the network's own dynamics
+(:func:`ptc`), so that a solver's failure is not mistaken for the network's.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,14 +25,37 @@ from .dynamics import StateMap
 Tensor = torch.Tensor
 
 
+#: A sample's outcome (``Solution.status``): at a fixed point within tol; out of budget; at a
+#: fixed point the dynamics cannot reach (unstable, found by the fallback); not finite.
+SUCCESSFUL, MAX_STEPS, UNSTABLE, NONFINITE = 0, 1, 2, 3
+STATUS_NAMES = {SUCCESSFUL: "successful", MAX_STEPS: "did not settle within the budget",
+                UNSTABLE: "unstable fixed point (max Re λ ≥ 1)", NONFINITE: "non-finite"}
+
+
 @dataclass
 class Solution:
     u: Tensor                # (m, N) the state at which each residual was measured
-    iters: Tensor            # (m,) evaluations of g spent on each sample
+    iters: Tensor            # (m,) evaluations of g spent on each sample (fallback steps included)
     residual: Tensor         # (m,) ‖g(u) − u‖∞ per sample
     converged: Tensor        # (m,) bool: residual ≤ tol (always False for a fixed-step run without tol)
     tol: float | None = None
     solver: str = ""
+    status: Tensor | None = None          # (m,) codes above; None: derived from converged and residual
+    fallback: Tensor | None = None        # (m,) bool: handed to the dynamics by settle()
+    fallback_iters: Tensor | None = None  # (m,) the fallback's steps on each sample
+
+    def __post_init__(self):
+        if self.status is None:
+            self.status = torch.where(self.converged, SUCCESSFUL,
+                                      torch.where(torch.isfinite(self.residual), MAX_STEPS, NONFINITE))
+        if self.fallback is None:
+            self.fallback = torch.zeros_like(self.converged)
+            self.fallback_iters = torch.zeros_like(self.iters)
+
+    def failures(self) -> str:
+        """The unconverged samples by cause, e.g. "2 did not settle within the budget, 1 non-finite"."""
+        counts = torch.bincount(self.status.flatten().long(), minlength=len(STATUS_NAMES)).tolist()
+        return ", ".join(f"{n} {STATUS_NAMES[code]}" for code, n in enumerate(counts) if n and code != SUCCESSFUL)
 
     @property
     def max_residual(self) -> float:
@@ -51,6 +80,8 @@ class Solution:
             "max_residual": self.max_residual,
             "mean_residual": self.mean_residual,
             "nonconverged": float(self.n_nonconverged),
+            "fallback": float(self.fallback.sum()),
+            "fallback_iters": float(self.fallback_iters.sum()),
         }
 
 
@@ -294,6 +325,163 @@ def direct(W: Tensor, x: Tensor) -> Solution:
     res = (r @ W.T + x - r).abs().amax(1)
     ok = torch.isfinite(res)
     return Solution(r, torch.ones_like(res, dtype=torch.long), res, ok, None, "direct")
+
+
+def jacobian(g: StateMap, u: Tensor, rows: Tensor | None = None) -> Tensor:
+    """Per-sample Jacobians ∂g(u_i)/∂u_i (m, N, N) of a row-wise map, by forward-mode autograd:
+    sample i's row depends on u_i alone, so one product with the k-th unit vector in every row
+    gives column k of all m Jacobians."""
+    eye = torch.eye(u.shape[1], dtype=u.dtype, device=u.device)
+
+    def column(e: Tensor) -> Tensor:
+        return torch.func.jvp(lambda v: g(v, rows), (u,), (e.expand_as(u),))[1]
+
+    return torch.func.vmap(column, out_dims=2)(eye)
+
+
+def _time_scale(tau: Tensor | None, u: Tensor) -> Tensor:
+    """Per-unit τ_i / τ_min (ones without time constants): the pseudo-time step is in units of
+    the fastest unit's τ."""
+    if tau is None:
+        return torch.ones(u.shape[1], dtype=u.dtype, device=u.device)
+    tau = tau.to(u.dtype)
+    return tau / tau.min()
+
+
+def ptc(g: StateMap, u0: Tensor, *, tol: float = 1e-5, max_iter: int = 300, dt: float = 0.5,
+        accuracy: float = 0.1, tau: Tensor | None = None,
+        jac: Callable[[Tensor, "Tensor | None"], Tensor] | None = None) -> Solution:
+    """Pseudo-transient continuation of the dynamics T du/dt = −u + g(u) (T = diag τ, eq 2.1):
+    linearly implicit Euler steps (T/h − J) Δ = F(u), F = g(u) − u, J = ∂F/∂u, with a
+    per-sample step h (in units of the fastest τ, first ``dt``) under error control: a step is
+    taken only if its local error, estimated as (h/2) ‖T⁻¹(F(u + Δ) − F(u))‖∞, is at most
+    ``accuracy``, and h is rescaled by √(accuracy/error) (between ×0.2 and ×5) after every try.
+
+    While the state moves, the error bounds h and the steps follow the trajectory, so the sample
+    ends at the equilibrium its dynamics reach from ``u0`` (an input can have several). As it
+    comes to rest F stops changing, h grows without bound and the steps become Newton's, which
+    converge fast also where that equilibrium attracts only weakly (max Re λ(G W) near 1) or the
+    plain map expands (ρ(G W) > 1), where iteration and Anderson mixing stall. Implicit Euler is
+    stable for every h, so fast modes cost nothing.
+
+    Newton's method converges to unstable equilibria too, which the dynamics never reach: a
+    sample that lands on one (max Re λ(T⁻¹ J) ≥ 0) is reported ``UNSTABLE``, not converged.
+    ``jac(u, rows)``: the Jacobians ∂g/∂u (a, N, N) (``Dynamics.state_jacobian``, O(N²) a sample);
+    without it they come from autograd (:func:`jacobian`, O(N³)). Each try costs a Jacobian, an
+    LU and an evaluation of g per sample, O(N³): this is a solver for the few samples the
+    accelerated ones leave (:func:`settle`), not for whole batches of large networks. ``iters``
+    counts tries, rejected ones included."""
+    _check_positive("tol", tol)
+    _check_positive("max_iter", max_iter, integer=True)
+    _check_positive("dt", dt)
+    _check_positive("accuracy", accuracy)
+    t = _Tracker(u0, tol)
+    unstable = torch.zeros_like(t.converged)
+    scale = _time_scale(tau, u0)
+    eye = torch.eye(u0.shape[1], dtype=u0.dtype, device=u0.device)
+    tiny = torch.finfo(u0.dtype).tiny
+    x = u0
+    gx, res = _residual(g, x, None)
+    F = gx - x
+    h = torch.full((u0.shape[0],), float(dt), dtype=u0.dtype, device=u0.device)
+    for k in range(int(max_iter)):
+        J = (jacobian(g, x, t.rows) if jac is None else jac(x, t.rows)) - eye
+        at_rest = t.live & (res <= tol)
+        if bool(at_rest.any()):
+            lam = torch.linalg.eigvals(J[at_rest] / scale.unsqueeze(-1)).real.amax(-1)
+            unstable[t._orig(at_rest.nonzero().squeeze(1)[lam >= 0])] = True
+        keep = t.update(x, res, k)
+        if t.done:
+            break
+        if keep is not None:
+            x, F, res, h, J = x[keep], F[keep], res[keep], h[keep], J[keep]
+        step, info = torch.linalg.solve_ex(torch.diag_embed(scale / h.unsqueeze(-1)) - J, F.unsqueeze(-1))
+        trial = x + step.squeeze(-1)
+        g_trial, res_trial = _residual(g, trial, t.rows)
+        F_trial = g_trial - trial
+        error = 0.5 * h * ((F_trial - F) / scale).abs().amax(1)
+        ok = (info == 0) & torch.isfinite(res_trial) & (error <= accuracy)
+        x = torch.where(ok.unsqueeze(1), trial, x)
+        F = torch.where(ok.unsqueeze(1), F_trial, F)
+        res = torch.where(ok, res_trial, res)
+        grow = (0.9 * (accuracy / error.clamp_min(tiny)).sqrt()).clamp(0.2, 5.0)
+        h = h * torch.where((info == 0) & torch.isfinite(error), grow, torch.full_like(h, 0.2))
+    else:
+        t.finish(x, res, int(max_iter))
+    sol = t.solution("ptc")
+    sol.converged &= ~unstable
+    sol.status = torch.where(unstable, UNSTABLE, sol.status)
+    return sol
+
+
+def follow_euler(g: StateMap, u0: Tensor, *, tol: float = 1e-5, dt: float = 0.05, steps: int = 20000,
+                 tau: Tensor | None = None) -> Solution:
+    """Forward Euler of T du/dt = −u + g(u) with step ``dt`` in units of the fastest τ, stopping
+    each sample at ``tol``: the dynamics themselves, slowly (a sample with max Re λ(G W) = 0.97
+    needs thousands of steps). The reference :func:`ptc` is checked against."""
+    return euler(g, u0, dt=dt / _time_scale(tau, u0) if tau is not None else dt, steps=steps, tol=tol)
+
+
+#: The fallback a network gets unless told otherwise (model.fallback).
+DEFAULT_FALLBACK = {"method": "ptc", "max_iter": 300, "dt": 0.5, "accuracy": 0.1}
+
+#: How :func:`settle` follows the dynamics: method name → function(g, u0, tol=, tau=, **options).
+FALLBACKS: dict[str, Callable[..., Solution]] = {"ptc": ptc, "euler": follow_euler}
+
+
+def check_fallback(spec) -> dict | None:
+    """A fallback setting: None (off), or {"method": one of FALLBACKS, its options…}. Checked on a
+    1×1 problem, so that a bad option fails now, not in the middle of training."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or spec.get("method") not in FALLBACKS:
+        raise ValueError(f"fallback must be null or {{method: one of {sorted(FALLBACKS)}, options…}}, got {spec!r}")
+    options = {k: v for k, v in spec.items() if k != "method"}
+    fn = FALLBACKS[spec["method"]]
+    allowed = [p for p in inspect.signature(fn).parameters if p not in ("g", "u0", "tol", "tau", "jac")]
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise ValueError(f"fallback {spec['method']!r} has no option(s) {bad}; its options are {allowed}")
+    fn(lambda u, rows=None: 0 * u, torch.zeros(1, 1), **options)
+    return dict(spec)
+
+
+def follow(g: StateMap, u0: Tensor, *, tol: float, method: str = "ptc", tau: Tensor | None = None,
+           jac: Callable | None = None, **options) -> Solution:
+    """The fixed point the dynamics reach from ``u0``, by ``method`` (:data:`FALLBACKS`) with its
+    ``options``; ``jac`` (the map's Jacobians) goes to the methods that take it (:func:`ptc`)."""
+    fn = FALLBACKS[method]
+    if jac is not None and "jac" in inspect.signature(fn).parameters:
+        options["jac"] = jac
+    return fn(g, u0, tol=tol, tau=tau, **options)
+
+
+def settle(g: StateMap, u0: Tensor, first: Solution, *, jac: Callable | None = None, **how) -> Solution:
+    """``first`` with the samples it left unconverged solved again from their start ``u0`` by
+    :func:`follow` (``how``: method, tau, options) to ``first``'s tolerance. From the start, not
+    from where ``first`` gave up: an input can have several attracting fixed points, and the
+    network's is the one its dynamics reach from where they start. ``fallback`` marks the samples
+    handed over, ``fallback_iters`` their steps (also added to ``iters``); ``status`` says why a
+    sample is still unconverged."""
+    redo = ~first.converged
+    if first.tol is None or not bool(redo.any()):
+        return first
+    idx = redo.nonzero().squeeze(1)
+
+    def g_sub(u, rows=None):
+        return g(u, idx if rows is None else idx[rows])
+
+    def jac_sub(u, rows=None):
+        return jac(u, idx if rows is None else idx[rows])
+
+    sub = follow(g_sub, u0[idx], tol=first.tol, jac=None if jac is None else jac_sub, **how)
+    out = Solution(first.u.clone(), first.iters.clone(), first.residual.clone(), first.converged.clone(),
+                   first.tol, f"{first.solver}+{sub.solver}", first.status.clone(),
+                   redo, torch.zeros_like(first.iters))
+    out.u[idx], out.residual[idx], out.converged[idx], out.status[idx] = sub.u, sub.residual, sub.converged, sub.status
+    out.iters[idx] += sub.iters
+    out.fallback_iters[idx] = sub.iters
+    return out
 
 
 #: Solvers that work on any map g(u, rows); ``direct`` needs the linear model (see model.py).

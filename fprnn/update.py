@@ -94,7 +94,7 @@ def solve_and_check(model: FixedPointRNN, p: Tensor,
         if sol.tol is not None:
             if sol.n_nonconverged > max_nonconverged * len(fp.r):
                 return fps, None, (f"fixed point not converged{where} for {sol.n_nonconverged}/{len(fp.r)} "
-                                   f"samples (max residual {sol.max_residual:.3g})")
+                                   f"samples: {sol.failures()} (max residual {sol.max_residual:.3g})")
             keep = sol.converged if keep is None else keep & sol.converged
     if keep is not None and not bool(keep.any()):
         fault = "no sample converged"
