@@ -310,8 +310,9 @@ def bench_fallback(run_dir: str, data_root: str, batch: int, repeats: int) -> st
             idx = torch.cat([torch.nonzero(s.fallback).squeeze(1) + i * batch for i, s in enumerate(full)])
             xs = x[idx]
             g = layer.dyn.state_map(layer.W.detach(), xs, layer.act)
-            tight = solvers.FALLBACKS[fallback["method"]](g, torch.zeros_like(xs), tol=1e-10, tau=layer.tau,
-                                                          **{k: v for k, v in fallback.items() if k != "method"})
+            tight = solvers.follow(g, torch.zeros_like(xs), tol=1e-10, tau=layer.tau,
+                                   jac=layer.dyn.state_jacobian(layer.W.detach(), xs, layer.act),
+                                   **solvers.how_to_follow(fallback))
             ref = solvers.follow_euler(g, torch.zeros_like(xs), tol=1e-10, dt=0.05, steps=100_000, tau=layer.tau)
             both = tight.converged & ref.converged
             d = (tight.u - ref.u).abs().amax(1)[both]

@@ -220,9 +220,9 @@ class Layer(nn.Module):
         if not self.dyn.continuous:
             raise ValueError(f"the {self.dyn.name!r} network is its own map: its solver follows its dynamics")
         W, x = self.W.detach(), x.detach()
+        how = solvers.how_to_follow(self.fallback or solvers.DEFAULT_FALLBACK)
         sol = solvers.follow(self.dyn.state_map(W, x, self.act), torch.zeros_like(x), tol=self._tolerance(),
-                             tau=self.tau, jac=self.dyn.state_jacobian(W, x, self.act),
-                             **(self.fallback or solvers.DEFAULT_FALLBACK))
+                             tau=self.tau, jac=self.dyn.state_jacobian(W, x, self.act), **how)
         return self._at(W, x, sol)
 
     def _tolerance(self) -> float:

@@ -423,7 +423,7 @@ def follow_euler(g: StateMap, u0: Tensor, *, tol: float = 1e-5, dt: float = 0.05
 
 
 #: The fallback a network gets unless told otherwise (model.fallback).
-DEFAULT_FALLBACK = {"method": "ptc", "max_iter": 300, "dt": 0.5, "accuracy": 0.1}
+DEFAULT_FALLBACK = {"method": "ptc", "max_iter": 300, "dt": 0.5, "accuracy": 0.1, "max_share": 0.05}
 
 #: How :func:`settle` follows the dynamics: method name → function(g, u0, tol=, tau=, **options).
 FALLBACKS: dict[str, Callable[..., Solution]] = {"ptc": ptc, "euler": follow_euler}
@@ -436,9 +436,13 @@ def check_fallback(spec) -> dict | None:
         return None
     if not isinstance(spec, dict) or spec.get("method") not in FALLBACKS:
         raise ValueError(f"fallback must be null or {{method: one of {sorted(FALLBACKS)}, options…}}, got {spec!r}")
-    options = {k: v for k, v in spec.items() if k != "method"}
+    share = spec.get("max_share", 1.0)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ValueError(f"fallback max_share must be a fraction in (0, 1], got {share!r}")
+    options = {k: v for k, v in spec.items() if k not in ("method", "max_share")}
     fn = FALLBACKS[spec["method"]]
     allowed = [p for p in inspect.signature(fn).parameters if p not in ("g", "u0", "tol", "tau", "jac")]
+    allowed.append("max_share")
     bad = sorted(set(options) - set(allowed))
     if bad:
         raise ValueError(f"fallback {spec['method']!r} has no option(s) {bad}; its options are {allowed}")
@@ -456,15 +460,24 @@ def follow(g: StateMap, u0: Tensor, *, tol: float, method: str = "ptc", tau: Ten
     return fn(g, u0, tol=tol, tau=tau, **options)
 
 
-def settle(g: StateMap, u0: Tensor, first: Solution, *, jac: Callable | None = None, **how) -> Solution:
+def how_to_follow(fallback: dict) -> dict:
+    """The :func:`follow` options in a fallback setting: all but :func:`settle`'s ``max_share``."""
+    return {k: v for k, v in fallback.items() if k != "max_share"}
+
+
+def settle(g: StateMap, u0: Tensor, first: Solution, *, jac: Callable | None = None, max_share: float = 1.0,
+           **how) -> Solution:
     """``first`` with the samples it left unconverged solved again from their start ``u0`` by
     :func:`follow` (``how``: method, tau, options) to ``first``'s tolerance. From the start, not
     from where ``first`` gave up: an input can have several attracting fixed points, and the
     network's is the one its dynamics reach from where they start. ``fallback`` marks the samples
     handed over, ``fallback_iters`` their steps (also added to ``iters``); ``status`` says why a
-    sample is still unconverged."""
+    sample is still unconverged. Only while at most ``max_share`` of the batch is left: the
+    fallback costs O(N³) a sample and step, and a network that leaves more than that has lost
+    its fixed points (chaotic dynamics, as a random network's with gain above 1), which following
+    the dynamics would only confirm at great cost — those samples stay as ``first`` left them."""
     redo = ~first.converged
-    if first.tol is None or not bool(redo.any()):
+    if first.tol is None or not bool(redo.any()) or float(redo.float().mean()) > max_share:
         return first
     idx = redo.nonzero().squeeze(1)
 

@@ -162,9 +162,12 @@ def _classification_file(path, n=1200, d=10, C=3, seed=0):
 
 
 def _first_and_test_loss(run_dir, res):
+    """The first step's training loss and the last network's test loss (a run with a validation
+    split reports the best-validation network's as test_loss, the last one's as last_test_loss)."""
     import csv
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
-    return float(next(r["train/loss_step"] for r in rows if r.get("train/loss_step"))), res["test_loss"]
+    return float(next(r["train/loss_step"] for r in rows if r.get("train/loss_step"))), \
+        res.get("last_test_loss", res["test_loss"])
 
 
 def test_arrays_learn_a_classification_and_a_regression_task(tmp_path):

@@ -100,7 +100,8 @@ def test_unequal_sample_counts_per_device_are_weighted(tmp_path, mnist_dir):
     """With max_nonconverged > 0 the devices leave out different numbers of samples; ΔW must be the
     mean over the global batch's kept samples, i.e. each device's mean weighted by its count."""
     over = [*common(mnist_dir), "rule=w3", "lr=0.25", "solver=iterate", "solver.kwargs.tol=1e-10",
-            f"solver.kwargs.max_iter={UNEVEN_ITERS}", "fault.max_nonconverged=0.9", "trainer.max_steps=5"]
+            f"solver.kwargs.max_iter={UNEVEN_ITERS}", "solver.fallback=null", "fault.max_nonconverged=0.9",
+            "trainer.max_steps=5"]
     cfg = make_cfg(over, tmp_path / "one")
     data, model, *_ = build(cfg, tmp_path / "probe")
     data.setup()

@@ -41,6 +41,8 @@ def test_the_fallback_settles_where_the_plain_map_cycles_at_the_dynamics_fixed_p
     plain = net.fixed_point(x)
     assert plain.solution.n_nonconverged == len(x)          # the map cycles: no sample settles
     net.layer.fallback = dict(solvers.DEFAULT_FALLBACK)
+    assert net.fixed_point(x).solution.n_nonconverged == len(x)   # all left: more than max_share
+    net.layer.fallback["max_share"] = 1.0
     fp = net.fixed_point(x)
     sol = fp.solution
     assert bool(sol.converged.all()) and bool(sol.fallback.all()) and (sol.fallback_iters > 0).all()
@@ -128,7 +130,8 @@ def test_a_limit_cycle_is_reported_unconverged_with_its_reason():
         out = solvers.settle(g, u0, first, method=method, jac=RATE.state_jacobian(W, x, TANH))
         assert out.n_nonconverged == 2 and (out.status == code).all(), method
         assert solvers.STATUS_NAMES[code] in out.failures()
-    net = FixedPointRNN(2, solver="iterate", solver_kwargs={"tol": 1e-8}, dtype="float64")
+    net = FixedPointRNN(2, solver="iterate", solver_kwargs={"tol": 1e-8}, dtype="float64",
+                        fallback={**solvers.DEFAULT_FALLBACK, "max_share": 1.0})
     net.layer.W.data.copy_(W)
     _, _, fault = solve_and_check(net, x, max_nonconverged=0.0)
     assert "2/2 samples: 2 unstable fixed point" in fault
@@ -151,6 +154,8 @@ def test_fallback_options_are_checked():
         FixedPointRNN(5, fallback={"method": "ptc", "steps": 3})
     with pytest.raises(ValueError, match="max_iter must be a positive integer, got 0"):
         FixedPointRNN(5, fallback={"method": "ptc", "max_iter": 0})
+    with pytest.raises(ValueError, match=r"fallback max_share must be a fraction in \(0, 1\], got 2"):
+        FixedPointRNN(5, fallback={"method": "ptc", "max_share": 2})
     net = FixedPointRNN(5, fallback=None)
     assert net.layer.fallback is None and net.config["fallback"] is None
     assert FixedPointRNN(5).config["fallback"] == solvers.DEFAULT_FALLBACK
