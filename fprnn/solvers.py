@@ -405,7 +405,8 @@ def ptc(g: StateMap, u0: Tensor, *, tol: float = 1e-5, max_iter: int = 300, dt: 
         F = torch.where(ok.unsqueeze(1), F_trial, F)
         res = torch.where(ok, res_trial, res)
         grow = (0.9 * (accuracy / error.clamp_min(tiny)).sqrt()).clamp(0.2, 5.0)
-        h = h * torch.where((info == 0) & torch.isfinite(error), grow, torch.full_like(h, 0.2))
+        # bounded: at h = ∞ every error estimate is ∞·0 and every try would be refused
+        h = (h * torch.where((info == 0) & torch.isfinite(error), grow, torch.full_like(h, 0.2))).clamp(1e-6 * dt, 1e12)
     else:
         t.finish(x, res, int(max_iter))
     sol = t.solution("ptc")
