@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from . import rules
-from .module import resolve_rule_kwargs
+from .implicit import resolve_rule_kwargs
 
 
 def layer_key(name: str, l: int, L: int) -> str:
@@ -167,13 +167,12 @@ class AngleMonitor(pl.Callback):
             return
         if self.every <= 0 or not (_every(trainer, self.every) or trainer.global_step == 1):
             return      # every k steps and the first step; every_n_steps=0 turns the monitor off
-        keep = step.keep
         logs, L = {}, len(step.fps)
         for l, (layer, fp, W, delta) in enumerate(zip(pl_module.model.layers, step.fps, step.weights_before,
                                                       step.deltas)):
             if delta is None:       # bptt computes no δ below the last layer
                 continue
-            r, gain = (fp.r, fp.gain) if keep is None else (fp.r[keep], fp.gain[keep])
+            r, gain = fp.r[step.used], fp.gain[step.used]
             dWs = {}
             for name in self.rules:
                 # the training rule with its configured options; the others with their defaults

@@ -20,9 +20,20 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger
 
 from .model import network_state
+
+
+def saved_config(run_dir) -> DictConfig:
+    """A finished run's config: Hydra's copy (``.hydra/config.yaml``), or the one every logger got
+    (``csv/hparams.yaml``, also written by runs started from Python)."""
+    run_dir = Path(run_dir)
+    for f in (run_dir / ".hydra" / "config.yaml", run_dir / "csv" / "hparams.yaml"):
+        if f.exists():
+            return OmegaConf.load(f)
+    raise FileNotFoundError(f"{run_dir}: no .hydra/config.yaml or csv/hparams.yaml, the run's config")
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:

@@ -199,6 +199,8 @@ class VisionDataModule(TensorData):
         self.name, self.root, self.download, self.grayscale = dataset, root, download, bool(grayscale)
         self.train_subset, self.test_subset = train_subset, test_subset
         self.n_in, self.n_out = self.spec.n_in(self.grayscale), self.spec.n_classes
+        c, h, w = self.spec.shape
+        self.image_shape = (1 if self.grayscale else c, h, w)    # what a conv encoder unflattens
 
     def prepare_data(self) -> None:
         vision.ensure(self.spec, self.root, self.download)

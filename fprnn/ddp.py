@@ -1,6 +1,6 @@
-"""Several devices: DDP all-reduces only the gradients autograd makes, so a hand-computed update
-would silently stay per device. Every device skips a step if any faulted, applies the global
-batch's mean of every trained tensor's update, and checks now and then that they agree."""
+"""Several devices: every device skips a step if any faulted (and calls backward only if none
+did: DDP's all-reduce runs inside it), weighs its loss so that DDP's average is the global batch's
+mean, and checks now and then that the devices agree on the weights."""
 from __future__ import annotations
 
 import torch
@@ -18,24 +18,13 @@ def sync_fault(strategy, world: int, fault: str | None, device) -> str | None:
     return fault
 
 
-def reduce_grads(strategy, world: int, grads: dict[str, Tensor], n_used: int,
-                 already_global: set[str] = frozenset()) -> dict[str, Tensor]:
-    """The global batch's mean of per-device means (``already_global``: left as they are).
-    Each device's is weighted by its sample count, so the result is the global mean also when
-    devices used different numbers of samples. One flat buffer, one all-reduce per step."""
-    names = [n for n in grads if n not in already_global]
-    if world == 1 or not names:
-        return grads
-    n = float(n_used)
-    first = grads[names[0]]
-    buf = torch.cat([(grads[k] * n).flatten() for k in names] + [first.new_tensor([n])])
-    buf = strategy.reduce(buf, reduce_op="sum")
-    out, at = dict(grads), 0
-    for k in names:
-        size = grads[k].numel()
-        out[k] = (buf[at:at + size] / buf[-1]).reshape(grads[k].shape)
-        at += size
-    return out
+def global_count(strategy, world: int, n_used: int, device) -> float:
+    """The samples used on all devices: DDP averages each device's gradient, so each device's loss
+    is its samples' sum over this count times the number of devices — the global batch's mean
+    also when devices used different numbers of samples."""
+    if world == 1:
+        return float(n_used)
+    return float(strategy.reduce(torch.tensor([float(n_used)], device=device), reduce_op="sum"))
 
 
 def checksums(tensors: list[Tensor]) -> Tensor:

@@ -195,7 +195,7 @@ def plot_responses(items, out: Path, written: list, n_units: int = 4) -> None:
     import hydra
 
     from .model import FixedPointRNN
-    from .run import saved_config
+    from .checkpoint import saved_config
     for it in items:
         d = it["dir"]
         if it["res"].get("data") not in ("responses", "ssn_teacher") or not (d / "model.json").exists():

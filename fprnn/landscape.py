@@ -99,8 +99,8 @@ def run_landscape(run_dir: Path, n_line: int = 41, n_plane: int = 15, probe: int
     import hydra
 
     from .model import FixedPointRNN
-    from .run import saved_config
-    from .update import loss_and_grad
+    from .checkpoint import saved_config
+    from .update import per_sample_loss
     cfg = saved_config(run_dir)
     model = FixedPointRNN.load(run_dir)
     data = hydra.utils.instantiate(cfg.data)
@@ -118,7 +118,7 @@ def run_landscape(run_dir: Path, n_line: int = 41, n_plane: int = 15, probe: int
         fp = model.fixed_point(x, W=W.to(model.W.dtype))
         if fp.solution.tol is not None and fp.solution.n_nonconverged:
             return float("nan")
-        return float(loss_and_grad(task, model, fp.r, y)[0].mean())
+        return float(per_sample_loss(task, model.readout(fp.r), y).mean())
 
     W0 = model.W.detach().double()
     g = torch.Generator().manual_seed(seed + 7)

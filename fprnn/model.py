@@ -6,14 +6,16 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from . import constraints, solvers
+from . import constraints, implicit, solvers
 from .activations import Activation, get_activation
 from .dynamics import Dynamics, get_dynamics
+from .encoders import build_encoder
 from .solvers import Solution
 
 Tensor = torch.Tensor
@@ -96,7 +98,12 @@ class Layer(nn.Module):
     ``fallback`` ({"method": "ptc", options…}, see :func:`fprnn.solvers.settle`; None: off): with
     continuous dynamics, samples the solver leaves unconverged are solved again from their start
     by following the network's dynamics. The discrete network is its map: a sample the map does
-    not settle has no fixed point the network reaches, and stays unconverged."""
+    not settle has no fixed point the network reaches, and stays unconverged.
+
+    Called on s, the layer returns its fixed point r*; while autograd records, r* is a function of
+    (W, V, b, s) whose backward is ``backward_rule`` (:class:`fprnn.implicit.RuleBackward`, w1 — the
+    gradient — unless set): the rule's −ΔW for W, the implicit adjoint for s. ``report`` keeps the
+    last call's fixed point, the samples it used and its fault."""
 
     def __init__(self, N: int, n_in: int | None, gen: torch.Generator, dt: torch.dtype, *, activation,
                  dynamics, solver: str, solver_kwargs: dict | None, sigma_W: float, train_W: bool,
@@ -138,6 +145,30 @@ class Layer(nn.Module):
         else:
             self.register_buffer("V", V)
         self.b = nn.Parameter(torch.zeros(N, dtype=dt)) if bias else None
+        self.backward_rule = implicit.RuleBackward(rule="w1")
+        self.report: implicit.Report | None = None
+
+    def forward(self, s: Tensor) -> Tensor:
+        """r* for the previous layer's rates (or the input) s; see the class docstring. Under
+        ``bptt`` the rates come with autograd's graph through the unrolled solver (W's gradient
+        times η, so that W.grad = −ΔW as for the rules)."""
+        spec = self.backward_rule
+        fp = self.fixed_point(self.input(s.detach()))
+        self.report = implicit.Report(fp, implicit.used_samples(fp.solution, fp.r))
+        trained = [t for t in (self.W, self.V, self.b, s) if t is not None and t.requires_grad]
+        if not (torch.is_grad_enabled() and trained):
+            return fp.r
+        if spec.rule == "bptt":
+            rate = self.unrolled(self.input(s), fp.solution.u, W=implicit.scale_grad(self.W, spec.eta))
+            rate.register_hook(partial(implicit.record_delta, self.report, spec))
+            return rate
+        return implicit.attach(fp.r, fp.gain, self.W, self.V, self.b, s, spec, self.report)
+
+    def set_loss_norm(self, n: float | None) -> None:
+        """The n of the loss Σ L_i / n that the next backward differentiates (w2 depends on it:
+        :mod:`fprnn.implicit`); read at backward, so it may be set after the forward call."""
+        self.backward_rule.loss_norm = n
+        self.backward_rule.__post_init__()
 
     @staticmethod
     def _wiring(N, gen, n_exc, p_connect, mask_path, self_connections, constraint):
@@ -230,7 +261,7 @@ class Layer(nn.Module):
         tol = self.solver_kwargs.get("tol")
         return tol if tol is not None else inspect.signature(solvers.anderson).parameters["tol"].default
 
-    def unrolled(self, x: Tensor, u0: Tensor | None = None) -> Tensor:
+    def unrolled(self, x: Tensor, u0: Tensor | None = None, W: Tensor | None = None) -> Tensor:
         """Rates with an autograd graph through the solver's iterations (W's and x's), for
         ``rule=bptt``.
 
@@ -246,7 +277,7 @@ class Layer(nn.Module):
         else:
             u = self.fixed_point(x, u0).solution.u
             steps, damping = self.bptt_steps, self.bptt_damping
-        g = self.dyn.state_map(self.W, x, self.act)
+        g = self.dyn.state_map(self.W if W is None else W, x, self.act)
         for _ in range(steps):
             u = u + damping * (g(u) - u)
         return self.dyn.rate(u, self.act)
@@ -319,7 +350,8 @@ class FixedPointRNN(nn.Module):
     the same network as a feed-forward one (the baseline the recurrence is measured against).
     ``activation``, ``dynamics``, ``solver``,
     ``solver_kwargs``, ``sigma_W`` and ``fallback`` are shared by the layers, or lists of one per
-    layer. ``fallback`` (default: :data:`fprnn.solvers.DEFAULT_FALLBACK`, pseudo-transient
+    layer. ``encoder`` (a spec, :mod:`fprnn.encoders`; None: none) is a front end between the raw
+    input (n_in values) and the first layer's read-in, trained by autograd. ``fallback`` (default: :data:`fprnn.solvers.DEFAULT_FALLBACK`, pseudo-transient
     continuation) re-solves the samples the solver leaves by following the dynamics (``Layer``).
     """
 
@@ -330,7 +362,7 @@ class FixedPointRNN(nn.Module):
                  train_W: bool = True, train_readin: bool = False, train_readout: bool = False,
                  bias: bool = False, n_exc: Any = None, p_connect: Any = None, mask_path: Any = None,
                  mask_seed: Any = None, self_connections: Any = True, constraint: Any = "project", blocks=None,
-                 tau: Any = None, tau_I: Any = None, fallback: Any = "default"):
+                 tau: Any = None, tau_I: Any = None, fallback: Any = "default", encoder: Any = None):
         super().__init__()
         sizes = _sizes(N, layers)
         for name, v in (("n_in", n_in), ("n_out", n_out)):
@@ -354,7 +386,15 @@ class FixedPointRNN(nn.Module):
                       self_connections=self_connections, constraint=constraint, tau=tau, tau_I=tau_I,
                       fallback=dict(solvers.DEFAULT_FALLBACK) if fallback == "default" else fallback)
         per = {k: _per_layer(k, v, L) for k, v in shared.items()}
-        fan_in = [n_in, *sizes[:-1]]
+        with torch.random.fork_rng():      # torch's own init, seeded, without drawing from gen
+            torch.manual_seed(int(seed))
+            self.encoder = build_encoder(encoder)
+        if self.encoder is not None:
+            self.encoder.to(dt)
+            if n_in != self.encoder.in_features:
+                raise ValueError(f"n_in={n_in!r} must be the encoder's input size "
+                                 f"{'×'.join(map(str, self.encoder.in_shape))} = {self.encoder.in_features}")
+        fan_in = [n_in if self.encoder is None else self.encoder.out_features, *sizes[:-1]]
         self.layers = nn.ModuleList(
             Layer(sizes[l], fan_in[l], gen, dt, train_W=train_W, train_readin=train_readin, bias=bias,
                   bptt_steps=bptt_steps, bptt_damping=bptt_damping, blocks=blocks,
@@ -378,7 +418,7 @@ class FixedPointRNN(nn.Module):
         self.config = dict(N=N, n_in=n_in, n_out=n_out, layers=None if layers is None else sizes, **shared,
                            seed=seed, dtype=str(dt).replace("torch.", ""), bptt_steps=int(bptt_steps),
                            bptt_damping=float(bptt_damping), train_W=train_W, train_readin=train_readin,
-                           train_readout=train_readout, bias=bias, blocks=blocks) if named else None
+                           train_readout=train_readout, bias=bias, blocks=blocks, encoder=encoder) if named else None
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "FixedPointRNN":
@@ -423,12 +463,13 @@ class FixedPointRNN(nn.Module):
         return self.layers[0].W.dtype
 
     def readins(self) -> list[Tensor]:
-        """The trained read-in tensors (V_ℓ, b_ℓ), in the order of ``named_readins``."""
+        """The trained read-in tensors (the encoder's, V_ℓ, b_ℓ), in the order of ``named_readins``."""
         return [t for _, t in self.named_readins()]
 
     def named_readins(self) -> list[tuple[str, Tensor]]:
-        return [(f"layers.{l}.{n}", t) for l, layer in enumerate(self.layers) for n in ("V", "b")
-                if isinstance(t := getattr(layer, n), nn.Parameter)]
+        front = [] if self.encoder is None else [(f"encoder.{n}", t) for n, t in self.encoder.named_parameters()]
+        return front + [(f"layers.{l}.{n}", t) for l, layer in enumerate(self.layers) for n in ("V", "b")
+                        if isinstance(t := getattr(layer, n), nn.Parameter)]
 
     def named_readouts(self) -> list[tuple[str, Tensor]]:
         return [(n, t) for n in ("W_out", "b_out") if isinstance(t := getattr(self, n), nn.Parameter)]
@@ -440,6 +481,11 @@ class FixedPointRNN(nn.Module):
             raise ValueError(f"input must be (m, {want}), got shape {tuple(p.shape)}")
         return p.to(self.dtype)
 
+    def features(self, p: Tensor) -> Tensor:
+        """What the first layer reads: the encoder's output for raw inputs p, or p itself."""
+        p = self.check_input(p)
+        return p if self.encoder is None else self.encoder(p)
+
     def readout(self, r: Tensor) -> Tensor:
         out = r @ self.W_out.T if self.W_out is not None else r
         return out + self.b_out if self.b_out is not None else out
@@ -449,7 +495,7 @@ class FixedPointRNN(nn.Module):
         """The fixed point of every layer for raw inputs p (m, n_in), solved in order (layer ℓ's
         input is layer ℓ−1's rates). ``solved=True``: each solved to tolerance (see
         ``Layer.solved_fixed_point``), for stability."""
-        s, fps = self.check_input(p), []
+        s, fps = self.features(p), []
         for layer in self.layers:
             x = layer.input(s)
             fps.append(layer.solved_fixed_point(x) if solved else layer.fixed_point(x))
@@ -459,7 +505,7 @@ class FixedPointRNN(nn.Module):
     def unrolled(self, p: Tensor, start: list[Tensor] | None = None) -> Tensor:
         """The last layer's rates with an autograd graph through every layer (``Layer.unrolled``);
         ``start``: each layer's state to solve from (e.g. the forward pass's)."""
-        s = self.check_input(p)
+        s = self.features(p)
         for l, layer in enumerate(self.layers):
             s = layer.unrolled(layer.input(s), None if start is None else start[l])
         return s
@@ -470,7 +516,7 @@ class FixedPointRNN(nn.Module):
         is not the one the dynamics reach from rest (``Layer.reached_fixed_point``, more than
         ``atol`` apart in ‖·‖∞, both converged) — an input with several attracting fixed points
         whose solver picked another than the network's."""
-        s = self.check_input(p)
+        s = self.features(p)
         differ = torch.zeros(len(s), dtype=torch.bool, device=s.device)
         for layer in self.layers:
             x = layer.input(s)
@@ -502,10 +548,41 @@ class FixedPointRNN(nn.Module):
         raise ValueError(f"stable_init={target}: W scaled down to {scale:.3g} of its start and the probe's "
                          f"fixed points still do not converge below stability {target}")
 
-    @torch.no_grad()
+    def set_backward(self, rule: str = "w1", eta: float = 1.0, rule_kwargs: Any = None, **options) -> None:
+        """How autograd's backward treats every layer's fixed point (:class:`fprnn.implicit.RuleBackward`):
+        the ``rule`` for each W (``"bptt"``: through the unrolled solver) with η = ``eta``; ``rule_kwargs``
+        a dict, or a list of one per layer; ``options``: readin, loss_norm, on_fault, gather."""
+        per = _per_layer("rule_kwargs", rule_kwargs, len(self.layers))
+        for layer, kw in zip(self.layers, per):
+            layer.backward_rule = implicit.RuleBackward(rule, eta, implicit.resolve_rule_kwargs(rule, kw, layer),
+                                                        **options)
+
+    def set_loss_norm(self, n: float | None) -> None:
+        """The n of the loss Σ L_i / n that the next backward differentiates (w2 needs it: see
+        :mod:`fprnn.implicit`); read at backward, so it may be set after the forward call — e.g. to
+        the count of ``used`` samples a loss is averaged over."""
+        for layer in self.layers:
+            layer.set_loss_norm(n)
+
     def forward(self, p: Tensor) -> Tensor:
-        """Read-out of the fixed point for raw inputs p (no graph)."""
-        return self.readout(self.fixed_points(p)[-1].r)
+        """Read-out of the last layer's fixed point for raw inputs p. While autograd records, the
+        output has a graph whose backward gives each W its rule's −ΔW (``set_backward``; w1, the
+        gradient, by default) and every other tensor its gradient."""
+        s = self.features(p)
+        for layer in self.layers:
+            s = layer(s)
+        return self.readout(s)
+
+    @property
+    def used(self) -> Tensor:
+        """Per input of the last call: its fixed point converged (and is finite) in every layer —
+        the samples a loss should be on (the rest have no fixed point for a rule to work on)."""
+        if any(layer.report is None for layer in self.layers):
+            raise RuntimeError("no forward call yet: FixedPointRNN.used describes the last call")
+        used = self.layers[0].report.used
+        for layer in self.layers[1:]:
+            used = used & layer.report.used
+        return used
 
     # -- the paper's one-layer network: its layer's members ------------------------------
     @property
@@ -522,7 +599,7 @@ class FixedPointRNN(nn.Module):
 
     def input(self, p: Tensor) -> Tensor:
         """x = W_in p (+ b) for raw inputs p, with the one layer's read-in."""
-        return self.layer.input(self.check_input(p))
+        return self.layer.input(self.features(p))
 
     def fixed_point(self, x: Tensor, u0: Tensor | None = None, W: Tensor | None = None) -> FixedPoint:
         return self.layer.fixed_point(x, u0, W)

@@ -1,4 +1,5 @@
-"""LightningModule: fixed-point forward pass + a hand-computed rule, applied by a torch optimizer."""
+"""LightningModule: forward to the fixed points → loss → backward (each W gets its rule's −ΔW,
+fprnn.implicit) → a torch optimizer's step → constraints, with faults and step control."""
 from __future__ import annotations
 
 import math
@@ -11,32 +12,23 @@ import pytorch_lightning as pl
 import torch
 import torchmetrics
 
-from . import rules
+from . import constraints, ddp, rules
 from .dynamics import eig_W
+from .implicit import READIN_UPDATES, resolve_rule_kwargs
 from .model import FixedPointRNN
-from . import constraints, ddp
-from .update import READIN_UPDATES, StackStep, bptt_step, loss_and_grad, rule_step, unfit
+from .update import Step, per_sample_loss, solution_fault, unfit
 
 Tensor = torch.Tensor
 ALL_RULES = sorted([*rules.RULES, "bptt"])
 TASKS = ("classification", "regression")
 
 
-def resolve_rule_kwargs(rule: str, kwargs: dict | None, layer) -> dict:
-    """A rule's options as configured, with w2's ``shared_gain="auto"`` (its default) decided by
-    the layer: a linear layer's w2 is the batch form of eq 3.8, a nonlinear one is per sample."""
-    kw = dict(kwargs or {})
-    if rule == "w2" and kw.get("shared_gain", "auto") == "auto":
-        kw["shared_gain"] = bool(layer.act.is_identity)
-    return kw
-
-
 class FixedPointModule(pl.LightningModule):
     """Trains a stack of fixed-point layers (:class:`FixedPointRNN`): every W_ℓ by a rule from
-    :mod:`fprnn.rules` (or ``bptt``), trained read-ins and read-outs by their gradient
-    (:mod:`fprnn.update`).
+    :mod:`fprnn.rules` (or ``bptt``), trained read-ins and read-outs by their gradient.
 
-    Each step solves the batch's fixed points and hands the optimizer −ΔW as each W's gradient:
+    Each step solves the batch's fixed points, takes the loss (mean over the samples used) and
+    calls backward, whose rule hands the optimizer −ΔW as each W's gradient (:mod:`fprnn.implicit`):
     plain SGD with lr = 1 (the default) makes W ← W + ΔW exactly, as in the paper; momentum or
     Adam then act on the rule's direction; ``scheduler`` (a torch LR scheduler factory) is stepped
     at each epoch end. Read-in (V_ℓ, b_ℓ) and read-out (W_out, b_out) tensors
@@ -89,7 +81,9 @@ class FixedPointModule(pl.LightningModule):
         self.model, self.rule_name, self.lr, self.task = model, rule, float(lr), task
         self.lr_readin, self.lr_readout, self.readin = lr_readin, lr_readout, readin
         self.layer_kwargs = [resolve_rule_kwargs(rule, rule_kwargs, layer) for layer in model.layers]
-        self.rule = None if rule == "bptt" else rules.get_rule(rule)
+        # faults are recorded, not raised, in backward: with several devices a raise there would
+        # leave the other ranks waiting in their all-reduce
+        model.set_backward(rule, lr, self.layer_kwargs, readin=readin, on_fault="record")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
         self.max_skipped, self.backtrack = float(max_skipped), backtrack
@@ -114,7 +108,7 @@ class FixedPointModule(pl.LightningModule):
         self.step_ms: list[float] = []
         self.iters_sum = 0.0
         self.fallback_samples = self.fallback_iters = 0   # samples handed to the solver's fallback, its steps
-        self.last_step: StackStep | None = None
+        self.last_step: Step | None = None
 
     # -- optimizer --------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
@@ -157,16 +151,41 @@ class FixedPointModule(pl.LightningModule):
         devices its rank-m factors are gathered rather than its result averaged."""
         return self.world > 1 and any(kw.get("shared_gain") for kw in self.layer_kwargs)
 
-    def compute_update(self, p: Tensor, y: Tensor) -> StackStep:
-        """Everything one step needs, without touching the weights (:mod:`fprnn.update`)."""
+    def on_train_start(self) -> None:
+        if self._gathers:
+            gather = lambda t: self.all_gather(t).flatten(0, 1)    # noqa: E731
+            for layer in self.model.layers:
+                layer.backward_rule.gather, layer.backward_rule.world = gather, self.world
+
+    def compute_update(self, p: Tensor, y: Tensor) -> Step:
+        """Forward, loss and backward: every trained tensor's ``.grad`` (DDP-averaged, weighted by
+        the samples each device used), without touching the weights. Every device calls backward
+        or none does (a fault on one skips it everywhere)."""
         p, y = self._cast(p, y)
-        if self.rule is None:
-            return bptt_step(self.model, p, y, self.task, self.lr, self.manual_backward,
-                             max_nonconverged=self.max_nonconverged, units=self.units)
-        gather = (lambda t: self.all_gather(t).flatten(0, 1)) if self._gathers else None
-        return rule_step(self.model, p, y, self.task, self.rule, self.lr, self.layer_kwargs,
-                         readin=self.readin, max_nonconverged=self.max_nonconverged, gather=gather,
-                         units=self.units)
+        self.model.zero_grad(set_to_none=True)
+        weights_before = [layer.W.detach().clone() for layer in self.model.layers]
+        out = self.model(p)
+        pred = out if self.units is None else out[:, self.units]
+        fps = [layer.report.fixed_point for layer in self.model.layers]
+        used = self.model.used
+        losses = per_sample_loss(self.task, pred, y)
+        step = Step(fps, losses.detach(), pred.detach(), used, weights_before)
+        fault = "non-finite input" if not torch.isfinite(p).all() else solution_fault(fps, self.max_nonconverged)
+        if fault is None and not torch.isfinite(losses[used]).all():
+            fault = "non-finite loss"
+        step.fault = ddp.sync_fault(self.trainer.strategy, self.world, fault, self.device)
+        if step.fault is not None:
+            return step
+        # DDP averages gradients over devices: each device's loss is its share of the global mean
+        n = ddp.global_count(self.trainer.strategy, self.world, step.n_used, self.device)
+        self.model.set_loss_norm(n / self.world)
+        self.manual_backward(losses[used].sum() * (self.world / n))
+        step.deltas = [None if layer.report.delta is None else layer.report.delta[used] for layer in self.model.layers]
+        fault = next((layer.report.fault for layer in reversed(self.model.layers) if layer.report.fault), None)
+        bad = [name for name, t in self.model.named_parameters() if t.grad is not None and not torch.isfinite(t.grad).all()]
+        step.fault = ddp.sync_fault(self.trainer.strategy, self.world,
+                                    fault or (f"non-finite gradient of {', '.join(bad)}" if bad else None), self.device)
+        return step
 
     def on_train_batch_start(self, batch, batch_idx):
         # Ctrl-C is turned into a flag by run.py and raised here, between steps, so that the
@@ -179,8 +198,7 @@ class FixedPointModule(pl.LightningModule):
             return None
         t0 = time.perf_counter()
         step = self.compute_update(*batch)
-        step.weights_before = [layer.W.detach().clone() for layer in self.model.layers]
-        fault = ddp.sync_fault(self.trainer.strategy, self.world, step.fault, self.device)
+        fault = step.fault
         if fault is None and self.backtrack:
             fault = self.apply_with_backtracking(step, batch[0])
         elif fault is None:
@@ -197,7 +215,7 @@ class FixedPointModule(pl.LightningModule):
         self.last_step = step           # for the monitors (fprnn.callbacks)
         bs = len(step.losses)
         if torch.isfinite(step.losses).all():
-            self.train_loss(step.losses.detach().float().mean())
+            self.train_loss(step.losses.float().mean())
         logs = {"train/loss": self.train_loss, "train/left_out": float(bs - step.n_used)}
         if self.task == "classification":
             self.train_acc(step.logits.argmax(1), batch[1])
@@ -212,22 +230,14 @@ class FixedPointModule(pl.LightningModule):
         self._maybe_check_ranks(batch_idx)
         return None
 
-    def apply(self, step: StackStep) -> None:
-        """Hand every trained tensor its (device-averaged) gradient and take the optimizer step;
-        then put every constrained W back on its constraints (fprnn.constraints)."""
-        done = {n for n in step.grads if n.endswith(".W")} if self._gathers else set()
-        if self.rule is None:   # bptt: DDP averaged autograd's gradients already
-            done = set(step.grads)
-        grads = ddp.reduce_grads(self.trainer.strategy, self.world, step.grads, step.n_used, done)
+    def apply(self, step: Step) -> None:
+        """The optimizer's step on the gradients backward left (no momentum off a W's mask); then
+        every constrained W back on its constraints (fprnn.constraints)."""
         layers = self.model.layers
-        for l, layer in enumerate(layers):
-            if layer.mask is not None and f"layers.{l}.W" in grads:     # no momentum off the mask
-                grads[f"layers.{l}.W"] = grads[f"layers.{l}.W"] * layer.mask
-        opt = self.optimizers()
-        opt.zero_grad(set_to_none=False)
-        for name, t in self.model.named_parameters():
-            t.grad = grads[name]
-        opt.step()
+        for layer in layers:
+            if layer.mask is not None and layer.W.grad is not None:
+                layer.W.grad.mul_(layer.mask)
+        self.optimizers().step()
         with torch.no_grad():
             for l, layer in enumerate(layers):
                 if layer.constrained and isinstance(layer.W, torch.nn.Parameter):
@@ -236,7 +246,7 @@ class FixedPointModule(pl.LightningModule):
                     layer.W.copy_(W)
                     self.clipped += n
 
-    def apply_with_backtracking(self, step: StackStep, p: Tensor) -> str | None:
+    def apply_with_backtracking(self, step: Step, p: Tensor) -> str | None:
         """Step control: apply the step, then solve the batch at the new weights; while its fixed
         points do not converge or a probed one (the first 16) is unstable, halve the step (up to
         ``backtrack`` times). A step that no halving rescues is undone and returned as a fault.
@@ -285,8 +295,10 @@ class FixedPointModule(pl.LightningModule):
     # -- evaluation -------------------------------------------------------------------
     def _eval_step(self, batch, split: str):
         p, y = self._cast(*batch)
-        fps = self.model.fixed_points(p)
-        losses, _, out = loss_and_grad(self.task, self.model, fps[-1].r, y, self.units)
+        out = self.model(p)
+        out = out if self.units is None else out[:, self.units]
+        fps = [layer.report.fixed_point for layer in self.model.layers]
+        losses = per_sample_loss(self.task, out, y)
         getattr(self, f"{split}_loss")(losses.float())
         logs = {f"{split}/loss": getattr(self, f"{split}_loss")}
         if self.task == "classification":

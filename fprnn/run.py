@@ -90,18 +90,17 @@ def check_compatible(model, data) -> None:
 
 
 def _model_sizes(cfg: DictConfig, data) -> dict:
-    """model.n_in / n_out given as ``auto`` are the data's input size and classes (targets)."""
-    return {k: getattr(data, k) for k in ("n_in", "n_out") if cfg.model.get(k) == "auto"}
-
-
-def saved_config(run_dir) -> DictConfig:
-    """A finished run's config: Hydra's copy (``.hydra/config.yaml``), or the one every logger got
-    (``csv/hparams.yaml``, also written by runs started from Python)."""
-    run_dir = Path(run_dir)
-    for f in (run_dir / ".hydra" / "config.yaml", run_dir / "csv" / "hparams.yaml"):
-        if f.exists():
-            return OmegaConf.load(f)
-    raise FileNotFoundError(f"{run_dir}: no .hydra/config.yaml or csv/hparams.yaml, the run's config")
+    """model.n_in / n_out given as ``auto`` are the data's input size and classes (targets); an
+    encoder's in_shape given as ``auto`` is the image data's [channels, height, width]."""
+    sizes = {k: getattr(data, k) for k in ("n_in", "n_out") if cfg.model.get(k) == "auto"}
+    encoder = cfg.model.get("encoder")
+    if encoder is not None and encoder.get("in_shape") == "auto":
+        shape = getattr(data, "image_shape", None)
+        if shape is None:
+            raise ValueError(f"model.encoder.in_shape=auto needs image data; {type(data).__name__} has no "
+                             f"image shape: give model.encoder.in_shape=[channels,height,width]")
+        sizes["encoder"] = {**_plain(encoder), "in_shape": list(shape)}
+    return sizes
 
 
 def log_config(trainer, cfg: DictConfig) -> None:

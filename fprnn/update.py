@@ -1,112 +1,57 @@
-"""One training step's arithmetic for a stack of fixed-point layers, on plain tensors.
+"""What a training step needs beside autograd: the per-sample loss (torch's own), the checks that
+keep faults from the weights, and the record of the step that the monitors read.
 
-The loss sits on the read-out of the last layer's fixed point. Going down the stack, layer ℓ gets
-δ_ℓ = ∇_{r_ℓ} L; its W_ℓ moves by the selected rule on (W_ℓ, r_ℓ, G_ℓ, δ_ℓ); and, where a read-in
-is trained or a layer lies below, the implicit adjoint p_ℓ = G_ℓ (I − G_ℓ W_ℓ)^{−T} δ_ℓ gives
-∇V_ℓ = mean p_ℓ r_{ℓ−1}ᵀ, ∇b_ℓ = mean p_ℓ and δ_{ℓ−1} = V_ℓᵀ p_ℓ (docs/stack.md).
-The read-out's gradient is the ordinary one. Nothing here touches the weights: the result is a
-gradient per trained tensor (−ΔW for the W's), for a torch optimizer to apply.
+The step itself is forward → loss → backward (:class:`fprnn.module.FixedPointModule`): every
+layer's fixed point is the output of :mod:`fprnn.implicit`'s Function, whose backward gives each
+W its rule's −ΔW and everything else its gradient.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from . import rules
 from .model import FixedPoint, FixedPointRNN
 
 Tensor = torch.Tensor
-#: how a trained read-in V_ℓ (and b_ℓ) moves: its exact gradient, or the reparameterized direction
-READIN_UPDATES = ("gradient", "reparam")
 
 
-def readout_error(task: str, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample losses L_i of the read-out ŷ and their gradients ∇_ŷ L_i (rows).
-
-    classification: cross-entropy of softmax(ŷ), gradient softmax − onehot;
-    regression: ‖ŷ − y‖², gradient 2 (ŷ − y)."""
+def per_sample_loss(task: str, out: Tensor, y: Tensor) -> Tensor:
+    """L_i of each prediction: cross-entropy of softmax(ŷ) (classification) or ‖ŷ − y‖²."""
     if task == "classification":
-        onehot = F.one_hot(y, out.shape[1]).to(out.dtype)
-        return F.cross_entropy(out, y, reduction="none"), torch.softmax(out, 1) - onehot
-    err = out - y
-    return (err ** 2).sum(1), 2 * err
+        return F.cross_entropy(out, y, reduction="none")
+    return F.mse_loss(out, y, reduction="none").sum(1)
 
 
-def loss_and_grad(task: str, model: FixedPointRNN, r: Tensor, y: Tensor,
-                  units: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample losses L_i, their gradients δ_i = ∇_r L_i (rows) at the last layer's rates r,
-    and the prediction ŷ: the read-out W_out r + b_out (r itself without one), or — fitting
-    recorded responses — the rates of the recorded ``units`` themselves, so that δ is nonzero on
-    those units only. δ = W_outᵀ ∇_ŷ L through a read-out (section 3.1)."""
-    losses, err, out = _prediction_error(task, model, r, y, units)
-    return losses, _delta(model, r, err, units), out
-
-
-def _prediction_error(task, model, r, y, units):
-    """(L_i, ∇_ŷ L_i, ŷ) of the prediction ŷ that :func:`loss_and_grad` describes."""
-    out = model.readout(r) if units is None else r[:, units]
-    losses, err = readout_error(task, out, y)
-    return losses, err, out
-
-
-def _delta(model, r, err, units):
-    """δ = ∇_r L from ∇_ŷ L: through the read-out, or onto the recorded units."""
-    if units is not None:
-        return torch.zeros_like(r).index_copy_(1, units, err)
-    return err @ model.W_out if model.W_out is not None else err
-
-
-@dataclass
-class StackStep:
-    """What one step computed: per-layer fixed points and δ_ℓ (of the samples used), the
-    gradient of every trained tensor by its ``named_parameters`` name, and the first fault."""
-    fps: list[FixedPoint]
-    losses: Tensor
-    logits: Tensor
-    keep: Tensor | None                          # samples used (None: all)
-    deltas: list[Tensor] = field(default_factory=list)
-    grads: dict[str, Tensor] = field(default_factory=dict)
-    fault: str | None = None
-    weights_before: list[Tensor] = field(default_factory=list)   # each W_ℓ the step started from
-    skipped: bool = False
-
-    @property
-    def n_used(self) -> int:
-        return len(self.losses) if self.keep is None else int(self.keep.sum())
-
-
-def solve_and_check(model: FixedPointRNN, p: Tensor,
-                    max_nonconverged: float) -> tuple[list[FixedPoint], Tensor | None, str | None]:
-    """Every layer's fixed point for inputs p, the samples fit to learn from (converged in every
-    layer; None = all) and the first fault: non-finite values, or more than ``max_nonconverged``
-    of the batch missing the tolerance in some layer."""
-    if not torch.isfinite(p).all():
-        return model.fixed_points(p), None, "non-finite input"
-    fps = model.fixed_points(p)
-    keep, fault = None, None
+def solution_fault(fps: list[FixedPoint], max_nonconverged: float) -> str | None:
+    """The first fault of a batch's fixed points: non-finite values, or more than
+    ``max_nonconverged`` of the batch missing the tolerance in some layer (fewer are left out of
+    the step), or no sample converged in every layer."""
+    used = None
     for l, fp in enumerate(fps):
         sol, where = fp.solution, f" in layer {l}" if len(fps) > 1 else ""
         if not (torch.isfinite(fp.r).all() and torch.isfinite(sol.residual).all()):
-            return fps, None, f"non-finite fixed point{where}"
+            return f"non-finite fixed point{where}"
         if sol.tol is not None:
             if sol.n_nonconverged > max_nonconverged * len(fp.r):
-                return fps, None, (f"fixed point not converged{where} for {sol.n_nonconverged}/{len(fp.r)} "
-                                   f"samples: {sol.failures()} (max residual {sol.max_residual:.3g})")
-            keep = sol.converged if keep is None else keep & sol.converged
-    if keep is not None and not bool(keep.any()):
-        fault = "no sample converged"
-    return fps, keep, fault
+                return (f"fixed point not converged{where} for {sol.n_nonconverged}/{len(fp.r)} "
+                        f"samples: {sol.failures()} (max residual {sol.max_residual:.3g})")
+            used = sol.converged if used is None else used & sol.converged
+    if used is not None and not bool(used.any()):
+        return "no sample converged"
+    return None
 
 
 @torch.no_grad()
 def unfit(model: FixedPointRNN, p: Tensor, max_nonconverged: float = 0.0, probe: int = 16) -> str | None:
     """Why the network's current weights are unfit for inputs p — fixed points that do not
-    converge (see :func:`solve_and_check`) or an unstable one among the first ``probe`` — or None.
+    converge (:func:`solution_fault`) or an unstable one among the first ``probe`` — or None.
     Step control asks this after a step."""
-    fps, _, fault = solve_and_check(model, p, max_nonconverged)
+    if not torch.isfinite(p).all():
+        return "non-finite input"
+    fps = model.fixed_points(p)
+    fault = solution_fault(fps, max_nonconverged)
     if fault is not None:
         return fault
     worst = max(float(layer.dyn.stability(layer.W.detach(), fp.gain[:probe], layer.tau).max())
@@ -114,106 +59,21 @@ def unfit(model: FixedPointRNN, p: Tensor, max_nonconverged: float = 0.0, probe:
     return None if worst < 1 else f"an unstable fixed point (stability {worst:.3g})"
 
 
-@torch.no_grad()
-def _forward(model: FixedPointRNN, p: Tensor, y: Tensor, task: str, max_nonconverged: float,
-             units: Tensor | None) -> tuple[StackStep, Tensor, Tensor]:
-    """The fixed points, losses, ∇_ŷ L and δ_L of a step, with the first fault found so far."""
-    fps, keep, fault = solve_and_check(model, p, max_nonconverged)
-    losses, err, logits = _prediction_error(task, model, fps[-1].r, y, units)
-    if fault is None and not torch.isfinite(losses).all():
-        fault = "non-finite loss"
-    return StackStep(fps, losses, logits, keep, fault=fault), err, _delta(model, fps[-1].r, err, units)
+@dataclass
+class Step:
+    """One training step, for the monitors: every layer's fixed point, the per-sample losses and
+    predictions, the samples used (converged in every layer), each layer's per-sample errors
+    δ_ℓ = ∂L_i/∂r_ℓ on those samples (None where autograd computed none: bptt below the top), the
+    W's the step started from, and its fault."""
+    fps: list[FixedPoint]
+    losses: Tensor
+    logits: Tensor
+    used: Tensor
+    weights_before: list[Tensor]
+    deltas: list[Tensor | None] = field(default_factory=list)
+    fault: str | None = None
+    skipped: bool = False
 
-
-def _nonfinite(grads: dict[str, Tensor]) -> str | None:
-    bad = [name for name, g in grads.items() if not torch.isfinite(g).all()]
-    return f"non-finite gradient of {', '.join(bad)}" if bad else None
-
-
-def _rule_fault(info: dict) -> str | None:
-    if info.get("out_of_domain"):
-        return (f"w2 left its domain for {info['out_of_domain']} samples "
-                f"(min 1 − ηκ = {info['min_denominator']})")
-    if info.get("singular"):
-        return f"I − G W singular for {info['singular']} samples"
-    if info.get("converged") is False:
-        return f"w1 adjoint did not converge in {info['iters']} iterations"
-    return None
-
-
-@torch.no_grad()
-def rule_step(model: FixedPointRNN, p: Tensor, y: Tensor, task: str, rule: Callable, lr: float,
-              rule_kwargs: list[dict], *, readin: str = "gradient", max_nonconverged: float = 0.0,
-              gather: Callable[[Tensor], Tensor] | None = None, units: Tensor | None = None) -> StackStep:
-    """The step of a hand-computed rule (module docstring). ``rule_kwargs``: per layer.
-    ``gather`` (several devices, w2's shared-gain batch rule): W's rule sees the global batch.
-    ``units``: the loss is on these units' rates (recorded responses), see :func:`loss_and_grad`."""
-    step, err, delta = _forward(model, p, y, task, max_nonconverged, units)
-    if step.fault is not None:
-        return step
-    fps, keep = step.fps, step.keep
-    # samples allowed to miss the tolerance (max_nonconverged) are left out: their r is not a
-    # fixed point, so no formula here holds for them
-    rows = (lambda t: t) if keep is None or bool(keep.all()) else (lambda t: t[keep])
-    m, L = step.n_used, len(model.layers)
-    for name, _ in model.named_readouts():
-        step.grads[name] = rows(err).T @ rows(fps[-1].r) / m if name == "W_out" else rows(err).mean(0)
-    delta = rows(delta)
-    step.deltas = [None] * L
-    for l in reversed(range(L)):
-        layer, fp = model.layers[l], fps[l]
-        W, r, gain = layer.W.detach(), rows(fp.r), rows(fp.gain)
-        step.deltas[l] = delta
-        info: dict = {}
-        if isinstance(layer.W, torch.nn.Parameter):
-            rr, gg, dd = (r, gain, delta) if gather is None else (gather(r), gather(gain), gather(delta))
-            dW, info = rule(W, rr, gg, dd, lr, return_info=True, **rule_kwargs[l])
-            fault = _rule_fault(info)
-            if fault is None and not torch.isfinite(dW).all():
-                fault = "non-finite ΔW"
-            if fault is not None:
-                step.fault = fault + (f" in layer {l}" if L > 1 else "")
-                return step
-            step.grads[f"layers.{l}.W"] = -dW
-        trained = [n for n in ("V", "b") if isinstance(getattr(layer, n), torch.nn.Parameter)]
-        if l == 0 and not trained:
-            break
-        P = info.get("adjoint")
-        if P is None and (l > 0 or readin == "gradient"):    # one layer's reparam needs no solve
-            P, pinfo = rules.implicit_adjoint(W, gain, delta)
-            if pinfo.get("singular"):
-                step.fault = f"I − G W singular for {pinfo['singular']} samples in layer {l}"
-                return step
-        direction = rules.input_factor(W, gain, delta) if readin == "reparam" else P
-        s = rows(fps[l - 1].r) if l else rows(model.check_input(p))
-        if "V" in trained:
-            step.grads[f"layers.{l}.V"] = direction.T @ s / m
-        if "b" in trained:
-            step.grads[f"layers.{l}.b"] = direction.mean(0)
-        if l:
-            delta = P @ layer.V.detach() if layer.V is not None else P
-    step.fault = step.fault or _nonfinite(step.grads)
-    return step
-
-
-def bptt_step(model: FixedPointRNN, p: Tensor, y: Tensor, task: str, lr: float, backward: Callable,
-              *, max_nonconverged: float = 0.0, units: Tensor | None = None) -> StackStep:
-    """``rule=bptt``: autograd through every layer's unrolled solver (``FixedPointRNN.unrolled``).
-    ``backward`` runs the backward pass (Lightning's ``manual_backward``, which lets DDP average
-    the gradients). The W's get η ∂L/∂W, as ΔW = −η ∂L/∂W; the other tensors their gradient."""
-    step, _, delta = _forward(model, p, y, task, max_nonconverged, units)
-    if step.fault is not None:
-        return step
-    fps, keep = step.fps, step.keep
-    params = dict(model.named_parameters())
-    for t in params.values():
-        t.grad = None
-    # started from the forward pass's states: converged there, each layer's solve returns at once
-    bl, _, _ = loss_and_grad(task, model, model.unrolled(p, [fp.solution.u for fp in fps]), y, units)
-    backward(lr * bl.mean())
-    for name, t in params.items():
-        step.grads[name] = t.grad.detach().clone() / (1 if name.endswith(".W") else lr)
-        t.grad = None
-    step.deltas = [None] * (len(fps) - 1) + [delta if keep is None else delta[keep]]
-    step.fault = step.fault or _nonfinite(step.grads)
-    return step
+    @property
+    def n_used(self) -> int:
+        return int(self.used.sum())

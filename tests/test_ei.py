@@ -14,7 +14,7 @@ from fprnn.data import ResponsesDataModule
 from fprnn.model import FixedPointRNN
 from fprnn.module import FixedPointModule
 from fprnn.ssn import preferred_orientations, ssn, stimuli, teacher_responses
-from fprnn.update import loss_and_grad, rule_step
+from stack_reference import loss_and_grad, rule_step
 
 F64 = torch.float64
 
@@ -51,7 +51,7 @@ class Watch(pl.Callback):
         layer, step = pl_module.model.layers[0], pl_module.last_step
         self.applied.append(constraints.violations(layer.W.detach(), layer.sign, layer.mask))
         if not step.skipped:
-            proposal = step.weights_before[0] - step.grads["layers.0.W"]
+            proposal = step.weights_before[0] - layer.W.grad      # SGD with lr 1, before constraints
             self.proposed.append(constraints.violations(proposal, layer.sign, None))
 
 

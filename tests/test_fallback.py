@@ -10,7 +10,7 @@ from fprnn import solvers
 from fprnn.activations import get_activation
 from fprnn.dynamics import get_dynamics
 from fprnn.model import FixedPointRNN
-from fprnn.update import solve_and_check
+from fprnn.update import solution_fault
 
 D64 = torch.float64
 TANH, RATE = get_activation("tanh"), get_dynamics("rate")
@@ -133,7 +133,7 @@ def test_a_limit_cycle_is_reported_unconverged_with_its_reason():
     net = FixedPointRNN(2, solver="iterate", solver_kwargs={"tol": 1e-8}, dtype="float64",
                         fallback={**solvers.DEFAULT_FALLBACK, "max_share": 1.0})
     net.layer.W.data.copy_(W)
-    _, _, fault = solve_and_check(net, x, max_nonconverged=0.0)
+    fault = solution_fault(net.fixed_points(x), max_nonconverged=0.0)
     assert "2/2 samples: 2 unstable fixed point" in fault
 
 

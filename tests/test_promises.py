@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fprnn import rules
-from fprnn.update import loss_and_grad
+from stack_reference import loss_and_grad
 from fprnn.run import build, train
 
 from helpers import QUICK_MNIST, make_cfg, wandb_offline_config, wandb_offline_history

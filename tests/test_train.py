@@ -6,7 +6,7 @@ import torch
 from hydra.errors import HydraException
 
 from fprnn import rules
-from fprnn.update import loss_and_grad
+from stack_reference import loss_and_grad
 from fprnn.run import build, train
 
 from helpers import QUICK_MNIST, make_cfg
