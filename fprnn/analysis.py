@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .dynamics import get_dynamics
+from .dynamics import eig_W, get_dynamics
 from .model import FixedPointRNN
 
 Tensor = torch.Tensor
@@ -66,4 +66,31 @@ def analyse(model: FixedPointRNN, p: Tensor) -> dict[str, float]:
             out.update({f"isn_index{sfx}": float(isn.mean()), f"frac_isn{sfx}": float((isn > 1).float().mean()),
                         f"inh_response{sfx}": float(resp.mean()),
                         f"frac_paradoxical{sfx}": float(para.float().mean())})
+    return out
+
+
+@torch.no_grad()
+def probe_stability(model: FixedPointRNN, p: Tensor) -> dict[str, float]:
+    """Stability of the fixed points of a probe batch (solved to tolerance, see
+    ``Layer.solved_fixed_point``), the largest residual of that solve, and eig(W): the worst
+    layer's under the plain names, with a stack each layer's too (``max_re_eig/ℓ``, …). A
+    sample's fixed point is stable when it is in every layer."""
+    p = p.to(model.dtype).to(model.layers[0].W.device)
+    fps = model.fixed_points(p, solved=True)
+    out: dict[str, float] = {}
+    stable = torch.ones(len(p), dtype=torch.bool, device=p.device)
+    L = len(fps)
+    for l, (layer, fp) in enumerate(zip(model.layers, fps)):
+        s = layer.stability(fp)
+        stable &= s < 1
+        re_W, rho_W = eig_W(layer.W)
+        one = {"max_re_eig": float(s.max()), "frac_stable": float((s < 1).float().mean()),
+               "max_re_eig_W": re_W, "spectral_radius_W": rho_W,
+               "probe_residual": float(fp.solution.residual.max())}
+        for k, v in one.items():
+            if k != "frac_stable":      # for the whole stack: the samples stable in every layer
+                out[k] = max(out.get(k, v), v)
+            if L > 1:
+                out[f"{k}/{l}"] = v
+    out["frac_stable"] = float(stable.float().mean())
     return out

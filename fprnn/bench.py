@@ -196,6 +196,55 @@ def bench_monitors(data_root: str, steps: int, repeats: int) -> str:
                  ["monitors", "ms / step", "ratio"], rows)
 
 
+STEP_RULES = ("w3", "w1", "w2", "jfb")
+
+
+def bench_step(data_root: str, m: int, N: int, repeats: int) -> str:
+    """The paper's training step (one layer, fixed read-in and read-out, SGD) two ways at the same
+    W and MNIST batch: written out by hand — solve, δ = W_outᵀ(softmax − onehot), the rule, W += ΔW
+    — and as fprnn trains: forward with a graph, torch's cross-entropy, backward (the rule is the
+    fixed point's backward, fprnn.implicit), the optimizer's step. Interleaved, W restored after
+    each call, so both see the same work; the ratio is the cost of going through autograd."""
+    from .data import VisionDataModule
+    from .model import FixedPointRNN
+    data = VisionDataModule("mnist", root=data_root, download=False, val_size=0)
+    data.setup()
+    p, y = data.train_set.tensors[0][:m], data.train_set.tensors[1][:m]
+    net = FixedPointRNN(N, 784, 10, seed=0)
+    W0 = net.W.detach().clone()
+    opt = torch.optim.SGD([net.W], lr=1.0)
+    onehot = F.one_hot(y, 10).to(net.dtype)
+    rows = []
+    for rule in STEP_RULES:
+        eta = 0.02 if rule == "w2" else 0.25
+
+        @torch.no_grad()
+        def by_hand():
+            fp = net.fixed_point(net.input(p))
+            delta = (torch.softmax(net.readout(fp.r), 1) - onehot) @ net.W_out
+            net.W.add_(rules.RULES[rule](net.W.detach(), fp.r, fp.gain, delta, eta))
+
+        def autograd():
+            opt.zero_grad()
+            F.cross_entropy(net(p), y).backward()
+            opt.step()
+
+        net.set_backward(rule, eta)
+        ts = {"hand": [], "autograd": []}
+        for k in range(repeats + 1):
+            for label, fn in (("hand", by_hand), ("autograd", autograd)):
+                t = time.perf_counter()
+                fn()
+                if k:                       # the first round warms up
+                    ts[label].append(1e3 * (time.perf_counter() - t))
+                with torch.no_grad():
+                    net.W.copy_(W0)
+        hand, auto = statistics.median(ts["hand"]), statistics.median(ts["autograd"])
+        rows.append([rule, hand, auto, auto / hand])
+    return table(f"The paper's step by hand and through autograd: MNIST batch of {m}, N={N}, same W, median of "
+                 f"{repeats} (interleaved)", ["rule", "by hand ms", "autograd ms", "ratio"], rows)
+
+
 READIN_RULES = ("w3", "w1", "jfb", "w2")
 
 
@@ -354,9 +403,9 @@ def main(argv=None) -> None:
                     help="samples the per-sample loops run on (scaled to m; they are linear in m)")
     ap.add_argument("--data", default=os.environ.get("FPRNN_DATA", "data"),
                     help="folder holding MNIST/raw (default $FPRNN_DATA or data/)")
-    ap.add_argument("--only", choices=["rules", "solvers", "monitors", "readin", "memory", "fallback"], default=None,
-                    help="one table (default: rules, solvers, monitors and readin; memory and fallback only "
-                         "when asked)")
+    ap.add_argument("--only", choices=["rules", "solvers", "monitors", "step", "readin", "memory", "fallback"],
+                    default=None, help="one table (default: rules, solvers, monitors, step and readin; memory "
+                                       "and fallback only when asked)")
     ap.add_argument("--run", default=None, help="run directory whose weights --only fallback measures at")
     ap.add_argument("--steps", type=int, default=None,
                     help="steps for --only monitors (60) / memory (2000)")
@@ -369,6 +418,8 @@ def main(argv=None) -> None:
         print(bench_solvers(a.m, a.N, a.repeats, a.data), flush=True)
     if a.only in (None, "monitors"):
         print(bench_monitors(a.data, a.steps or 60, 3), flush=True)
+    if a.only in (None, "step"):
+        print(bench_step(a.data, a.m, a.N, a.repeats), flush=True)
     if a.only in (None, "readin"):
         print(bench_readin(a.data, a.m, a.N, a.repeats), flush=True)
     if a.only == "memory":

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from . import rules
+from .analysis import analyse, probe_stability
 from .implicit import resolve_rule_kwargs
 
 
@@ -110,7 +111,7 @@ class StabilityMonitor(_ProbeMonitor):
         self.peak: dict[str, float] = {}
 
     def _log(self, trainer, pl_module):
-        s = pl_module.probe_stability(self.probe)
+        s = probe_stability(pl_module.model, self.probe)
         if _every(trainer, self.multistable_every) and all(l.dyn.continuous for l in pl_module.model.layers):
             s["multistable"] = float(pl_module.model.multistable(self.probe.to(pl_module.device)).float().mean())
             self.peak["max_multistable"] = max(self.peak.get("max_multistable", 0.0), s["multistable"])
@@ -197,5 +198,4 @@ class AnalysisMonitor(_ProbeMonitor):
     the mean ISN index — logged as ``analysis/…``."""
 
     def _log(self, trainer, pl_module):
-        from .analysis import analyse
         _log(trainer, {f"analysis/{k}": v for k, v in analyse(pl_module.model, self.probe).items()})

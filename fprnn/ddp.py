@@ -36,3 +36,18 @@ def checksums(tensors: list[Tensor]) -> Tensor:
         rows.append(torch.stack([t.sum(), (t * t).sum(),
                                  (t * torch.arange(t.numel(), dtype=t.dtype, device=t.device)).sum()]))
     return torch.cat(rows)
+
+
+def check_ranks(module, batch_idx: int) -> None:
+    """Every ``module.check_every`` steps and at each epoch's last batch, compare every trained
+    tensor across devices (checksums); a mismatch stops the run with an error. Called inside the
+    training step, so that every rank reaches the collective at the same point."""
+    trainer = module.trainer
+    last = batch_idx + 1 >= trainer.num_training_batches
+    if module.world == 1 or not (last or (module.check_every and module.global_step % module.check_every == 0)):
+        return
+    c = checksums([t for _, t in module.model.named_parameters()])
+    allc = module.all_gather(c)
+    if not bool((allc == allc[0]).all()):
+        raise RuntimeError(f"ranks disagree on the weights after step {module.global_step}: checksums "
+                           f"{allc[:, 0].tolist()} — the devices are training different networks")

@@ -81,7 +81,6 @@ class RuleBackward:
             raise ValueError(f"loss_norm must be a positive number (the n of loss = Σ L_i / n) or None, "
                              f"got {self.loss_norm!r}")
 
-
     def norm(self, rows: int) -> float:
         """n of the loss Σ L_i / n: ``loss_norm``, or the batch's ``rows``."""
         return float(self.loss_norm or rows)
@@ -90,17 +89,12 @@ class RuleBackward:
 @dataclass
 class Report:
     """One call's record: the fixed point (with its solver stats), the samples fit to learn from,
-    and after backward the per-sample errors δ_i = n·∂loss/∂r_i (rows; zero for samples not used),
-    the fault (None: none) and the rule's info."""
+    and after backward the per-sample errors δ_i = n·∂loss/∂r_i (rows; zero for samples not used)
+    and the fault (None: none)."""
     fixed_point: object
     used: Tensor
     delta: Tensor | None = None
     fault: str | None = None
-    info: dict = field(default_factory=dict)
-
-    @property
-    def n_used(self) -> int:
-        return int(self.used.sum())
 
 
 def resolve_rule_kwargs(rule: str, kwargs: dict | None, layer) -> dict:
@@ -179,7 +173,6 @@ def _rule_backward(W, V, s, r, gain, grad_r, spec, report, need):
         rr, gg, dd = (r_u, gain_u, n * g) if spec.gather is None else \
             (spec.gather(r_u), spec.gather(gain_u), spec.gather(n * g))
         dW, info = rules.get_rule(spec.rule)(W, rr, gg, dd, spec.eta, return_info=True, **spec.rule_kwargs)
-        report.info = info
         fault = rule_fault(info)
         if fault is not None:
             raise FixedPointFault(fault)

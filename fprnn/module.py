@@ -13,14 +13,43 @@ import torch
 import torchmetrics
 
 from . import constraints, ddp, rules
-from .dynamics import eig_W
 from .implicit import READIN_UPDATES, resolve_rule_kwargs
 from .model import FixedPointRNN
-from .update import Step, per_sample_loss, solution_fault, unfit
+from .update import Step, backtrack, per_sample_loss, solution_fault
 
 Tensor = torch.Tensor
 ALL_RULES = sorted([*rules.RULES, "bptt"])
 TASKS = ("classification", "regression")
+
+
+def _check_options(model, rule, lr, lr_readin, lr_readout, readin, task, on_fault, max_faults, max_skipped,
+                   backtrack) -> None:
+    """FixedPointModule's arguments, each bad one named with what is allowed."""
+    if rule not in ALL_RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose one of {ALL_RULES}")
+    for name, v, optional in (("lr", lr, False), ("lr_readin", lr_readin, True),
+                              ("lr_readout", lr_readout, True)):
+        if not (optional and v is None) and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                             or not math.isfinite(v) or v <= 0):
+            raise ValueError(f"{name} must be a positive finite number{' or null' if optional else ''}, "
+                             f"got {v!r}")
+    if readin not in READIN_UPDATES:
+        raise ValueError(f"unknown readin update {readin!r}; choose one of {list(READIN_UPDATES)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+    if on_fault not in ("skip", "stop"):
+        raise ValueError(f"on_fault must be 'skip' or 'stop', got {on_fault!r}")
+    if isinstance(max_faults, bool) or not isinstance(max_faults, int) or max_faults < 1:
+        raise ValueError(f"max_faults must be a positive integer, got {max_faults!r}")
+    if isinstance(max_skipped, bool) or not isinstance(max_skipped, (int, float)) \
+            or not 0 <= max_skipped < 1:
+        raise ValueError(f"max_skipped must be a fraction in [0, 1), got {max_skipped!r}")
+    if isinstance(backtrack, bool) or not isinstance(backtrack, int) or backtrack < 0:
+        raise ValueError(f"backtrack must be a count of halvings ≥ 0 (0 = off), got {backtrack!r}")
+    if not any(True for _ in model.parameters()):
+        raise ValueError("nothing to train: model.train_W, train_readin and train_readout are all false")
+    if task == "classification" and model.W_out is None:
+        raise ValueError("classification needs a read-out: set model.n_out to the number of classes")
 
 
 class FixedPointModule(pl.LightningModule):
@@ -52,31 +81,8 @@ class FixedPointModule(pl.LightningModule):
                  units=None, on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
                  max_skipped: float = 0.5, backtrack: int = 0, check_every: int = 50):
         super().__init__()
-        if rule not in ALL_RULES:
-            raise ValueError(f"unknown rule {rule!r}; choose one of {ALL_RULES}")
-        for name, v, optional in (("lr", lr, False), ("lr_readin", lr_readin, True),
-                                  ("lr_readout", lr_readout, True)):
-            if not (optional and v is None) and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                                 or not math.isfinite(v) or v <= 0):
-                raise ValueError(f"{name} must be a positive finite number{' or null' if optional else ''}, "
-                                 f"got {v!r}")
-        if readin not in READIN_UPDATES:
-            raise ValueError(f"unknown readin update {readin!r}; choose one of {list(READIN_UPDATES)}")
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
-        if on_fault not in ("skip", "stop"):
-            raise ValueError(f"on_fault must be 'skip' or 'stop', got {on_fault!r}")
-        if isinstance(max_faults, bool) or not isinstance(max_faults, int) or max_faults < 1:
-            raise ValueError(f"max_faults must be a positive integer, got {max_faults!r}")
-        if isinstance(max_skipped, bool) or not isinstance(max_skipped, (int, float)) \
-                or not 0 <= max_skipped < 1:
-            raise ValueError(f"max_skipped must be a fraction in [0, 1), got {max_skipped!r}")
-        if isinstance(backtrack, bool) or not isinstance(backtrack, int) or backtrack < 0:
-            raise ValueError(f"backtrack must be a count of halvings ≥ 0 (0 = off), got {backtrack!r}")
-        if not any(True for _ in model.parameters()):
-            raise ValueError("nothing to train: model.train_W, train_readin and train_readout are all false")
-        if task == "classification" and model.W_out is None:
-            raise ValueError("classification needs a read-out: set model.n_out to the number of classes")
+        _check_options(model, rule, lr, lr_readin, lr_readout, readin, task, on_fault, max_faults, max_skipped,
+                       backtrack)
         self.automatic_optimization = False
         self.model, self.rule_name, self.lr, self.task = model, rule, float(lr), task
         self.lr_readin, self.lr_readout, self.readin = lr_readin, lr_readout, readin
@@ -200,7 +206,9 @@ class FixedPointModule(pl.LightningModule):
         step = self.compute_update(*batch)
         fault = step.fault
         if fault is None and self.backtrack:
-            fault = self.apply_with_backtracking(step, batch[0])
+            fault, halvings = backtrack(self.model, batch[0], lambda: self.apply(step), self.backtrack,
+                                        self.max_nonconverged)
+            self.backtracks += halvings
         elif fault is None:
             self.apply(step)
         if fault is not None:
@@ -227,7 +235,7 @@ class FixedPointModule(pl.LightningModule):
             self.log("train/clipped", float(self.clipped), on_step=True, on_epoch=False, batch_size=bs)
         if self.backtrack:
             self.log("train/backtracks", float(self.backtracks), on_step=True, on_epoch=False, batch_size=bs)
-        self._maybe_check_ranks(batch_idx)
+        ddp.check_ranks(self, batch_idx)
         return None
 
     def apply(self, step: Step) -> None:
@@ -246,51 +254,11 @@ class FixedPointModule(pl.LightningModule):
                     layer.W.copy_(W)
                     self.clipped += n
 
-    def apply_with_backtracking(self, step: Step, p: Tensor) -> str | None:
-        """Step control: apply the step, then solve the batch at the new weights; while its fixed
-        points do not converge or a probed one (the first 16) is unstable, halve the step (up to
-        ``backtrack`` times). A step that no halving rescues is undone and returned as a fault.
-        The optimizer's state (momentum, Adam's moments) keeps the full step's update."""
-        before = {n: t.detach().clone() for n, t in self.model.named_parameters()}
-        self.apply(step)
-        p = p.to(self.model.dtype)
-        for k in range(self.backtrack + 1):
-            why = unfit(self.model, p, self.max_nonconverged)
-            if why is None:
-                return None
-            if k == self.backtrack:
-                break
-            self.backtracks += 1
-            with torch.no_grad():
-                for n, t in self.model.named_parameters():
-                    t.copy_(before[n] + 0.5 * (t - before[n]))
-        with torch.no_grad():
-            for n, t in self.model.named_parameters():
-                t.copy_(before[n])
-        return f"step undone after {self.backtrack} halvings: {why}"
-
     # -- multi-device ------------------------------------------------------------------
     @property
     def world(self) -> int:
         t = self._trainer
         return t.world_size if t is not None else 1
-
-    def check_rank_agreement(self) -> None:
-        """Compare every trained tensor across devices (checksums); a mismatch stops the run
-        with an error."""
-        if self.world == 1:
-            return
-        c = ddp.checksums([t for _, t in self.model.named_parameters()])
-        allc = self.all_gather(c)
-        if not bool((allc == allc[0]).all()):
-            raise RuntimeError(f"ranks disagree on the weights after step {self.global_step}: checksums "
-                               f"{allc[:, 0].tolist()} — the devices are training different networks")
-
-    def _maybe_check_ranks(self, batch_idx: int) -> None:
-        # inside training_step, so every rank reaches the collective at the same point
-        last = batch_idx + 1 >= self.trainer.num_training_batches
-        if self.world > 1 and (last or (self.check_every and self.global_step % self.check_every == 0)):
-            self.check_rank_agreement()
 
     # -- evaluation -------------------------------------------------------------------
     def _eval_step(self, batch, split: str):
@@ -319,33 +287,6 @@ class FixedPointModule(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, "test")
-
-    # -- stability --------------------------------------------------------------------
-    @torch.no_grad()
-    def probe_stability(self, p: Tensor) -> dict[str, float]:
-        """Stability of the fixed points of a probe batch (solved to tolerance, see
-        ``Layer.solved_fixed_point``), the largest residual of that solve, and eig(W): the worst
-        layer's under the plain names, with a stack each layer's too (``max_re_eig/ℓ``, …). A
-        sample's fixed point is stable when it is in every layer."""
-        p = p.to(self.model.dtype).to(self.device)
-        fps = self.model.fixed_points(p, solved=True)
-        out: dict[str, float] = {}
-        stable = torch.ones(len(p), dtype=torch.bool, device=p.device)
-        L = len(fps)
-        for l, (layer, fp) in enumerate(zip(self.model.layers, fps)):
-            s = layer.stability(fp)
-            stable &= s < 1
-            re_W, rho_W = eig_W(layer.W)
-            one = {"max_re_eig": float(s.max()), "frac_stable": float((s < 1).float().mean()),
-                   "max_re_eig_W": re_W, "spectral_radius_W": rho_W,
-                   "probe_residual": float(fp.solution.residual.max())}
-            for k, v in one.items():
-                if k != "frac_stable":      # for the whole stack: the samples stable in every layer
-                    out[k] = max(out.get(k, v), v)
-                if L > 1:
-                    out[f"{k}/{l}"] = v
-        out["frac_stable"] = float(stable.float().mean())
-        return out
 
     def on_train_end(self) -> None:
         attempted = len(self.step_ms)

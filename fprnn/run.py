@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .analysis import analyse, probe_stability
 from .checkpoint import ResumableCSVLogger, atomic_save, atomic_write_text, check_checkpoint
 
 # W&B is offline unless the user asks for online (an account is then needed).
@@ -83,10 +84,12 @@ def check_compatible(model, data) -> None:
     if model.n_out != n_out:
         raise ValueError(f"model.n_out={model.n_out} does not match the data's {n_out} {what}")
     if n_out is None and getattr(data, "N", model.N) != model.N:
-        raise ValueError(f"model.N={model.N} does not match the data's dimension N={data.N}")
+        raise ValueError(f"the last layer's size {model.N} (model.layers={model.sizes}) does not match the data's "
+                         f"dimension N={data.N}")
     units = getattr(data, "units", None)
     if units is not None and int(units.max()) >= model.N:
-        raise ValueError(f"the data records unit {int(units.max())}, but the network has model.N={model.N} units")
+        raise ValueError(f"the data records unit {int(units.max())}, but the network's last layer has {model.N} "
+                         f"units (model.layers={model.sizes})")
 
 
 def _model_sizes(cfg: DictConfig, data) -> dict:
@@ -283,7 +286,7 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
                      "readout": sum(t.numel() for _, t in m.named_readouts())}
     try:   # the final numbers must not cost the run its results.json
         p, _ = data.probe_batch(int(cfg.get("probe_size", 16)))
-        out.update(module.probe_stability(p))
+        out.update(probe_stability(module.model, p))
         if all(layer.dyn.continuous for layer in m.layers):
             out["multistable"] = float(m.multistable(p.to(module.device)).float().mean())
         out.update(_stability_peak(trainer, out))
@@ -306,7 +309,6 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
 def _ei_analysis(model, data) -> dict[str, Any]:
     """fprnn.analysis at the test stimuli's fixed points (up to 256): the fitted network's, and a
     teacher's (data=ssn_teacher) for comparison."""
-    from .analysis import analyse
     p = data.test_set.tensors[0][:256]
     out = {"analysis": analyse(model, p)}
     if getattr(data, "teacher", None) is not None:

@@ -4,6 +4,7 @@
     python sweep.py fig4 solver=anderson       # a preset with overrides for every point
     python sweep.py rule=w1,w3 lr=0.01,0.1 data=mnist --jobs 2
     python sweep.py beyond                     # trained read-in/out: rules vs W ≡ 0, 1 and 2 layers
+    python sweep.py conv                       # conv front end on Fashion-MNIST: rules vs W ≡ 0
 
 Each point runs as its own process (its own W&B run, memory and, with trainer=ddp, its own
 devices) in ``OUT/<rule>_lr<lr>/``. ``OUT/summary.csv`` and ``OUT/summary.md`` get one row per
@@ -61,7 +62,7 @@ def _beyond_points() -> list[tuple[str, str, str, list[str], dict]]:
     points = []
     for data in ("mnist", "fashion_mnist"):
         for layers in ([300], [300, 300]):
-            shape = ["model.N=null", f"model.layers=[{','.join(map(str, layers))}]"] if len(layers) > 1 else []
+            shape = [f"model.layers=[{','.join(map(str, layers))}]"] if len(layers) > 1 else []
             for label, (rule, lr, extra) in methods.items():
                 if rule == "bptt" and len(layers) > 1:
                     continue
@@ -78,6 +79,16 @@ PRESETS["beyond"] = {"base": ["experiment=deep_mnist"],
                                  "wall_s", "step_ms_median", "peak_max_re_eig", "min_frac_stable", "frac_stable"],
                      "doc": "trained read-in/out (experiment=deep_mnist), MNIST and Fashion-MNIST, 1 and 2 "
                             "layers: w3, w2, w1, bptt, jfb and W ≡ 0"}
+PRESETS["conv"] = {"base": ["experiment=conv_fashion"],
+                   "points": [(name, rule, lr, extra, {"method": label}) for name, rule, lr, extra, label in (
+                       ("w3", "w3", "0.25", [], "w3 (the preset)"), ("w1", "w1", "0.25", [], "w1"),
+                       ("jfb", "jfb", "0.25", [], "jfb"), ("bptt", "bptt", "0.25", [], "bptt"),
+                       ("mlp", "w3", "0.25", ["model.train_W=false", "model.sigma_W=0"], "W ≡ 0 (encoder + MLP head)"))],
+                   "lr": [],
+                   "columns": ["method", "lr", "status", "test_acc", "val_acc", "best_epoch", "epochs", "wall_s",
+                               "step_ms_median", "peak_max_re_eig", "frac_stable"],
+                   "doc": "Fashion-MNIST through a conv encoder (experiment=conv_fashion): w3, w1, jfb, bptt "
+                          "and W ≡ 0"}
 # max_re_eig, frac_stable: per-sample, at the final W; peak_*: the largest seen during training,
 # per sample and of eig(W) itself (the authors' check, a proxy: see docs/rules.md)
 COLUMNS = ["rule", "lr", "status", "loss_W", "train_loss", "test_loss", "test_acc", "max_re_eig",

@@ -8,6 +8,7 @@ W its rule's −ΔW and everything else its gradient.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,31 @@ def unfit(model: FixedPointRNN, p: Tensor, max_nonconverged: float = 0.0, probe:
     worst = max(float(layer.dyn.stability(layer.W.detach(), fp.gain[:probe], layer.tau).max())
                 for layer, fp in zip(model.layers, fps))
     return None if worst < 1 else f"an unstable fixed point (stability {worst:.3g})"
+
+
+def backtrack(model: FixedPointRNN, p: Tensor, apply: Callable[[], None], halvings: int,
+              max_nonconverged: float) -> tuple[str | None, int]:
+    """Step control: ``apply()`` the step, then solve the batch at the new weights; while its fixed
+    points do not converge or a probed one (the first 16) is unstable (:func:`unfit`), halve the
+    step, up to ``halvings`` times. A step that no halving rescues is undone and its fault returned,
+    with the number of halvings made. The optimizer's state (momentum, Adam's moments) keeps the
+    full step's update."""
+    params = list(model.parameters())
+    before = [t.detach().clone() for t in params]
+    apply()
+    p = p.to(model.dtype)
+    for k in range(halvings + 1):
+        why = unfit(model, p, max_nonconverged)
+        if why is None:
+            return None, k
+        if k < halvings:
+            with torch.no_grad():
+                for t, b in zip(params, before):
+                    t.copy_(b + 0.5 * (t - b))
+    with torch.no_grad():
+        for t, b in zip(params, before):
+            t.copy_(b)
+    return f"step undone after {halvings} halvings: {why}", halvings
 
 
 @dataclass

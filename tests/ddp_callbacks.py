@@ -67,3 +67,20 @@ class NaNOnRank(pl.Callback):
         if trainer.global_rank == self.rank and trainer.global_step == self.step and not self.done:
             batch[0][0, 0] = float("nan")
             self.done = True
+
+
+class BackwardFaultOnRank(pl.Callback):
+    """Once, at the given step, one rank's w2 is given an η far outside its domain for that step's
+    backward: the fault arises inside backward, on that rank only."""
+
+    def __init__(self, rank: int = 1, step: int = 2):
+        self.rank, self.step, self.eta, self.done = rank, step, None, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step and not self.done:
+            spec = pl_module.model.layers[0].backward_rule
+            self.eta, spec.eta, self.done = spec.eta, 1e9, True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.eta is not None:
+            pl_module.model.layers[0].backward_rule.eta, self.eta = self.eta, None

@@ -10,7 +10,7 @@ from fprnn.run import build, train
 
 from helpers import QUICK_MNIST, make_cfg
 
-RUN = [*QUICK_MNIST, "data.val_size=300", "rule=w3", "lr=0.5", "optimizer=momentum", "model.N=64"]
+RUN = [*QUICK_MNIST, "data.val_size=300", "rule=w3", "lr=0.5", "optimizer=momentum", "model.layers=[64]"]
 
 
 def val_curve(run_dir, key):

@@ -172,7 +172,7 @@ def _first_and_test_loss(run_dir, res):
 
 def test_arrays_learn_a_classification_and_a_regression_task(tmp_path):
     X, y = _classification_file(tmp_path / "cls.npz")
-    common = ["data=arrays", "progress_bar=false", "logger=csv", "model.N=100", "rule=w3", "data.normalize=true"]
+    common = ["data=arrays", "progress_bar=false", "logger=csv", "model.layers=[100]", "rule=w3", "data.normalize=true"]
     res = train(make_cfg([*common, f"data.path={tmp_path / 'cls.npz'}", "lr=0.25", "trainer.max_epochs=5"],
                          tmp_path / "cls"))
     first, last = _first_and_test_loss(tmp_path / "cls", res)
@@ -245,7 +245,7 @@ def test_wandb_offline_run_config_holds_the_whole_config(tmp_path, mnist_dir, mo
     monkeypatch.delenv("WANDB_MODE", raising=False)        # offline must be the default
     monkeypatch.setenv("WANDB_SILENT", "true")
     over = [o for o in QUICK_MNIST if not o.startswith("logger=")]
-    train(make_cfg([*over, "data=fashion_mnist", "data.train_subset=512", "model.N=40", "seed=3",
+    train(make_cfg([*over, "data=fashion_mnist", "data.train_subset=512", "model.layers=[40]", "seed=3",
                     "trainer.max_steps=1"], tmp_path, mnist_dir))
     conf = wandb_offline_config(tmp_path)
     assert conf["model"]["N"] == 40 and conf["solver"]["name"] == "anderson" and conf["rule"]["name"] == "w3"

@@ -74,7 +74,7 @@ def test_w2_leaving_its_domain_in_training_is_a_fault_that_never_reaches_W(tmp_p
 
 def test_multirun_then_the_landscape_of_a_run(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline")
-    over = ["experiment=paper_linear", "model.N=20", "data.m=10", "trainer.max_steps=20", "logger=csv",
+    over = ["experiment=paper_linear", "model.layers=[20]", "data.m=10", "trainer.max_steps=20", "logger=csv",
             "progress_bar=false", "callbacks=none", "rule=w3"]
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--multirun", *over, "lr=0.1,0.3",
                            f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${lr}"], cwd=ROOT, env=env,

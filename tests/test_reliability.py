@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # two layers, trained read-in/read-out and biases, Adam and a cosine schedule: every state resumes
-STACK = ["model.N=null", "model.layers=[40,30]", "model.train_readin=true", "model.train_readout=true",
+STACK = ["model.layers=[40,30]", "model.train_readin=true", "model.train_readout=true",
          "model.bias=true", "optimizer=adam", "scheduler=cosine", "module.readin=gradient"]
 
 
@@ -79,7 +79,7 @@ def test_forced_divergence_ends_with_status_not_crash(tmp_path, mnist_dir):
 @pytest.mark.parametrize("override,message", [
     ("lr=0", "lr must be a positive finite number, got 0"),
     ("lr=nan", "lr must be a positive finite number, got nan"),
-    ("model.N=0", "N must be a positive integer, got 0"),
+    ("model.layers=[0]", "layers must be a non-empty list of positive integers, got [0]"),
     ("data.batch_size=-4", "batch_size must be a positive integer, got -4"),
     ("solver.kwargs.tol=0", "tol must be a positive finite number, got 0"),
     ("solver.kwargs.max_iter=0", "max_iter must be a positive integer, got 0"),
@@ -103,7 +103,7 @@ def test_checkpoint_from_another_network_is_refused(tmp_path, mnist_dir):
     train(make_cfg([*QUICK_MNIST, "trainer.max_steps=1"], tmp_path / "a", mnist_dir))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match=r"has layers.0.W of shape \(300, 300\), the model \(50, 50\)"):
-        train(make_cfg([*QUICK_MNIST, "model.N=50", f"ckpt_path={ckpt}"], tmp_path / "b", mnist_dir))
+        train(make_cfg([*QUICK_MNIST, "model.layers=[50]", f"ckpt_path={ckpt}"], tmp_path / "b", mnist_dir))
     with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
         train(make_cfg([*QUICK_MNIST, f"ckpt_path={tmp_path}/nope.ckpt"], tmp_path / "c", mnist_dir))
 

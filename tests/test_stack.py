@@ -156,7 +156,7 @@ def test_stack_arguments_are_checked():
 STACK_CFG = ["progress_bar=false", "logger=csv", "data.train_subset=256", "data.batch_size=256",
              "data.val_size=0", "data.test_subset=100", "data.shuffle=false", "trainer.max_steps=1",
              "trainer.limit_val_batches=0", "model.dtype=float64", "solver.kwargs.tol=1e-12",
-             "model.N=null", "model.layers=[30,20]", "model.train_readin=true", "model.train_readout=true",
+             "model.layers=[30,20]", "model.train_readin=true", "model.train_readout=true",
              "model.bias=true", "lr_readin=0.5", "lr_readout=0.25"]
 
 

@@ -145,7 +145,7 @@ def test_bad_config_values_give_clear_errors(tmp_path, mnist_dir):
 
 def test_a_finished_run_loads_back_in_one_call(tmp_path, mnist_dir):
     from fprnn.model import FixedPointRNN
-    cfg = make_cfg([*QUICK_MNIST, "rule=w3", "lr=0.25", "model.N=64", "model.activation=softplus"],
+    cfg = make_cfg([*QUICK_MNIST, "rule=w3", "lr=0.25", "model.layers=[64]", "model.activation=softplus"],
                    tmp_path, mnist_dir)
     res = train(cfg)
     net = FixedPointRNN.load(tmp_path)
