@@ -153,7 +153,11 @@ class StabilityMonitor(_ProbeMonitor):
 
 class AngleMonitor(pl.Callback):
     """Every k steps, on the step's own batch and the W it started from: the update of every
-    rule, the angles between them in degrees (section 3.1.6) and their Frobenius norms."""
+    rule, the angles between them in degrees (section 3.1.6) and their Frobenius norms; the angle
+    between the update actually applied (after the optimizer, the mask and the constraints) and
+    −∇L of the batch (``angle/applied_vs_gradient``: below 90° the step descends the batch loss to
+    first order); and how unequal the training rule's per-sample steps are
+    (``angle/step_norm_spread``, max / median of ‖ΔW_i‖, with ``step_norm_max``, ``_median``)."""
 
     def __init__(self, every_n_steps: int = 50, compare: tuple[str, ...] = ("w1", "w2", "w3", "w4")):
         self.every = int(every_n_steps)
@@ -175,13 +179,25 @@ class AngleMonitor(pl.Callback):
                 continue
             r, gain = fp.r[step.used], fp.gain[step.used]
             dWs = {}
-            for name in self.rules:
+            for name in {*self.rules, "w1"}:
                 # the training rule with its configured options; the others with their defaults
                 kw = (pl_module.layer_kwargs[l] if name == pl_module.rule_name
                       else resolve_rule_kwargs(name, None, layer))
                 dW, info = rules.RULES[name](W, r, gain, delta, pl_module.lr, return_info=True, **kw)
                 if not info.get("out_of_domain") and torch.isfinite(dW).all():
                     dWs[name] = dW
+            if "w1" in dWs:     # w1's ΔW is −η ∇L
+                theta = rules.angle(layer.W.detach() - W, dWs["w1"])
+                if math.isfinite(theta):
+                    logs[layer_key("angle/applied_vs_gradient", l, L)] = theta
+            if pl_module.rule_name in rules.RULES:
+                norms = rules.sample_step_norms(pl_module.rule_name, W, r, gain, delta, pl_module.lr)
+                top, mid = float(norms.max()), float(norms.median())
+                logs.update({layer_key("angle/step_norm_max", l, L): top,
+                             layer_key("angle/step_norm_median", l, L): mid})
+                if mid > 0:
+                    logs[layer_key("angle/step_norm_spread", l, L)] = top / mid
+            dWs = {k: v for k, v in dWs.items() if k in self.rules}
             logs.update({layer_key(f"angle/norm_{k}", l, L): float(torch.linalg.norm(v)) for k, v in dWs.items()})
             names = sorted(dWs)
             for i, a in enumerate(names):

@@ -3,6 +3,7 @@
 Reads each run's ``results.json`` and ``csv/metrics.csv`` and writes PNG and PDF files into
 ``RUN_OR_SWEEP_DIR/figures/``: loss (and accuracy) against step, one line per learning rate, one
 panel per rule (the paper's Figures 2, 4, 5); the angles between rules against step (Figure 3);
+the angle of the applied update to −∇L and the spread of per-sample step norms;
 the stability of the probed fixed points and max Re λ(W) against step; and the eigenvalues of each final W.
 """
 from __future__ import annotations
@@ -272,6 +273,10 @@ def make_figures(root: str | Path, wandb: bool = False) -> list[Path]:
     plot_curves(items, "stability/max_re_eig_W", "max Re λ(W) (the authors' check)", "stability_W", out,
                 written, hline=(1.0, "stability boundary"))
     plot_angles(items, out, written)
+    plot_curves(items, "angle/applied_vs_gradient", "angle of the applied update to −∇L (degrees)",
+                "descent_angle", out, written, marker="o", hline=(90.0, "no descent beyond"))
+    plot_curves(items, "angle/step_norm_spread", "per-sample step norms: max / median", "step_spread", out,
+                written, log=True, marker="o")
     plot_eigs(items, out, written)
     if wandb:
         _log_to_wandb(root, [p for p in written if p.suffix == ".png"])

@@ -134,26 +134,21 @@ class _FixedPoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, W, V, b, s, r, gain, spec, report):
         ctx.spec, ctx.report = spec, report
-        ctx.save_for_backward(W, V, s, r, gain)
-        ctx.has_b = b is not None
-        return r.clone()
+        ctx.save_for_backward(W, V, b, s, r, gain)
+        return r.view_as(r)
 
     @staticmethod
     def backward(ctx, grad_r):
-        W, V, s, r, gain = ctx.saved_tensors
+        W, V, b, s, r, gain = ctx.saved_tensors
         spec, report = ctx.spec, ctx.report
-        need_W, need_V, need_b, need_s = ctx.needs_input_grad[:4]
-        zeros = [torch.zeros_like(W) if need_W else None, torch.zeros_like(V) if need_V else None,
-                 torch.zeros(W.shape[0], dtype=W.dtype, device=W.device) if need_b else None,
-                 torch.zeros_like(s) if need_s else None]
+        need = ctx.needs_input_grad[:4]
         try:
-            grads = _rule_backward(W.detach(), V, s.detach(), r, gain, grad_r, spec, report,
-                                   (need_W, need_V, need_b, need_s))
+            grads = _rule_backward(W.detach(), V, s.detach(), r, gain, grad_r, spec, report, need)
         except FixedPointFault as fault:
             if spec.on_fault == "raise":
                 raise
             report.fault = str(fault)
-            grads = zeros
+            grads = [torch.zeros_like(t) if n else None for t, n in zip((W, V, b, s), need)]
         return (*grads, None, None, None, None)
 
 
@@ -202,7 +197,9 @@ def _rule_backward(W, V, s, r, gain, grad_r, spec, report, need):
 
 def record_delta(report: Report, spec: RuleBackward, grad_r: Tensor) -> None:
     """Keep the per-sample errors δ_i = n·∂loss/∂r_i of the samples used in ``report``."""
-    report.delta = spec.norm(len(grad_r)) * torch.where(report.used.unsqueeze(1), grad_r, torch.zeros_like(grad_r))
+    n = spec.norm(len(grad_r))
+    report.delta = n * (grad_r if bool(report.used.all())
+                        else torch.where(report.used.unsqueeze(1), grad_r, torch.zeros_like(grad_r)))
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -153,7 +153,8 @@ class Layer(nn.Module):
         ``bptt`` the rates come with autograd's graph through the unrolled solver (W's gradient
         times η, so that W.grad = −ΔW as for the rules)."""
         spec = self.backward_rule
-        fp = self.fixed_point(self.input(s.detach()))
+        with torch.no_grad():
+            fp = self.fixed_point(self.input(s))
         self.report = implicit.Report(fp, implicit.used_samples(fp.solution, fp.r))
         trained = [t for t in (self.W, self.V, self.b, s) if t is not None and t.requires_grad]
         if not (torch.is_grad_enabled() and trained):

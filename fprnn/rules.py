@@ -123,10 +123,15 @@ def w4(W, r, gain, grad_r, lr, *, return_info: bool = False):
     """The rule of the authors' published code (reparameterization A = [I − W G]⁻¹, eq 2.18):
     ΔW4_i = −η (I − W G_i) δ_i r_iᵀ (I − W G_i)ᵀ (I − W G_i)."""
     _check(W, r, gain, grad_r, lr)
+    A4, B4 = _w4_factors(W, r, gain, grad_r)
+    return _out(-(lr / r.shape[0]) * (A4.T @ B4), {}, return_info)
+
+
+def _w4_factors(W, r, gain, grad_r):
+    """Rows A4_i = (I − W G_i) δ_i and B4_i = (I − W G_i)ᵀ (I − W G_i) r_i of w4's steps."""
     A4 = grad_r - (gain * grad_r) @ W.T
     C4 = r - (gain * r) @ W.T
-    B4 = C4 - gain * (C4 @ W)
-    return _out(-(lr / r.shape[0]) * (A4.T @ B4), {}, return_info)
+    return A4, C4 - gain * (C4 @ W)
 
 
 def w1(W, r, gain, grad_r, lr, *, method: str = "auto", tol: float | None = None,
@@ -264,6 +269,28 @@ def jfb(W, r, gain, grad_r, lr, *, return_info: bool = False):
     general (it is when W = 0), but a descent direction while G_i W is small."""
     _check(W, r, gain, grad_r, lr)
     return _out(-(lr / r.shape[0]) * ((gain * grad_r).T @ r), {}, return_info)
+
+
+def sample_step_norms(name: str, W: Tensor, r: Tensor, gain: Tensor, grad_r: Tensor, lr: float) -> Tensor:
+    """‖ΔW_i‖_F of each sample's own step under rule ``name`` (m,): every rule's per-sample step is
+    rank one, u_i v_iᵀ, so its norm is ‖u_i‖ ‖v_i‖ — w1: η p_i r_iᵀ; w2: η a_i b_iᵀ / (1 − ηκ_i)
+    (the per-sample form, also for a linear layer); w3: η a_i b_iᵀ; w4: η A4_i B4_iᵀ; jfb:
+    η (g_i ⊙ δ_i) r_iᵀ. The batch step is their mean; its spread (max / median) says how much a
+    few samples dominate it."""
+    _check(W, r, gain, grad_r, lr)
+    if name == "w1":
+        U, V = implicit_adjoint(W, gain, grad_r)[0], r
+    elif name in ("w2", "w3"):
+        U, V, C = factors(W, r, gain, grad_r)
+        if name == "w2":
+            U = U / (1 - lr * (C * gain * U).sum(1, keepdim=True)).abs()
+    elif name == "w4":
+        U, V = _w4_factors(W, r, gain, grad_r)
+    elif name == "jfb":
+        U, V = gain * grad_r, r
+    else:
+        raise ValueError(f"unknown rule {name!r}; choose one of {sorted(RULES)}")
+    return lr * torch.linalg.vector_norm(U, dim=1) * torch.linalg.vector_norm(V, dim=1)
 
 
 #: name → rule, for configs and the training loop. ``bptt`` lives on the model (autograd).

@@ -118,34 +118,26 @@ def test_unequal_sample_counts_per_device_are_weighted(tmp_path, mnist_dir):
     assert float((W2 - W1).norm() / W1.norm()) < 1e-10
 
 
-def test_a_fault_on_one_device_skips_the_step_on_every_device(tmp_path, mnist_dir):
-    over = [*common(mnist_dir), "rule=w3", "lr=0.25", "trainer.max_steps=6",
-            "+callbacks.nan._target_=ddp_callbacks.NaNOnRank", "+callbacks.nan.rank=1", "+callbacks.nan.step=2"]
-    run_ddp(over, tmp_path / "two")
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert two["status"] == "finished" and two["faults"] == 1 and two["steps"] == 6
-    assert "step 2: a fault on another device (1 of 2)" in two["fault_log"][0]   # rank 0's data was fine
-    # the same run on one device, with the poisoned batch skipped, ends at the same W
-    one = train(make_cfg([*over[:-3], "+callbacks.nan._target_=ddp_callbacks.NaNOnRank",
-                          "+callbacks.nan.rank=0", "+callbacks.nan.step=2"], tmp_path / "one"))
-    assert one["faults"] == 1
-    W1 = torch.load(tmp_path / "one" / "weights.pt")["layers.0.W"]
-    W2 = torch.load(tmp_path / "two" / "weights.pt")["layers.0.W"]
-    assert float((W2 - W1).norm() / W1.norm()) < 1e-10
+FAULTS = {   # rule, the callback that makes rank 1 fault at step 2
+    "forward": ("w3", "NaNOnRank"),                # a NaN input
+    "backward": ("w2", "BackwardFaultOnRank"),     # w2 out of its domain
+}
 
 
-def test_a_fault_inside_one_devices_backward_skips_the_step_on_every_device(tmp_path, mnist_dir):
-    """w2 leaves its domain inside rank 1's backward at step 2: recorded there (not raised, which
-    would leave rank 0 waiting in its all-reduce), and the step is skipped on both devices — the
-    run ends where one device ends with that step's batch skipped."""
-    over = [*common(mnist_dir), "rule=w2", "lr=0.25", "trainer.max_steps=6",
-            "+callbacks.fault._target_=ddp_callbacks.BackwardFaultOnRank", "+callbacks.fault.rank=1",
-            "+callbacks.fault.step=2"]
-    run_ddp(over, tmp_path / "two")
+@pytest.mark.parametrize("where", sorted(FAULTS))
+def test_a_fault_on_one_device_skips_the_step_on_every_device(tmp_path, mnist_dir, where):
+    """Rank 1 faults at step 2 — a non-finite input, or w2 leaving its domain inside its backward
+    (recorded there, not raised: rank 0 would wait in its all-reduce) — and both devices skip the
+    step: the run ends where one device ends with that step's batch skipped."""
+    rule, callback = FAULTS[where]
+    over = [*common(mnist_dir), f"rule={rule}", "lr=0.25", "trainer.max_steps=6"]
+    run_ddp([*over, f"+callbacks.bad._target_=ddp_callbacks.{callback}", "+callbacks.bad.rank=1",
+             "+callbacks.bad.step=2"], tmp_path / "two")
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["status"] == "finished" and two["faults"] == 1 and two["steps"] == 6, two
-    assert "step 2:" in two["fault_log"][0]
-    one = train(make_cfg([*over[:-3], "+callbacks.nan._target_=ddp_callbacks.NaNOnRank",
+    assert "step 2: a fault on another device (1 of 2)" in two["fault_log"][0]   # rank 0's own step was fine
+    # the same run on one device, with the poisoned batch skipped, ends at the same W
+    one = train(make_cfg([*over, "+callbacks.nan._target_=ddp_callbacks.NaNOnRank",
                           "+callbacks.nan.rank=0", "+callbacks.nan.step=2"], tmp_path / "one"))
     assert one["faults"] == 1
     W1 = torch.load(tmp_path / "one" / "weights.pt")["layers.0.W"]

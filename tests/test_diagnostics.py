@@ -44,6 +44,12 @@ def test_angles_on_the_linear_task_match_the_paper_and_an_independent_reference(
     assert m["angle/theta23"][0][1] == pytest.approx(rules.angle(d2, d3), abs=1e-3)
     norm = {k: v for k, v in m.items() if k.startswith("angle/norm_w1")}
     assert norm["angle/norm_w1"][0][1] == pytest.approx(float(torch.linalg.norm(d1)), rel=1e-5)
+    # SGD with lr 1 applies ΔW2 itself: its angle to −∇L (w1's direction) is θ12
+    assert m["angle/applied_vs_gradient"][0][1] == pytest.approx(rules.angle(d2, d1), abs=1e-3)
+    # the per-sample steps of w2 (eq 2.17, one sample at a time) and their spread
+    each = torch.stack([torch.linalg.norm(ref.w2(W0, R[i:i + 1], ones[:1], D[i:i + 1], 1.0)) for i in range(len(R))])
+    assert m["angle/step_norm_max"][0][1] == pytest.approx(float(each.max()), rel=1e-6)
+    assert m["angle/step_norm_spread"][0][1] == pytest.approx(float(each.max() / each.median()), rel=1e-6)
 
 
 def test_stability_and_solver_monitors_log_their_scalars(tmp_path, mnist_dir):
@@ -98,7 +104,8 @@ def test_figures_for_a_run_and_for_a_sweep(tmp_path, mnist_dir):
                        tmp_path / "sweep" / f"w3_lr{lr}", mnist_dir))
     one = make_figures(tmp_path / "sweep" / "w3_lr0.1")
     names = {p.name for p in one}
-    assert {"loss.png", "accuracy.png", "angles.png", "eig_W.png", "loss.pdf"} <= names
+    assert {"loss.png", "accuracy.png", "angles.png", "eig_W.png", "loss.pdf", "descent_angle.png",
+            "step_spread.png"} <= names
     both = make_figures(tmp_path / "sweep")
     assert all(p.parent == tmp_path / "sweep" / "figures" for p in both)
     for p in [*one, *both]:

@@ -197,3 +197,20 @@ def test_jfb_is_w1_without_the_implicit_factor():
     assert rel(rules.jfb(Z, r, gain, D, 0.3), rules.w1(Z, r, gain, D, 0.3)) < 1e-14
     W = instance(20, 8, sigma=0.8)[0]
     assert rel(rules.jfb(W, r, gain, D, 0.3), rules.w1(W, r, gain, D, 0.3)) > 0.05
+
+
+@pytest.mark.parametrize("name", ["w1", "w2", "w3", "w4", "jfb"])
+def test_sample_step_norms_are_each_samples_own_step(name):
+    """‖ΔW_i‖_F of every sample, against the per-sample formula run on that sample alone."""
+    g = torch.Generator().manual_seed(11)
+    N, m = 9, 7
+    W = 0.5 * torch.randn(N, N, generator=g, dtype=torch.float64) / N ** 0.5
+    r = torch.tanh(torch.randn(m, N, generator=g, dtype=torch.float64))
+    gain = 1 - r ** 2
+    delta = torch.randn(m, N, generator=g, dtype=torch.float64)
+    got = rules.sample_step_norms(name, W, r, gain, delta, 0.05)
+    one = getattr(ref, name)
+    want = torch.stack([torch.linalg.norm(one(W, r[i:i + 1], gain[i:i + 1], delta[i:i + 1], 0.05)) for i in range(m)])
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="unknown rule 'bptt'"):
+        rules.sample_step_norms("bptt", W, r, gain, delta, 0.05)
