@@ -67,12 +67,37 @@ def factors(W: Tensor, r: Tensor, gain: Tensor, grad_r: Tensor) -> tuple[Tensor,
     return A, B, C
 
 
-def w3(W, r, gain, grad_r, lr, *, return_info: bool = False):
+METRICS = ("sample", "batch")
+
+
+def w3(W, r, gain, grad_r, lr, *, metric: str = "sample", return_info: bool = False):
     """Linearized reparameterized rule, eq 2.19:
-    ΔW3_i = −η (I − W G_i) G_i δ_i r_iᵀ (I − G_i W)ᵀ (I − G_i W), mean over samples."""
+    ΔW3_i = −η (I − W G_i) G_i δ_i r_iᵀ (I − G_i W)ᵀ (I − G_i W), mean over samples.
+
+    Each sample's step is steepest descent under that sample's metric: ΔW3_i = −η L_i ∇L_i R_i with
+    L_i = (I − W G_i)(I − W G_i)ᵀ and R_i = (I − G_i W)ᵀ(I − G_i W), both positive definite
+    (docs/rules.md). Their mean need not descend the batch loss (the cross terms ⟨∇L_j, L_i ∇L_i R_i⟩
+    can be negative). ``metric="batch"`` takes steepest descent under the batch-averaged factors
+    instead: ΔW = −η L̄ ∇L R̄, L̄ = mean L_i, R̄ = mean R_i, ∇L = mean ∇L_i — a descent direction
+    for every batch, ⟨∇L, ΔW⟩ = −η ‖L̄^½ ∇L R̄^½‖² < 0; with one gain for all samples (the linear
+    model) it is w3 itself. It needs the batch gradient, i.e. w1's implicit adjoint (its cost and
+    its ``info``: ``adjoint``, ``singular``)."""
     _check(W, r, gain, grad_r, lr)
-    A, B, _ = factors(W, r, gain, grad_r)
-    return _out(-(lr / r.shape[0]) * (A.T @ B), {}, return_info)
+    if metric not in METRICS:
+        raise ValueError(f"unknown w3 metric {metric!r}; choose one of {list(METRICS)}")
+    if metric == "sample":
+        A, B, _ = factors(W, r, gain, grad_r)
+        return _out(-(lr / r.shape[0]) * (A.T @ B), {}, return_info)
+    P, info = implicit_adjoint(W, gain, grad_r)
+    info["adjoint"] = P
+    if info.get("singular") and not return_info:
+        raise ValueError(f"w3(metric='batch'): I − G_i W is singular for {info['singular']} samples")
+    g1, g2 = gain.mean(0), (gain * gain).mean(0)
+    WG = W * g1                                           # W Ḡ (columns scaled)
+    L = torch.eye(len(W), dtype=W.dtype, device=W.device) - WG - WG.T + (W * g2) @ W.T
+    GW = g1.unsqueeze(1) * W                              # Ḡ W (rows scaled)
+    R = torch.eye(len(W), dtype=W.dtype, device=W.device) - GW - GW.T + W.T @ (g2.unsqueeze(1) * W)
+    return _out(-lr * (L @ (P.T @ r / r.shape[0]) @ R), info, return_info)
 
 
 def w2(W, r, gain, grad_r, lr, *, shared_gain: bool = False, return_info: bool = False):

@@ -214,3 +214,53 @@ def test_sample_step_norms_are_each_samples_own_step(name):
     assert torch.allclose(got, want, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="unknown rule 'bptt'"):
         rules.sample_step_norms("bptt", W, r, gain, delta, 0.05)
+
+
+def _spread_batch(seed=10, N=6):
+    """Three samples at very different scales of rates and gains (seed 10: the one the search below
+    found first where the mean of w3's per-sample steps climbs the batch loss)."""
+    g = torch.Generator().manual_seed(seed)
+    W = 0.8 * torch.randn(N, N, generator=g, dtype=torch.float64) / N ** 0.5
+    scale = torch.tensor([[0.1], [1.0], [5.0]], dtype=torch.float64)
+    r = torch.rand(3, N, generator=g, dtype=torch.float64) * scale
+    gain = torch.rand(3, N, generator=g, dtype=torch.float64) * torch.tensor([[0.2], [1.0], [3.0]], dtype=torch.float64)
+    return W, r, gain, torch.randn(3, N, generator=g, dtype=torch.float64)
+
+
+def test_w3_batch_metric_against_per_sample_factors():
+    """ΔW = −η L̄ ∇L R̄ with L̄, R̄ the means of the explicit per-sample factors and ∇L from the
+    explicit-inverse w1 of fprnn.reference; and each sample's w3 step is −η L_i ∇L_i R_i."""
+    W, r, gain, delta = _spread_batch()
+    I = torch.eye(len(W), dtype=W.dtype)
+    Ls = [(I - W @ torch.diag(gi)) @ (I - W @ torch.diag(gi)).T for gi in gain]
+    Rs = [(I - torch.diag(gi) @ W).T @ (I - torch.diag(gi) @ W) for gi in gain]
+    grad = -ref.w1(W, r, gain, delta, 1.0)
+    want = -0.3 * sum(Ls) / 3 @ grad @ (sum(Rs) / 3)
+    assert torch.allclose(rules.w3(W, r, gain, delta, 0.3, metric="batch"), want, rtol=1e-12, atol=1e-15)
+    for i in range(3):
+        grad_i = -ref.w1(W, r[i:i + 1], gain[i:i + 1], delta[i:i + 1], 1.0)
+        assert torch.allclose(ref.w3(W, r[i:i + 1], gain[i:i + 1], delta[i:i + 1], 0.3), -0.3 * Ls[i] @ grad_i @ Rs[i],
+                              rtol=1e-12, atol=1e-15)
+
+
+def test_w3_batch_metric_descends_where_the_mean_of_per_sample_steps_climbs():
+    W, r, gain, delta = _spread_batch()
+    grad = -rules.w1(W, r, gain, delta, 1.0)
+    assert float((rules.w3(W, r, gain, delta, 1.0) * grad).sum()) > 0          # plain w3: uphill
+    assert rules.angle(rules.w3(W, r, gain, delta, 1.0), -grad) > 90
+    batch = rules.w3(W, r, gain, delta, 1.0, metric="batch")
+    assert float((batch * grad).sum()) < 0 and rules.angle(batch, -grad) < 90
+    # many random batches: always downhill
+    for seed in range(50):
+        W, r, gain, delta = _spread_batch(seed)
+        grad = -rules.w1(W, r, gain, delta, 1.0)
+        assert float((rules.w3(W, r, gain, delta, 1.0, metric="batch") * grad).sum()) < 0, seed
+
+
+def test_w3_batch_metric_is_w3_when_all_samples_share_their_gains():
+    W, r, gain, delta = _spread_batch()
+    shared = gain[1:2].expand_as(gain).clone()
+    assert torch.allclose(rules.w3(W, r, shared, delta, 0.3, metric="batch"), rules.w3(W, r, shared, delta, 0.3),
+                          rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="unknown w3 metric 'kfac'"):
+        rules.w3(W, r, gain, delta, 0.3, metric="kfac")
