@@ -248,11 +248,11 @@ def test_wandb_offline_run_config_holds_the_whole_config(tmp_path, mnist_dir, mo
     train(make_cfg([*over, "data=fashion_mnist", "data.train_subset=512", "model.layers=[40]", "seed=3",
                     "trainer.max_steps=1"], tmp_path, mnist_dir))
     conf = wandb_offline_config(tmp_path)
-    assert conf["model"]["N"] == 40 and conf["solver"]["name"] == "anderson" and conf["rule"]["name"] == "w3"
+    assert conf["model"]["layers"] == [40] and conf["solver"]["name"] == "anderson" and conf["rule"]["name"] == "w3"
     assert conf["data"]["dataset"] == "fashion_mnist" and conf["seed"] == 3
     import yaml
     hparams = yaml.safe_load((tmp_path / "csv" / "hparams.yaml").read_text())
-    assert hparams["model"]["N"] == 40 and hparams["data"]["dataset"] == "fashion_mnist"
+    assert hparams["model"]["layers"] == [40] and hparams["data"]["dataset"] == "fashion_mnist"
     assert json.loads((tmp_path / "results.json").read_text())["data"] == "fashion_mnist"
 
 

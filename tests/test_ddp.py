@@ -35,11 +35,14 @@ def run_ddp(overrides, run_dir, check=True):
     return proc
 
 
+# The device reduction is DDP's own average of W.grad, the same for every rule; these are the
+# distinct cases: an implicit adjoint (w1), a step nonlinear in δ that needs the loss's
+# normalisation (w2), a rule linear in δ (w3; w4 and jfb are the same case), autograd through the
+# unrolled solver (bptt).
 CASES = {
     "w1": ["rule=w1", "lr=0.02"],
     "w2": ["rule=w2", "lr=0.25"],
     "w3": ["rule=w3", "lr=0.25"],
-    "w4": ["rule=w4", "lr=0.05"],
     "bptt": ["rule=bptt", "lr=0.05", "model.bptt_steps=20"],
 }
 
