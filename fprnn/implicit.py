@@ -163,7 +163,7 @@ def _rule_backward(W, V, s, r, gain, grad_r, spec, report, need):
     n = spec.norm(len(r))
     record_delta(report, spec, grad_r)
     out: list[Tensor | None] = [None, None, None, None]
-    P = None
+    P = A = None
     if need_W:
         rr, gg, dd = (r_u, gain_u, n * g) if spec.gather is None else \
             (spec.gather(r_u), spec.gather(gain_u), spec.gather(n * g))
@@ -173,15 +173,18 @@ def _rule_backward(W, V, s, r, gain, grad_r, spec, report, need):
             raise FixedPointFault(fault)
         # a gathered rule's result is the global batch's on every rank, which DDP then averages
         out[0] = -dW * (len(rr) / (n * (spec.world if spec.gather is not None else 1)))
-        if info.get("adjoint") is not None and spec.gather is None:
-            P = info["adjoint"] / n
+        if spec.gather is None:     # the rule's own per-sample factors, for the read-in and credit
+            P = info["adjoint"] / n if info.get("adjoint") is not None else None
+            A = info["input_factor"] / n if info.get("input_factor") is not None else None
     if need_s or ((need_V or need_b) and spec.readin == "gradient"):
         if P is None:
             P, pinfo = rules.implicit_adjoint(W, gain_u, g)
             if pinfo.get("singular"):
                 raise FixedPointFault(f"I − G W singular for {pinfo['singular']} samples")
     if need_V or need_b:
-        direction = rules.input_factor(W, gain_u, g) if spec.readin == "reparam" else P
+        if spec.readin == "reparam" and A is None:
+            A = rules.input_factor(W, gain_u, g)
+        direction = A if spec.readin == "reparam" else P
         if need_V:
             out[1] = direction.T @ rows(s)
         if need_b:

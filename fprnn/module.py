@@ -13,7 +13,6 @@ import torch
 import torchmetrics
 
 from . import constraints, ddp, rules
-from .implicit import READIN_UPDATES, resolve_rule_kwargs
 from .model import FixedPointRNN
 from .update import Step, backtrack, per_sample_loss, solution_fault
 
@@ -22,7 +21,7 @@ ALL_RULES = sorted([*rules.RULES, "bptt"])
 TASKS = ("classification", "regression")
 
 
-def _check_options(model, rule, lr, lr_readin, lr_readout, readin, task, on_fault, max_faults, max_skipped,
+def _check_options(model, rule, lr, lr_readin, lr_readout, task, on_fault, max_faults, max_skipped,
                    backtrack) -> None:
     """FixedPointModule's arguments, each bad one named with what is allowed."""
     if rule not in ALL_RULES:
@@ -33,8 +32,6 @@ def _check_options(model, rule, lr, lr_readin, lr_readout, readin, task, on_faul
                                              or not math.isfinite(v) or v <= 0):
             raise ValueError(f"{name} must be a positive finite number{' or null' if optional else ''}, "
                              f"got {v!r}")
-    if readin not in READIN_UPDATES:
-        raise ValueError(f"unknown readin update {readin!r}; choose one of {list(READIN_UPDATES)}")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
     if on_fault not in ("skip", "stop"):
@@ -81,15 +78,14 @@ class FixedPointModule(pl.LightningModule):
                  units=None, on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
                  max_skipped: float = 0.5, backtrack: int = 0, check_every: int = 50):
         super().__init__()
-        _check_options(model, rule, lr, lr_readin, lr_readout, readin, task, on_fault, max_faults, max_skipped,
+        _check_options(model, rule, lr, lr_readin, lr_readout, task, on_fault, max_faults, max_skipped,
                        backtrack)
         self.automatic_optimization = False
         self.model, self.rule_name, self.lr, self.task = model, rule, float(lr), task
         self.lr_readin, self.lr_readout, self.readin = lr_readin, lr_readout, readin
-        self.layer_kwargs = [resolve_rule_kwargs(rule, rule_kwargs, layer) for layer in model.layers]
         # faults are recorded, not raised, in backward: with several devices a raise there would
         # leave the other ranks waiting in their all-reduce
-        model.set_backward(rule, lr, self.layer_kwargs, readin=readin, on_fault="record")
+        model.set_backward(rule, lr, rule_kwargs, readin=readin, on_fault="record")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
         self.max_skipped, self.backtrack = float(max_skipped), backtrack
@@ -150,6 +146,11 @@ class FixedPointModule(pl.LightningModule):
     def _cast(self, p: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         dt = self.model.dtype
         return p.to(dt), (y if self.task == "classification" else y.to(dt))
+
+    @property
+    def layer_kwargs(self) -> list[dict]:
+        """Each layer's rule options as its backward uses them (w2's ``shared_gain`` resolved)."""
+        return [layer.backward_rule.rule_kwargs for layer in self.model.layers]
 
     @property
     def _gathers(self) -> bool:

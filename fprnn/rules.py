@@ -7,7 +7,8 @@ W ← W + dW. Only w1 forms per-sample N×N matrices (``method="exact"``, or the
 ``method="auto"`` hands to LU).
 
 With ``return_info=True`` a rule returns ``(dW, info)``; ``info`` holds what the caller needs to
-judge the step (convergence of the adjoint, samples outside w2's domain).
+judge the step (convergence of the adjoint, samples outside w2's domain) and the per-sample factors
+it formed that a caller can reuse (``adjoint``: p_i; ``input_factor``: a_i).
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def w3(W, r, gain, grad_r, lr, *, metric: str = "sample", return_info: bool = Fa
         raise ValueError(f"unknown w3 metric {metric!r}; choose one of {list(METRICS)}")
     if metric == "sample":
         A, B, _ = factors(W, r, gain, grad_r)
-        return _out(-(lr / r.shape[0]) * (A.T @ B), {}, return_info)
+        return _out(-(lr / r.shape[0]) * (A.T @ B), {"input_factor": A}, return_info)
     P, info = implicit_adjoint(W, gain, grad_r)
     info["adjoint"] = P
     if info.get("singular") and not return_info:
@@ -129,7 +130,7 @@ def w2(W, r, gain, grad_r, lr, *, shared_gain: bool = False, return_info: bool =
         denom = 1 - lr * kappa
         out = denom <= 0
         n_out = int(out.sum())
-        info = {"out_of_domain": n_out, "min_denominator": float(denom.min())}
+        info = {"out_of_domain": n_out, "min_denominator": float(denom.min()), "input_factor": A}
         dW = -(lr / m) * (A / denom.clamp_min(torch.finfo(W.dtype).tiny).unsqueeze(1)).T @ B
         if n_out == 0 and not bool(torch.isfinite(dW).all()):
             info["out_of_domain"] = n_out = m
