@@ -106,9 +106,24 @@ def resolve_rule_kwargs(rule: str, kwargs: dict | None, layer) -> dict:
     return kw
 
 
+def finite_rows(t: Tensor) -> Tensor:
+    """Rows of t with every entry finite. Each row's sum is finite exactly when its entries are,
+    unless finite entries overflow it: one pass in the common case, the entrywise test (about
+    four passes) only for rows whose sum is not finite."""
+    ok = torch.isfinite(t.sum(1))
+    if not bool(ok.all()):
+        ok = torch.isfinite(t).all(1)
+    return ok
+
+
+def all_finite(t: Tensor) -> bool:
+    """Every entry of t finite (see :func:`finite_rows`: the sum first)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def used_samples(solution, r: Tensor) -> Tensor:
     """The samples whose r is a fixed point: converged (solvers with a tolerance) and finite."""
-    ok = torch.isfinite(r).all(1)
+    ok = finite_rows(r)
     return ok & solution.converged if solution.tol is not None else ok
 
 
@@ -165,8 +180,9 @@ def _rule_backward(W, V, s, r, gain, grad_r, spec, report, need):
     out: list[Tensor | None] = [None, None, None, None]
     P = A = None
     if need_W:
-        rr, gg, dd = (r_u, gain_u, n * g) if spec.gather is None else \
-            (spec.gather(r_u), spec.gather(gain_u), spec.gather(n * g))
+        delta = rows(report.delta)
+        rr, gg, dd = (r_u, gain_u, delta) if spec.gather is None else \
+            (spec.gather(r_u), spec.gather(gain_u), spec.gather(delta))
         dW, info = rules.get_rule(spec.rule)(W, rr, gg, dd, spec.eta, return_info=True, **spec.rule_kwargs)
         fault = rule_fault(info)
         if fault is not None:
@@ -192,7 +208,7 @@ def _rule_backward(W, V, s, r, gain, grad_r, spec, report, need):
     if need_s:
         credit = P @ V if V is not None else P
         out[3] = credit if every else torch.zeros_like(s).index_put_((used,), credit)
-    bad = [name for name, t in zip(("W", "V", "b", "s"), out) if t is not None and not torch.isfinite(t).all()]
+    bad = [name for name, t in zip(("W", "V", "b", "s"), out) if t is not None and not all_finite(t)]
     if bad:
         raise FixedPointFault(f"non-finite gradient of {', '.join(bad)}")
     return out

@@ -13,6 +13,7 @@ import torch
 import torchmetrics
 
 from . import constraints, ddp, rules
+from .implicit import all_finite
 from .model import FixedPointRNN
 from .update import Step, backtrack, per_sample_loss, solution_fault
 
@@ -177,8 +178,8 @@ class FixedPointModule(pl.LightningModule):
         used = self.model.used
         losses = per_sample_loss(self.task, pred, y)
         step = Step(fps, losses.detach(), pred.detach(), used, weights_before)
-        fault = "non-finite input" if not torch.isfinite(p).all() else solution_fault(fps, self.max_nonconverged)
-        if fault is None and not torch.isfinite(losses[used]).all():
+        fault = "non-finite input" if not all_finite(p) else solution_fault(fps, self.max_nonconverged)
+        if fault is None and not all_finite(losses[used]):
             fault = "non-finite loss"
         step.fault = ddp.sync_fault(self.trainer.strategy, self.world, fault, self.device)
         if step.fault is not None:
@@ -189,7 +190,7 @@ class FixedPointModule(pl.LightningModule):
         self.manual_backward(losses[used].sum() * (self.world / n))
         step.deltas = [None if layer.report.delta is None else layer.report.delta[used] for layer in self.model.layers]
         fault = next((layer.report.fault for layer in reversed(self.model.layers) if layer.report.fault), None)
-        bad = [name for name, t in self.model.named_parameters() if t.grad is not None and not torch.isfinite(t.grad).all()]
+        bad = [name for name, t in self.model.named_parameters() if t.grad is not None and not all_finite(t.grad)]
         step.fault = ddp.sync_fault(self.trainer.strategy, self.world,
                                     fault or (f"non-finite gradient of {', '.join(bad)}" if bad else None), self.device)
         return step

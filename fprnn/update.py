@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .implicit import all_finite
 from .model import FixedPoint, FixedPointRNN
 
 Tensor = torch.Tensor
@@ -32,7 +33,7 @@ def solution_fault(fps: list[FixedPoint], max_nonconverged: float) -> str | None
     used = None
     for l, fp in enumerate(fps):
         sol, where = fp.solution, f" in layer {l}" if len(fps) > 1 else ""
-        if not (torch.isfinite(fp.r).all() and torch.isfinite(sol.residual).all()):
+        if not (all_finite(fp.r) and all_finite(sol.residual)):
             return f"non-finite fixed point{where}"
         if sol.tol is not None:
             if sol.n_nonconverged > max_nonconverged * len(fp.r):
@@ -49,7 +50,7 @@ def unfit(model: FixedPointRNN, p: Tensor, max_nonconverged: float = 0.0, probe:
     """Why the network's current weights are unfit for inputs p — fixed points that do not
     converge (:func:`solution_fault`) or an unstable one among the first ``probe`` — or None.
     Step control asks this after a step."""
-    if not torch.isfinite(p).all():
+    if not all_finite(p):
         return "non-finite input"
     fps = model.fixed_points(p)
     fault = solution_fault(fps, max_nonconverged)

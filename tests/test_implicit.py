@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fprnn import rules
+from fprnn import implicit, rules
 from fprnn.implicit import FixedPointFault, RuleBackward
 from fprnn.model import FixedPointRNN
 from stack_reference import bptt_step, rule_step
@@ -149,3 +149,14 @@ def test_the_graph_is_attached_whenever_autograd_records():
 def test_bad_backward_options_name_the_value(bad, match):
     with pytest.raises(ValueError, match=match):
         RuleBackward(**bad)
+
+
+def test_finite_checks_agree_with_the_entrywise_test_also_when_a_sum_overflows():
+    big = torch.finfo(torch.float32).max
+    t = torch.ones(5, 3)
+    t[1, 0], t[2, 2], t[3, 1] = float("nan"), float("inf"), -float("inf")
+    t[4] = big                                        # finite entries whose sum is inf
+    assert implicit.finite_rows(t).tolist() == torch.isfinite(t).all(1).tolist() == [True, False, False, False, True]
+    assert not implicit.all_finite(t)
+    assert implicit.all_finite(t[[0, 4]]) and torch.isinf(t[[0, 4]].sum())
+    assert not implicit.all_finite(t[[0, 3]]) and not implicit.all_finite(t[[0, 1]])
