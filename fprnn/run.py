@@ -328,8 +328,10 @@ def _report(results: dict) -> None:
     if results.get("status") in ("finished", "interrupted", None):
         return
     import sys
-    lines = [f"fprnn: the run ended with status {results['status']!r}: {results.get('faults', 0)} of "
-             f"{results.get('attempted_steps', '?')} steps skipped as faults."]
+    head = f"fprnn: the run ended with status {results['status']!r}"
+    if "attempted_steps" in results:        # absent when it failed before training began
+        head += f": {results.get('faults', 0)} of {results['attempted_steps']} steps skipped as faults"
+    lines = [head + "."]
     lines += [f"  {f}" for f in (results.get("fault_log") or [])[-5:]]
     if results.get("error"):
         lines.append(f"  error: {results['error']}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -336,7 +337,11 @@ def jacobian(g: StateMap, u: Tensor, rows: Tensor | None = None) -> Tensor:
     def column(e: Tensor) -> Tensor:
         return torch.func.jvp(lambda v: g(v, rows), (u,), (e.expand_as(u),))[1]
 
-    return torch.func.vmap(column, out_dims=2)(eye)
+    with warnings.catch_warnings():
+        # torch's first forward-mode call loads its own decompositions through torch.jit.script,
+        # which torch itself deprecates: a warning about torch's internals, not about this code
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+        return torch.func.vmap(column, out_dims=2)(eye)
 
 
 def _time_scale(tau: Tensor | None, u: Tensor) -> Tensor:

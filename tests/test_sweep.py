@@ -21,52 +21,38 @@ def rows(out):
         return list(csv.DictReader(fh))
 
 
-LIN = ["experiment=paper_linear", "trainer.max_steps=60", "logger=csv", "callbacks=none"]
+# the linear task solved by iteration: lr=20 makes W's fixed points unreachable within 3 steps
+LIN = ["experiment=paper_linear", "solver=iterate", "trainer.max_steps=60", "fault.max_faults=3", "logger=csv",
+       "callbacks=none"]
+GRID = ["rule=w1,w3", "lr=0.5,-1,20"]
 
 
 def test_grid_summary_resume_and_failures(tmp_path):
+    """Each point ends finished, failed (lr=-1 is refused) or diverged, and the sweep goes on; run
+    again after a cut-off (a point's results lost), it reruns only the failed and the missing points."""
     out = tmp_path / "s=w"                                                  # '=' in a path is fine
-    p = sweep("rule=w1,w3", "lr=0.5,-1", *LIN, "--out", out, check=1)    # lr=-1 is refused
+    sweep(*GRID, *LIN, "--out", out, "--jobs", "2", check=1)
     table = rows(out)
-    assert [(r["rule"], r["lr"]) for r in table] == [("w1", "0.5"), ("w1", "-1"), ("w3", "0.5"), ("w3", "-1")]
+    assert [(r["rule"], r["lr"]) for r in table] == [(rule, lr) for rule in ("w1", "w3") for lr in ("0.5", "-1", "20")]
     for r in table:
         res = json.loads((out / f"{r['rule']}_lr{r['lr']}" / "results.json").read_text())
-        assert r["status"] == res["status"]
+        assert r["status"] == res["status"] == {"0.5": "finished", "-1": "failed", "20": "diverged"}[r["lr"]]
         if r["lr"] == "0.5":
-            assert r["status"] == "finished" and float(r["loss_W"]) == float(f"{res['loss_W']:.4g}")
+            assert float(r["loss_W"]) == float(f"{res['loss_W']:.4g}")
             assert r["test_acc"] == ""                       # no such value for regression
-        else:
-            assert r["status"] == "failed" and "lr must be a positive finite number" in res["error"]
+        if r["lr"] == "-1":
+            assert "lr must be a positive finite number" in res["error"]
     assert set(table[0]) == {"rule", "lr", "status", "loss_W", "train_loss", "test_loss", "test_acc",
                              "max_re_eig", "frac_stable", "peak_max_re_eig", "peak_max_re_eig_W",
                              "wall_s"}
-    assert (out / "summary.md").read_text().count("\n") == 6
+    assert (out / "summary.md").read_text().count("\n") == 8
     assert (out / "figures" / "loss.png").exists()
-    # run again: finished points are skipped, the failed ones retried
-    before = (out / "w1_lr0.5" / "results.json").stat().st_mtime
-    p = sweep("rule=w1,w3", "lr=0.5,-1", *LIN, "--out", out, check=1)
-    assert p.stdout.count("[skip]") == 2 and "2 to run" in p.stdout
-    assert (out / "w1_lr0.5" / "results.json").stat().st_mtime == before
-
-
-def test_interrupted_sweep_reruns_only_the_missing_points(tmp_path):
-    out = tmp_path / "sw"
-    sweep("rule=w3", "lr=0.1,0.3,1", *LIN, "--out", out, "--jobs", "2", check=0)
-    first = {d: (out / d / "results.json").stat().st_mtime for d in ("w3_lr0.1", "w3_lr0.3", "w3_lr1")}
-    (out / "w3_lr0.3" / "results.json").unlink()      # as if the sweep had been cut off there
-    p = sweep("rule=w3", "lr=0.1,0.3,1", *LIN, "--out", out, check=0)
-    assert "1 to run" in p.stdout and "[skip] w3_lr0.1" in p.stdout and "[skip] w3_lr1" in p.stdout
-    assert (out / "w3_lr0.1" / "results.json").stat().st_mtime == first["w3_lr0.1"]
-    assert [r["status"] for r in rows(out)] == ["finished"] * 3
-
-
-def test_a_diverging_point_does_not_stop_the_sweep(tmp_path, mnist_dir):
-    out = tmp_path / "sw"
-    sweep("rule=w1", "lr=0.01,1.0", f"data.root={mnist_dir}", "data.download=false",
-          "data.train_subset=4096", "data.test_subset=500", "trainer.max_epochs=3", "fault.max_faults=5",
-          "logger=csv", "callbacks=none", "--out", out, check=0)
-    status = {r["lr"]: r["status"] for r in rows(out)}
-    assert status == {"0.01": "finished", "1.0": "diverged"}
+    kept = {d: (out / d / "results.json").stat().st_mtime for d in ("w1_lr0.5", "w1_lr20", "w3_lr20")}
+    (out / "w3_lr0.5" / "results.json").unlink()      # as if the sweep had been cut off there
+    p = sweep(*GRID, *LIN, "--out", out, "--jobs", "2", check=1)
+    assert p.stdout.count("[skip]") == 3 and "3 to run" in p.stdout and "[skip] w1_lr0.5" in p.stdout
+    assert {d: (out / d / "results.json").stat().st_mtime for d in kept} == kept
+    assert [r["status"] for r in rows(out)] == ["finished", "failed", "diverged"] * 2
 
 
 def test_presets_and_bad_words():
