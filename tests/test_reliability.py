@@ -173,6 +173,7 @@ def test_a_user_error_prints_one_line_without_a_traceback(tmp_path):
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "fprnn: the run ended with status 'failed'.\n" in proc.stderr    # no step count before training
     assert proc.stderr.strip().splitlines()[-2:] == [f"error: {message}",
                                                      "(set HYDRA_FULL_ERROR=1 for the full traceback)"]
     full = subprocess.run(cmd, cwd=ROOT, env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True,
