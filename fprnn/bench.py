@@ -321,7 +321,7 @@ def bench_memory(data_root: str, steps: int, every: int, lr: float) -> str:
         t0 = time.perf_counter()
         trainer.fit(module, datamodule=data)
     warm = next((r for s, r in seen if s >= 2 * every), seen[0][1])
-    print(f"memory run: {trainer.global_step} steps applied, {module.faults} skipped as faults")
+    print(f"memory run: {trainer.global_step} steps applied, {module.record.faults} skipped as faults")
     rows = [[s, r, r - warm] for s, r in seen]
     return table(f"Resident memory of a {steps}-step w3 MNIST run, lr={lr} (MB; growth after step "
                  f"{2 * every})",

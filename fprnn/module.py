@@ -3,10 +3,9 @@ fprnn.implicit) → a torch optimizer's step → constraints, with faults and st
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -15,7 +14,7 @@ import torchmetrics
 from . import constraints, ddp, rules
 from .implicit import all_finite
 from .model import FixedPointRNN
-from .update import Step, backtrack, per_sample_loss, solution_fault
+from .update import RunRecord, Step, backtrack, per_sample_loss, solution_fault
 
 Tensor = torch.Tensor
 ALL_RULES = sorted([*rules.RULES, "bptt"])
@@ -103,14 +102,7 @@ class FixedPointModule(pl.LightningModule):
                 setattr(self, f"{split}_acc", torchmetrics.Accuracy("multiclass", num_classes=model.n_out))
             elif units is not None:     # pooled over units: 1 − SS_res / SS_tot (variance-weighted)
                 setattr(self, f"{split}_r2", torchmetrics.R2Score(len(self.units), multioutput="variance_weighted"))
-        # run bookkeeping (saved in checkpoints, so a resumed run reports the whole run)
-        self.faults = self.consecutive_faults = 0     # a fault skips its step: faults = skipped steps
-        self.clipped = self.backtracks = 0            # constrained entries; halved steps
-        self.status = "running"
-        self.fault_log: list[str] = []
-        self.step_ms: list[float] = []
-        self.iters_sum = 0.0
-        self.fallback_samples = self.fallback_iters = 0   # samples handed to the solver's fallback, its steps
+        self.record = RunRecord()
         self.last_step: Step | None = None
 
     # -- optimizer --------------------------------------------------------------------
@@ -136,13 +128,9 @@ class FixedPointModule(pl.LightningModule):
 
     # -- the step ---------------------------------------------------------------------
     def _fault(self, what: str) -> None:
-        self.faults += 1
-        self.consecutive_faults += 1
-        self.fault_log.append(f"step {self.global_step}: {what}")
-        self.log("train/faults", float(self.faults), on_step=True)
-        if self.on_fault == "stop" or self.consecutive_faults >= self.max_faults:
-            self.status = "diverged"
+        if self.record.fault(f"step {self.global_step}: {what}", self.on_fault == "stop", self.max_faults):
             self.trainer.should_stop = True
+        self.log("train/faults", float(self.record.faults), on_step=True)
 
     def _cast(self, p: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         dt = self.model.dtype
@@ -202,7 +190,7 @@ class FixedPointModule(pl.LightningModule):
             raise KeyboardInterrupt
 
     def training_step(self, batch, batch_idx):
-        if self.status == "diverged":
+        if self.record.status == "diverged":
             return None
         t0 = time.perf_counter()
         step = self.compute_update(*batch)
@@ -210,18 +198,13 @@ class FixedPointModule(pl.LightningModule):
         if fault is None and self.backtrack:
             fault, halvings = backtrack(self.model, batch[0], lambda: self.apply(step), self.backtrack,
                                         self.max_nonconverged)
-            self.backtracks += halvings
+            self.record.backtracks += halvings
         elif fault is None:
             self.apply(step)
+        step.skipped = fault is not None
         if fault is not None:
             self._fault(fault)
-        else:
-            self.consecutive_faults = 0
-        self.step_ms.append(1e3 * (time.perf_counter() - t0))
-        self.iters_sum += sum(fp.solution.iters_mean for fp in step.fps)
-        self.fallback_samples += sum(int(fp.solution.fallback.sum()) for fp in step.fps)
-        self.fallback_iters += sum(int(fp.solution.fallback_iters.sum()) for fp in step.fps)
-        step.skipped = fault is not None
+        self.record.count_step(1e3 * (time.perf_counter() - t0), step)
         self.last_step = step           # for the monitors (fprnn.callbacks)
         bs = len(step.losses)
         if torch.isfinite(step.losses).all():
@@ -234,9 +217,9 @@ class FixedPointModule(pl.LightningModule):
                       sync_dist=self.world > 1)
         self.log("loss", step.losses.mean(), prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
         if any(layer.constrained for layer in self.model.layers):
-            self.log("train/clipped", float(self.clipped), on_step=True, on_epoch=False, batch_size=bs)
+            self.log("train/clipped", float(self.record.clipped), on_step=True, on_epoch=False, batch_size=bs)
         if self.backtrack:
-            self.log("train/backtracks", float(self.backtracks), on_step=True, on_epoch=False, batch_size=bs)
+            self.log("train/backtracks", float(self.record.backtracks), on_step=True, on_epoch=False, batch_size=bs)
         ddp.check_ranks(self, batch_idx)
         return None
 
@@ -254,7 +237,7 @@ class FixedPointModule(pl.LightningModule):
                     W, n = constraints.constrain(step.weights_before[l], layer.W, layer.sign, layer.mask,
                                                  layer.constraint)
                     layer.W.copy_(W)
-                    self.clipped += n
+                    self.record.clipped += n
 
     # -- multi-device ------------------------------------------------------------------
     @property
@@ -291,26 +274,11 @@ class FixedPointModule(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def on_train_end(self) -> None:
-        attempted = len(self.step_ms)
-        if self.status == "running" and attempted and self.faults > self.max_skipped * attempted:
-            self.status = "no_progress"
+        self.record.close(self.max_skipped)
 
     # -- checkpoint state -------------------------------------------------------------
-    _STATE = ("faults", "consecutive_faults", "status", "fault_log", "step_ms", "iters_sum", "clipped",
-              "backtracks", "fallback_samples", "fallback_iters")
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["fprnn"] = {k: getattr(self, k) for k in self._STATE}
+        checkpoint["fprnn"] = self.record.state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        for k, v in checkpoint.get("fprnn", {}).items():
-            setattr(self, k, v)
-
-    def summary(self) -> dict[str, Any]:
-        n = max(len(self.step_ms), 1)
-        return {"step_ms_median": statistics.median(self.step_ms) if self.step_ms else None,
-                "solver_iters_mean": self.iters_sum / n, "solver_fallback": self.fallback_samples,
-                "solver_fallback_iters": self.fallback_iters, "faults": self.faults,
-                "clipped": self.clipped, "backtracks": self.backtracks,
-                "attempted_steps": len(self.step_ms),
-                "fault_log": self.fault_log[-20:]}
+        self.record = RunRecord(**checkpoint.get("fprnn", {}))

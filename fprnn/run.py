@@ -232,15 +232,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         with _sigint_between_steps(module):
             trainer.fit(module, datamodule=data, ckpt_path=ckpt)
         module.fit_metrics = {k: _finite(v) for k, v in trainer.callback_metrics.items()}
-        if module.status == "running":
-            module.status = "finished"
+        if module.record.status == "running":
+            module.record.status = "finished"
         results.update(test_best(trainer, module, data))
     except BaseException as e:  # recorded, then re-raised: a crash is not a result
         error = e
         interrupted = isinstance(e, (KeyboardInterrupt, SystemExit)) and trainer is not None \
             and trainer.state.status == "interrupted"
         if interrupted and module is not None:
-            module.status = "interrupted"
+            module.record.status = "interrupted"
             results["error"] = f"interrupted ({type(e).__name__}); resume with ckpt_path=" \
                                f"{run_dir / 'checkpoints' / 'last.ckpt'}"
         else:
@@ -266,10 +266,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str, Any]:
     """Final numbers of a run that got as far as building: status, losses, stability, weights."""
-    failed = results.get("error") is not None and module.status != "interrupted"
-    out: dict[str, Any] = {"status": "failed" if failed else module.status,
+    failed = results.get("error") is not None and module.record.status != "interrupted"
+    out: dict[str, Any] = {"status": "failed" if failed else module.record.status,
                            "steps": int(trainer.global_step) if trainer is not None else 0}
-    out.update(module.summary())
+    out.update(module.record.summary())
     if getattr(data, "validation", None) is not None:
         out["validation"] = data.validation
     metrics = getattr(module, "fit_metrics", None) or (trainer.callback_metrics if trainer is not None else {})

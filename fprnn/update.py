@@ -1,5 +1,6 @@
 """What a training step needs beside autograd: the per-sample loss (torch's own), the checks that
-keep faults from the weights, and the record of the step that the monitors read.
+keep faults from the weights, the record of the step that the monitors read and the run's record
+(faults, status, timings) that its checkpoints keep.
 
 The step itself is forward → loss → backward (:class:`fprnn.module.FixedPointModule`): every
 layer's fixed point is the output of :mod:`fprnn.implicit`'s Function, whose backward gives each
@@ -7,7 +8,8 @@ W its rule's −ΔW and everything else its gradient.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import statistics
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -104,3 +106,57 @@ class Step:
     @property
     def n_used(self) -> int:
         return int(self.used.sum())
+
+
+@dataclass
+class RunRecord:
+    """What a run has done so far, kept in its checkpoints so that a resumed run reports the whole
+    run. A fault skips its step, so ``faults`` counts skipped steps; ``clipped`` counts entries the
+    constraints set back, ``backtracks`` halvings of a step, ``fallback_*`` the samples handed to
+    the solver's fallback and its steps."""
+    status: str = "running"
+    faults: int = 0
+    consecutive_faults: int = 0
+    fault_log: list[str] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
+    iters_sum: float = 0.0
+    fallback_samples: int = 0
+    fallback_iters: int = 0
+    clipped: int = 0
+    backtracks: int = 0
+
+    def fault(self, what: str, stop: bool, max_faults: int) -> bool:
+        """Record a skipped step; True when the run ends here as "diverged": at the first fault
+        (``stop``) or the ``max_faults``-th in a row."""
+        self.faults += 1
+        self.consecutive_faults += 1
+        self.fault_log.append(what)
+        if stop or self.consecutive_faults >= max_faults:
+            self.status = "diverged"
+        return self.status == "diverged"
+
+    def count_step(self, ms: float, step: Step) -> None:
+        """An attempted step (applied or skipped): its time and its solvers' work."""
+        if not step.skipped:
+            self.consecutive_faults = 0
+        self.step_ms.append(ms)
+        self.iters_sum += sum(fp.solution.iters_mean for fp in step.fps)
+        self.fallback_samples += sum(int(fp.solution.fallback.sum()) for fp in step.fps)
+        self.fallback_iters += sum(int(fp.solution.fallback_iters.sum()) for fp in step.fps)
+
+    def close(self, max_skipped: float) -> None:
+        """A run that skipped more than ``max_skipped`` of its steps has not trained: "no_progress"."""
+        attempted = len(self.step_ms)
+        if self.status == "running" and attempted and self.faults > max_skipped * attempted:
+            self.status = "no_progress"
+
+    def state(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> dict:
+        n = max(len(self.step_ms), 1)
+        return {"step_ms_median": statistics.median(self.step_ms) if self.step_ms else None,
+                "solver_iters_mean": self.iters_sum / n, "solver_fallback": self.fallback_samples,
+                "solver_fallback_iters": self.fallback_iters, "faults": self.faults,
+                "clipped": self.clipped, "backtracks": self.backtracks,
+                "attempted_steps": len(self.step_ms), "fault_log": self.fault_log[-20:]}

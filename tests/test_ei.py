@@ -75,12 +75,12 @@ def test_signs_and_mask_hold_after_every_step_of_every_rule(rule, method):
     watch = Watch()
     fit(module, data, 4, [watch])
     layer = net.layers[0]
-    assert module.faults == 0 and watch.applied == [0, 0, 0, 0], (module.fault_log, watch.applied)
+    assert module.record.faults == 0 and watch.applied == [0, 0, 0, 0], (module.record.fault_log, watch.applied)
     assert sum(watch.proposed) > 0, watch.proposed
     assert not torch.equal(layer.W.detach(), W0)
     assert bool((layer.W.detach()[~layer.mask] == 0).all())
     if method == "project":
-        assert module.clipped > 0
+        assert module.record.clipped > 0
 
 
 def analysis_kappa(net, X, units):
@@ -223,12 +223,12 @@ def test_step_control_halves_a_step_that_breaks_convergence(backtrack):
     fit(module, data, 3)
     W = net.layers[0].W.detach()
     if backtrack:
-        assert module.faults == 0 and module.backtracks > 0 and module.status == "running"
+        assert module.record.faults == 0 and module.record.backtracks > 0 and module.record.status == "running"
         assert float(torch.linalg.eigvals(W).real.max()) < 1 and not torch.equal(W, W0)
         assert net.fixed_points(arrays["X"])[0].solution.n_nonconverged == 0
     else:
-        first = module.fault_log[0]
-        assert module.status == "diverged" and ("not converged" in first or "non-finite" in first), first
+        first = module.record.fault_log[0]
+        assert module.record.status == "diverged" and ("not converged" in first or "non-finite" in first), first
 
 
 def test_responses_loss_is_on_the_recorded_units_only():

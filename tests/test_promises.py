@@ -59,7 +59,7 @@ def test_on_fault_stop_ends_at_the_first_fault(tmp_path, mnist_dir):
     data.setup()
     data.train_set.tensors[0][300, 5] = float("nan")        # second batch
     trainer.fit(module, datamodule=data)
-    assert module.status == "diverged" and module.faults == 1 and trainer.global_step == 1
+    assert module.record.status == "diverged" and module.record.faults == 1 and trainer.global_step == 1
     assert torch.isfinite(model.W).all()
 
 

@@ -61,8 +61,8 @@ def test_injected_nan_batch_is_skipped_and_W_stays_finite(tmp_path, mnist_dir):
     data.setup()
     data.train_set.tensors[0][300, 5] = float("nan")        # one image in the second batch
     trainer.fit(module, datamodule=data)
-    assert module.faults == 1 and "non-finite" in module.fault_log[0] and "step 1" in module.fault_log[0]
-    assert trainer.global_step == 3 and module.status == "running"     # 4 batches, 1 skipped
+    assert module.record.faults == 1 and "non-finite" in module.record.fault_log[0] and "step 1" in module.record.fault_log[0]
+    assert trainer.global_step == 3 and module.record.status == "running"     # 4 batches, 1 skipped
     assert torch.isfinite(model.W).all()
 
 

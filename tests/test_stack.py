@@ -175,7 +175,7 @@ def test_one_training_step_of_a_stack_moves_every_tensor_by_its_group(tmp_path, 
     want = rule_step(model, p, y, "classification", rules.RULES["w1" if rule == "bptt" else rule], lr,
                      [{}, {}], readin=readin).grads
     trainer.fit(module, datamodule=data)
-    assert trainer.global_step == 1 and module.faults == 0
+    assert trainer.global_step == 1 and module.record.faults == 0
     group_lr = {"V": 0.5, "b": 0.5, "W_out": 0.25, "b_out": 0.25, "W": 1.0}
     tol = 1e-6 if rule == "bptt" else 1e-10
     for name, t in model.named_parameters():

@@ -72,7 +72,7 @@ def test_bptt_under_euler_is_autograd_through_the_euler_forward_pass(tmp_path, m
     W0 = model.W.detach().clone()
     trainer.fit(module, datamodule=data)
     got = model.W.detach() - W0
-    assert module.faults == 0 and float((got - expected).norm() / expected.norm()) < 1e-10
+    assert module.record.faults == 0 and float((got - expected).norm() / expected.norm()) < 1e-10
 
 
 def test_checkpoint_resume_continues_to_the_identical_W(tmp_path, mnist_dir):
