@@ -153,14 +153,14 @@ class Layer(nn.Module):
         ``bptt`` the rates come with autograd's graph through the unrolled solver (W's gradient
         times η, so that W.grad = −ΔW as for the rules)."""
         spec = self.backward_rule
+        x = self.input(s)                   # with its graph: bptt unrolls from it
         with torch.no_grad():
-            fp = self.fixed_point(self.input(s))
+            fp = self.fixed_point(x)
         self.report = implicit.Report(fp, implicit.used_samples(fp.solution, fp.r))
-        trained = [t for t in (self.W, self.V, self.b, s) if t is not None and t.requires_grad]
-        if not (torch.is_grad_enabled() and trained):
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (self.W, self.V, self.b, s))):
             return fp.r
         if spec.rule == "bptt":
-            rate = self.unrolled(self.input(s), fp.solution.u, W=implicit.scale_grad(self.W, spec.eta))
+            rate = self.unrolled(x, fp.solution.u, W=implicit.scale_grad(self.W, spec.eta))
             rate.register_hook(partial(implicit.record_delta, self.report, spec))
             return rate
         return implicit.attach(fp.r, fp.gain, self.W, self.V, self.b, s, spec, self.report)

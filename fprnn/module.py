@@ -2,6 +2,7 @@
 fprnn.implicit) → a torch optimizer's step → constraints, with faults and step control."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from functools import partial
@@ -278,7 +279,7 @@ class FixedPointModule(pl.LightningModule):
 
     # -- checkpoint state -------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["fprnn"] = self.record.state()
+        checkpoint["fprnn"] = dataclasses.asdict(self.record)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.record = RunRecord(**checkpoint.get("fprnn", {}))

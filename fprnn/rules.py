@@ -68,6 +68,11 @@ def factors(W: Tensor, r: Tensor, gain: Tensor, grad_r: Tensor) -> tuple[Tensor,
     return A, B, C
 
 
+def _kappa(A: Tensor, C: Tensor, gain: Tensor) -> Tensor:
+    """κ_i = c_iᵀ G_i a_i, w2's per-sample denominator 1 − η κ_i (Sherman–Morrison)."""
+    return (C * gain * A).sum(1)
+
+
 METRICS = ("sample", "batch")
 
 
@@ -126,8 +131,7 @@ def w2(W, r, gain, grad_r, lr, *, shared_gain: bool = False, return_info: bool =
         bad = int(info_ != 0) or not bool(torch.isfinite(dW).all())
         info = {"out_of_domain": int(bool(bad)), "min_denominator": float(torch.linalg.det(K)) if bad else None}
     else:
-        kappa = (C * gain * A).sum(1)
-        denom = 1 - lr * kappa
+        denom = 1 - lr * _kappa(A, C, gain)
         out = denom <= 0
         n_out = int(out.sum())
         info = {"out_of_domain": n_out, "min_denominator": float(denom.min()), "input_factor": A}
@@ -309,7 +313,7 @@ def sample_step_norms(name: str, W: Tensor, r: Tensor, gain: Tensor, grad_r: Ten
     elif name in ("w2", "w3"):
         U, V, C = factors(W, r, gain, grad_r)
         if name == "w2":
-            U = U / (1 - lr * (C * gain * U).sum(1, keepdim=True)).abs()
+            U = U / (1 - lr * _kappa(U, C, gain)).abs().unsqueeze(1)
     elif name == "w4":
         U, V = _w4_factors(W, r, gain, grad_r)
     elif name == "jfb":

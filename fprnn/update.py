@@ -9,7 +9,7 @@ W its rule's −ΔW and everything else its gradient.
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -149,9 +149,6 @@ class RunRecord:
         attempted = len(self.step_ms)
         if self.status == "running" and attempted and self.faults > max_skipped * attempted:
             self.status = "no_progress"
-
-    def state(self) -> dict:
-        return asdict(self)
 
     def summary(self) -> dict:
         n = max(len(self.step_ms), 1)
