@@ -199,6 +199,14 @@ def bench_monitors(data_root: str, steps: int, repeats: int) -> str:
 STEP_RULES = ("w3", "w1", "w2", "jfb")
 
 
+def _mnist_batch(data_root: str, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first m MNIST training images (flattened, in [0, 1]) and their labels."""
+    from .data import VisionDataModule
+    data = VisionDataModule("mnist", root=data_root, download=False, val_size=0)
+    data.setup()
+    return data.train_set.tensors[0][:m], data.train_set.tensors[1][:m]
+
+
 def bench_step(data_root: str, m: int, N: int, repeats: int) -> str:
     """The paper's training step (one layer, fixed read-in and read-out, SGD) two ways at the same
     W and MNIST batch: written out by hand — solve, δ = W_outᵀ(softmax − onehot), the rule, W += ΔW
@@ -206,11 +214,8 @@ def bench_step(data_root: str, m: int, N: int, repeats: int) -> str:
     fixed point's backward, fprnn.implicit), the optimizer's step. W is restored after each call, so
     both see the same work; the ratio is the cost of going through autograd, per pair of adjacent
     calls (its median and quartiles: on a shared machine a ratio of two medians drifts by ±5%)."""
-    from .data import VisionDataModule
     from .model import FixedPointRNN
-    data = VisionDataModule("mnist", root=data_root, download=False, val_size=0)
-    data.setup()
-    p, y = data.train_set.tensors[0][:m], data.train_set.tensors[1][:m]
+    p, y = _mnist_batch(data_root, m)
     net = FixedPointRNN(N, 784, 10, seed=0)
     W0 = net.W.detach().clone()
     opt = torch.optim.SGD([net.W], lr=1.0)
@@ -259,11 +264,8 @@ def bench_readin(data_root: str, m: int, N: int, repeats: int) -> str:
     also the read-in's update (gradient or reparameterized) and the read-out's gradient, then an
     Adam step on every trained tensor — with trained read-in/read-out/biases against the paper's
     fixed ones, on the same MNIST batch at the same initial W (so the solver's work is the same)."""
-    from .data import VisionDataModule
     from .model import FixedPointRNN
-    data = VisionDataModule("mnist", root=data_root, download=False, val_size=0)
-    data.setup()
-    p, y = data.train_set.tensors[0][:m], data.train_set.tensors[1][:m]
+    p, y = _mnist_batch(data_root, m)
     nets = {"fixed": FixedPointRNN(N, 784, 10, seed=0),
             "trained": FixedPointRNN(N, 784, 10, seed=0, train_readin=True, train_readout=True, bias=True)}
     rows = []
