@@ -15,7 +15,7 @@ fixed point r* as the output of :class:`_FixedPoint`, whose backward receives g_
   the layer's own read-in V only; the encoder still gets the exact gradient.
 
 Scale: a rule is a mean over samples of per-sample steps; W's is returned summed, −ΔW·m/n, so that
-W.grad scales with the loss like any gradient (and equals today's −ΔW when the loss is the mean
+W.grad scales with the loss like any gradient (and equals the rule's −ΔW when the loss is the mean
 over the m samples used, n = m). The rules linear in δ (w1, w3, w4, jfb) do not depend on n;
 w2 does (its 1 − ηκ_i is not linear in δ_i): ``loss_norm`` must be the loss's per-sample
 normalisation, the n in loss = Σ L_i / n (None: the batch's row count, a mean-reduced loss).
