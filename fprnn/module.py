@@ -61,7 +61,8 @@ class FixedPointModule(pl.LightningModule):
     at each epoch end. Read-in (V_ℓ, b_ℓ) and read-out (W_out, b_out) tensors
     are their own parameter groups, with learning rates ``lr_readin`` / ``lr_readout`` (default:
     the optimizer's). ``readin="reparam"`` (default) moves read-ins by the reparameterized step,
-    ``"gradient"`` by their gradient (docs/stack.md).
+    ``"gradient"`` by their gradient (docs/stack.md). ``eta``: the rules' η when it is not ``lr``
+    (a network in time, whose W also takes BPTT's gradient, gives its rule η = 1).
 
     Faults — fixed points that did not converge (more than ``max_nonconverged`` of the batch, for
     solvers with a tolerance; fewer are left out of the update and counted), NaN/inf in r, the
@@ -77,7 +78,7 @@ class FixedPointModule(pl.LightningModule):
                  scheduler: Callable | None = None, lr_readin: float | None = None,
                  lr_readout: float | None = None, readin: str = "reparam",
                  units=None, on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
-                 max_skipped: float = 0.5, backtrack: int = 0, check_every: int = 50):
+                 max_skipped: float = 0.5, backtrack: int = 0, check_every: int = 50, eta: float | None = None):
         super().__init__()
         _check_options(model, rule, lr, lr_readin, lr_readout, task, on_fault, max_faults, max_skipped,
                        backtrack)
@@ -86,7 +87,7 @@ class FixedPointModule(pl.LightningModule):
         self.lr_readin, self.lr_readout, self.readin = lr_readin, lr_readout, readin
         # faults are recorded, not raised, in backward: with several devices a raise there would
         # leave the other ranks waiting in their all-reduce
-        model.set_backward(rule, lr, rule_kwargs, readin=readin, on_fault="record")
+        model.set_backward(rule, lr if eta is None else eta, rule_kwargs, readin=readin, on_fault="record")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
         self.max_skipped, self.backtrack = float(max_skipped), backtrack

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import signal
 import threading
 import time
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import constraints
 from .analysis import analyse, probe_stability
 from .checkpoint import ResumableCSVLogger, atomic_save, atomic_write_text, check_checkpoint
 
@@ -135,28 +137,36 @@ def build(cfg: DictConfig, run_dir: Path | str):
     from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
     from .checkpoint import AtomicCheckpointIO, RunCheckpoint, best_callbacks, best_metric
+    from .ctrnn import TrialRNN
     from .module import FixedPointModule
+    from .trial_module import TrialModule
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     data = _instantiate(cfg.data)
     model = _instantiate(cfg.model, **_model_sizes(cfg, data))
     check_compatible(model, data)
+    in_time = isinstance(model, TrialRNN)
+    if cfg.get("stable_init") is not None and in_time:
+        raise ValueError("stable_init scales a static network's W; a network in time (model=ctrnn) has no "
+                         "probe inputs to scale it on: set stable_init=null")
     if cfg.get("stable_init") is not None and not (cfg.get("resume") or cfg.get("ckpt_path")):
         # on up to 256 training inputs: the probe batch alone can miss the hardest ones
         model.scale_to_stable(data.probe_batch(256)[0], float(cfg.stable_init))
     optimizer = hydra.utils.instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    module = FixedPointModule(model, rule=cfg.rule.name, lr=cfg.lr, task=data.task,
-                              lr_readin=cfg.get("lr_readin"), lr_readout=cfg.get("lr_readout"),
-                              units=getattr(data, "units", None),
-                              rule_kwargs=_plain(cfg.rule.get("kwargs")), optimizer=optimizer, scheduler=scheduler,
-                              **_plain(cfg.get("fault")), **_plain(cfg.get("module")))
+    options = dict(rule=cfg.rule.name, lr=cfg.lr, lr_readin=cfg.get("lr_readin"), lr_readout=cfg.get("lr_readout"),
+                   rule_kwargs=_plain(cfg.rule.get("kwargs")), optimizer=optimizer, scheduler=scheduler,
+                   **_plain(cfg.get("fault")), **_plain(cfg.get("module")))
+    if in_time:
+        module = TrialModule(model, **options)
+    else:
+        module = FixedPointModule(model, task=data.task, units=getattr(data, "units", None), **options)
     loggers = [hydra.utils.instantiate(c, save_dir=str(run_dir))
                for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [RunCheckpoint(run_dir / "checkpoints", **_plain(cfg.get("ckpt")))]
     best = _plain(cfg.get("best"))
     if best.get("monitor") is not None and _held_out_validation(data):
-        monitor, mode = best_metric(data.task, getattr(data, "units", None) is not None)
+        monitor, mode = ("val/perf", "max") if in_time else best_metric(data.task, getattr(data, "units", None) is not None)
         if best["monitor"] != "auto":
             monitor, mode = best["monitor"], best.get("mode") or mode
         callbacks += best_callbacks(run_dir / "checkpoints", monitor, mode, best.get("patience"))
@@ -184,8 +194,9 @@ def _best(trainer):
 def _test(trainer, module, data) -> dict[str, Any]:
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     out = {"test_loss": tested.get("test/loss"), "test_acc": tested.get("test/acc")}
-    if "test/r2" in tested:
-        out["test_r2"] = tested["test/r2"]
+    for k in ("r2", "perf"):
+        if f"test/{k}" in tested:
+            out[f"test_{k}"] = tested[f"test/{k}"]
     out["solver_max_residual"] = tested.get("test/max_residual")
     return out
 
@@ -276,7 +287,7 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
     out["train_loss"] = _finite(metrics.get("train/loss_epoch"))
     if "train/acc_epoch" in metrics:
         out["train_acc"] = _finite(metrics.get("train/acc_epoch"))
-    for k in ("acc", "r2"):
+    for k in ("acc", "r2", "perf"):
         if f"val/{k}" in metrics:
             out[f"val_{k}"] = _finite(metrics.get(f"val/{k}"))     # the last validation (what tuning reads)
     out["epochs"] = int(trainer.current_epoch) if trainer is not None else 0
@@ -284,25 +295,55 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
     out["params"] = {"W": sum(layer.W.numel() for layer in m.layers),
                      "readin": sum(t.numel() for t in m.readins()),
                      "readout": sum(t.numel() for _, t in m.named_readouts())}
+    from .trial_module import TrialModule
     try:   # the final numbers must not cost the run its results.json
-        p, _ = data.probe_batch(int(cfg.get("probe_size", 16)))
-        out.update(probe_stability(module.model, p))
-        if all(layer.dyn.continuous for layer in m.layers):
-            out["multistable"] = float(m.multistable(p.to(module.device)).float().mean())
-        out.update(_stability_peak(trainer, out))
-        if any(layer.sign is not None for layer in m.layers):
-            out.update(_ei_analysis(m, data))
-        if callable(getattr(data, "loss", None)):      # the linear task's J(W), eq 3.1
-            W = m.W.detach()
-            out["loss_W"] = data.loss(W)
-            out["loss_W_star"] = data.loss(data.W_star().to(W.dtype))
-            out["test_loss"] = out["loss_W"]
+        if isinstance(module, TrialModule):
+            out.update(_trials_final(run_dir, module, data, trainer))
+        else:
+            out.update(_static_final(cfg, data, module, trainer))
     except Exception as e:
         out["final_metrics_error"] = f"{type(e).__name__}: {e}"
     if trainer is None or trainer.is_global_zero:
         atomic_save({k: v.detach().cpu() for k, v in m.state_dict().items()}, run_dir / "weights.pt")
         if m.config is not None:
             atomic_write_text(run_dir / "model.json", json.dumps(m.config, indent=2))
+    return out
+
+
+def _static_final(cfg, data, module, trainer) -> dict[str, Any]:
+    """A static network's final numbers: stability and multistability at a probe batch's fixed
+    points, the E/I analysis, the linear task's J(W)."""
+    m, out = module.model, {}
+    p, _ = data.probe_batch(int(cfg.get("probe_size", 16)))
+    out.update(probe_stability(m, p))
+    if all(layer.dyn.continuous for layer in m.layers):
+        out["multistable"] = float(m.multistable(p.to(module.device)).float().mean())
+    out.update(_stability_peak(trainer, out))
+    if any(layer.sign is not None for layer in m.layers):
+        out.update(_ei_analysis(m, data))
+    if callable(getattr(data, "loss", None)):      # the linear task's J(W), eq 3.1
+        W = m.W.detach()
+        out["loss_W"] = data.loss(W)
+        out["loss_W_star"] = data.loss(data.W_star().to(W.dtype))
+        out["test_loss"] = out["loss_W"]
+    return out
+
+
+def _trials_final(run_dir: Path, module, data, trainer) -> dict[str, Any]:
+    """A network in time's final numbers: how its trials started, the test performance per
+    condition (and every test trial's choice in ``trials.json``), E/I sign violations."""
+    from .trial_module import perf_by_condition
+    m, stats = module.model, module.start_stats
+    out: dict[str, Any] = {"start": m.start, "start_from_rest": stats["from_rest"],
+                           "graph_mb_max": stats["graph_mb_max"], "start_stability_max": stats["stability_max"],
+                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if module.test_records:
+        out["test_perf_by_condition"] = perf_by_condition(module.test_records, data.condition_keys)
+        if trainer is None or trainer.is_global_zero:
+            atomic_write_text(run_dir / "trials.json", json.dumps(module.test_records))
+    layer = m.layer
+    if layer.sign is not None or layer.mask is not None:
+        out["constraint_violations"] = constraints.violations(layer.W.detach(), layer.sign, layer.mask)
     return out
 
 

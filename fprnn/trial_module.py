@@ -1,0 +1,191 @@
+"""LightningModule for a network in time (:class:`fprnn.ctrnn.TrialRNN`) on trials
+(:mod:`fprnn.tasks`): forward through the trial → the sequence loss → backward (the start's rule
+plus BPTT, :mod:`fprnn.implicit` and autograd) → the optimizer's step → constraints.
+
+The loss is the cross-entropy of the action at every step of the trial, weighted (the decision
+period ``decision_weight`` times the others, padding 0) and normalised by the weights' sum:
+L = Σ_i Σ_t w_it ℓ_it / Σ w. Performance (NeuroGym's): the action at the answer step (the decision
+period's last) is the ground truth. Faults, step skipping, constraints and the run's record are
+:class:`fprnn.module.FixedPointModule`'s.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+
+from . import ddp
+from .ctrnn import TrialRNN
+from .implicit import all_finite
+from .module import FixedPointModule
+from .update import Step
+
+Tensor = torch.Tensor
+
+
+def step_losses(logits: Tensor, gt: Tensor, weight: Tensor) -> Tensor:
+    """Σ_t w_it ℓ_it per trial (B,): ℓ the cross-entropy of step t's action, w its weight (0 on
+    padding, whose logits then leave no trace)."""
+    B, T, A = logits.shape
+    ce = F.cross_entropy(logits.reshape(B * T, A), gt.reshape(B * T), reduction="none").view(B, T)
+    return torch.where(weight > 0, ce * weight, torch.zeros_like(ce)).sum(1)
+
+
+def answers(logits: Tensor, answer: Tensor) -> Tensor:
+    """The action each trial chooses at its answer step (B,)."""
+    return logits[torch.arange(len(answer), device=logits.device), answer].argmax(-1)
+
+
+class _SavedBytes:
+    """Bytes autograd saves for backward while active (the memory a step's graph holds)."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def pack(self, t: Tensor) -> Tensor:
+        self.bytes += t.numel() * t.element_size()
+        return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+class TrialModule(FixedPointModule):
+    """Trains a :class:`TrialRNN`: its start's W by ``rule`` with η = ``eta`` (1: the rule's
+    direction at the gradient's scale, which BPTT's part of W.grad has too), everything else by its
+    gradient, with any torch optimizer (``lr`` is then the optimizer's, as in its config)."""
+
+    def __init__(self, model: TrialRNN, rule: str = "w3", lr: float = 3e-3, eta: float = 1.0,
+                 rule_kwargs: dict | None = None, optimizer=None, scheduler=None, lr_readin: float | None = None,
+                 lr_readout: float | None = None, readin: str = "gradient", on_fault: str = "skip",
+                 max_faults: int = 10, max_nonconverged: float = 0.0, max_skipped: float = 0.5, backtrack: int = 0,
+                 check_every: int = 50, stability_every: int = 50):
+        if backtrack:
+            raise ValueError(f"backtrack={backtrack!r}: step control re-solves a static network's batch; a "
+                             f"network in time has none (set fault.backtrack=0)")
+        if max_nonconverged:
+            raise ValueError(f"max_nonconverged={max_nonconverged!r} does not apply to a network in time: a trial "
+                             f"whose start does not converge starts from rest (set fault.max_nonconverged=0)")
+        super().__init__(model, rule=rule, lr=lr, eta=eta, task="classification", rule_kwargs=rule_kwargs,
+                         optimizer=optimizer, scheduler=scheduler, lr_readin=lr_readin, lr_readout=lr_readout,
+                         readin=readin, on_fault=on_fault, max_faults=max_faults, max_skipped=max_skipped,
+                         check_every=check_every)
+        for split in ("train", "val", "test"):
+            setattr(self, f"{split}_perf", torchmetrics.MeanMetric())
+        self.stability_every = int(stability_every)
+        self.test_records: list[dict] = []
+        self.start_stats = {"from_rest": 0, "graph_mb_max": 0.0, "stability_max": None}
+
+    # -- the step -----------------------------------------------------------------------
+    def compute_update(self, batch: dict) -> Step:
+        m = self.model
+        m.zero_grad(set_to_none=True)
+        weights_before = [layer.W.detach().clone() for layer in m.layers]
+        with _SavedBytes() as saved:
+            logits = m(batch["ob"], batch["static"])
+        losses = step_losses(logits, batch["gt"], batch["weight"])
+        rep = m.report
+        B = len(losses)
+        step = Step([] if rep.fixed_point is None else [rep.fixed_point], losses.detach(), logits.detach(),
+                    torch.ones(B, dtype=torch.bool, device=losses.device), weights_before)
+        step.graph_mb = saved.bytes / 2**20
+        fault = "non-finite input" if not all_finite(batch["ob"]) else None
+        if fault is None and not all_finite(losses):
+            fault = (f"non-finite loss ({rep.from_rest} trials started from rest after their start did not "
+                     f"converge)" if rep.from_rest else "non-finite loss")
+        step.fault = ddp.sync_fault(self.trainer.strategy, self.world, fault, self.device)
+        if step.fault is not None:
+            return step
+        # DDP averages gradients: each device's loss is its share of the global weighted mean
+        total = ddp.global_count(self.trainer.strategy, self.world, float(batch["weight"].sum()), self.device)
+        trials = ddp.global_count(self.trainer.strategy, self.world, B, self.device)
+        m.set_loss_norm(trials / self.world)
+        self.manual_backward(losses.sum() * (self.world / total))
+        fault = m.layer.report.fault if rep.fixed_point is not None and m.layer.report is not None else None
+        bad = [name for name, t in m.named_parameters() if t.grad is not None and not all_finite(t.grad)]
+        step.fault = ddp.sync_fault(self.trainer.strategy, self.world,
+                                    fault or (f"non-finite gradient of {', '.join(bad)}" if bad else None), self.device)
+        return step
+
+    def training_step(self, batch, batch_idx):
+        if self.record.status == "diverged":
+            return None
+        t0 = time.perf_counter()
+        step = self.compute_update(batch)
+        if step.fault is None:
+            self.apply(step)
+        step.skipped = step.fault is not None
+        if step.skipped:
+            self._fault(step.fault)
+        ms = 1e3 * (time.perf_counter() - t0)
+        self.record.count_step(ms, step)
+        self.last_step = step
+        rep, B = self.model.report, len(step.losses)
+        self.start_stats["from_rest"] += rep.from_rest
+        self.start_stats["graph_mb_max"] = max(self.start_stats["graph_mb_max"], step.graph_mb)
+        logs = {"train/step_ms": ms, "train/graph_mb": step.graph_mb, "train/start_from_rest": float(rep.from_rest),
+                "train/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if rep.fixed_point is not None and self.stability_every and self.global_step % self.stability_every == 0:
+            logs["train/start_stability"] = self._stability(rep)
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=B)
+        if torch.isfinite(step.losses).all():
+            self.train_loss(step.losses.sum() / batch["weight"].sum())
+            self.train_perf((answers(step.logits, batch["answer"]) == self._answer_gt(batch)).float())
+        self.log_dict({"train/loss": self.train_loss, "train/perf": self.train_perf}, on_step=True, on_epoch=True,
+                      batch_size=B, sync_dist=self.world > 1)
+        self.log("loss", step.losses.sum() / batch["weight"].sum(), prog_bar=True, on_step=True, on_epoch=False,
+                 batch_size=B)
+        ddp.check_ranks(self, batch_idx)
+        return None
+
+    @torch.no_grad()
+    def _stability(self, rep) -> float:
+        """The largest stability value of this batch's starts (first 16 of them; < 1: stable)."""
+        fp = rep.fixed_point
+        rows = rep.at_fixed_point.nonzero().squeeze(1)[:16]
+        if len(rows) == 0:
+            return float("nan")
+        sub = type(fp)(fp.r[rows], fp.z[rows], fp.gain[rows], fp.x[rows], fp.solution)
+        s = float(self.model.stability(sub).max())
+        prev = self.start_stats["stability_max"]
+        self.start_stats["stability_max"] = s if prev is None else max(prev, s)
+        return s
+
+    @staticmethod
+    def _answer_gt(batch) -> Tensor:
+        return batch["gt"][torch.arange(len(batch["answer"]), device=batch["gt"].device), batch["answer"]]
+
+    # -- evaluation -------------------------------------------------------------------
+    def _eval_step(self, batch, split: str):
+        logits = self.model(batch["ob"], batch["static"])
+        losses = step_losses(logits, batch["gt"], batch["weight"])
+        choice, target = answers(logits, batch["answer"]), self._answer_gt(batch)
+        getattr(self, f"{split}_loss").update(losses.sum() / batch["weight"].sum(), batch["weight"].sum())
+        getattr(self, f"{split}_perf")((choice == target).float())
+        self.log_dict({f"{split}/loss": getattr(self, f"{split}_loss"), f"{split}/perf": getattr(self, f"{split}_perf")},
+                      on_step=False, on_epoch=True, prog_bar=(split == "val"), batch_size=len(losses))
+        if split == "test":
+            info = self.trainer.datamodule.trial_info("test", batch["index"])
+            self.test_records += [{"trial": int(k), "choice": int(c), "target": int(g), **i}
+                                  for k, c, g, i in zip(batch["index"], choice, target, info)]
+
+    def on_test_epoch_start(self) -> None:
+        self.test_records = []
+
+
+def perf_by_condition(records: list[dict], keys: list[str]) -> dict[str, float]:
+    """Performance per condition: the trials grouped by the values of ``keys`` (those they have)."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for r in records:
+        name = " ".join(f"{k}={r[k]}" for k in keys if k in r) or "all"
+        groups[name].append(int(r["choice"] == r["target"]))
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
