@@ -94,3 +94,63 @@ def probe_stability(model: FixedPointRNN, p: Tensor) -> dict[str, float]:
                 out[f"{k}/{l}"] = v
     out["frac_stable"] = float(stable.float().mean())
     return out
+
+
+# -- fixed points of a network in time ------------------------------------------------------
+@torch.no_grad()
+def find_fixed_points(W: Tensor, x: Tensor, starts: Tensor, act, tau: Tensor | None = None, tol: float = 1e-10,
+                      max_iter: int = 100, distinct: float = 1e-6) -> list[dict]:
+    """Every fixed point r = f(W r + x) of the constant input x (N,) that Newton's method reaches
+    from the states ``starts`` (S, N) — stable or not (Sussillo & Barak 2013 look for them from the
+    states the trials visit; Newton converges to saddles and unstable points too, which following
+    the dynamics would not). A step is halved while it does not reduce ‖F‖, F(r) = f(W r + x) − r.
+    Points closer than ``distinct`` (‖·‖∞) are one. Each comes with the eigenvalues of the
+    dynamics' Jacobian J = T⁻¹(−I + G W) (T = diag τ; without τ in units of 1/τ), sorted by real
+    part, largest first, and ``stable`` (max Re λ < 0)."""
+    r = starts.to(W.dtype).clone()
+    eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+
+    def residual(r):
+        return act.f(r @ W.T + x) - r
+
+    F = residual(r)
+    for _ in range(max_iter):
+        norm = F.abs().amax(1)
+        if bool((norm < tol).all()):
+            break
+        J = act.df(r @ W.T + x).unsqueeze(-1) * W - eye
+        step = torch.linalg.solve(J, -F.unsqueeze(-1)).squeeze(-1)
+        scale = torch.ones(len(r), 1, dtype=W.dtype, device=W.device)
+        for _ in range(20):         # halve each sample's step until its ‖F‖ falls
+            F_new = residual(r + scale * step)
+            worse = ~(F_new.abs().amax(1) < norm) & (norm >= tol)
+            if not bool(worse.any()):
+                break
+            scale[worse] *= 0.5
+        r = torch.where((norm >= tol).unsqueeze(1), r + scale * step, r)
+        F = residual(r)
+    found: list[dict] = []
+    for i in (F.abs().amax(1) < tol).nonzero().squeeze(1).tolist():
+        if any(float((r[i] - p["r"]).abs().max()) < distinct for p in found):
+            continue
+        J = act.df(r[i] @ W.T + x).unsqueeze(1) * W - eye
+        if tau is not None:
+            J = J / tau.to(W.dtype).unsqueeze(1)
+        eig = torch.linalg.eigvals(J)
+        eig = eig[torch.argsort(eig.real, descending=True)]
+        found.append({"r": r[i].clone(), "eig": eig, "max_re": float(eig.real[0]), "stable": bool(eig.real[0] < 0),
+                      "residual": float(F[i].abs().max())})
+    return found
+
+
+@torch.no_grad()
+def trial_fixed_points(model, inputs: Tensor, starts: Tensor, **kw) -> list[list[dict]]:
+    """The fixed points of a network in time (:class:`fprnn.ctrnn.TrialRNN`) for each constant
+    input u (rows of ``inputs``, (K, n_in)): :func:`find_fixed_points` with x = V u + b and the
+    network's τ in its unit (eigenvalues per ms when τ is in ms), from ``starts`` (states the
+    trials visit)."""
+    layer = model.layer
+    W, dt = layer.W.detach().double(), torch.float64
+    X = layer.input(inputs.to(model.dtype)).detach().to(dt)
+    tau = None if layer.tau is None else layer.tau.to(dt)
+    return [find_fixed_points(W, x, starts.to(dt), layer.act, tau, **kw) for x in X]

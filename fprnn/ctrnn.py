@@ -188,14 +188,15 @@ class TrialRNN(nn.Module):
         X = layer.input(ob)                    # V u_t + b for every step at once
         W, alpha, f = layer.W, self.alpha, layer.act.f
         t0 = min(int(hold.min()), T)
-        out = [r] * t0
+        held, out = r, []
         for t in range(t0, T):
             if self.truncate is not None and t > t0 and (t - t0) % self.truncate == 0:
                 r = r.detach()
             new = r + alpha * (f(r @ W.T + X[:, t]) - r)
             r = torch.where((t < hold).unsqueeze(1), r, new) if t < int(hold.max()) else new
             out.append(r)
-        return torch.stack(out, 1)
+        # the steps every trial spends at its start: one tensor, one gradient sum in backward
+        return torch.cat([held.unsqueeze(1).expand(-1, t0, -1), *([torch.stack(out, 1)] if out else [])], 1)
 
     def forward(self, ob: Tensor, static: Tensor) -> Tensor:
         """The read-out W_out r_t + b_out at every step (B, T, n_out)."""

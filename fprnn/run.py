@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import resource
@@ -27,6 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import constraints
 from .analysis import analyse, probe_stability
 from .checkpoint import ResumableCSVLogger, atomic_save, atomic_write_text, check_checkpoint
+
+log = logging.getLogger(__name__)
 
 # W&B is offline unless the user asks for online (an account is then needed).
 OmegaConf.register_new_resolver(
@@ -145,6 +148,8 @@ def build(cfg: DictConfig, run_dir: Path | str):
     data = _instantiate(cfg.data)
     model = _instantiate(cfg.model, **_model_sizes(cfg, data))
     check_compatible(model, data)
+    if getattr(data, "note", None):
+        log.warning(data.note)
     in_time = isinstance(model, TrialRNN)
     if cfg.get("stable_init") is not None and in_time:
         raise ValueError("stable_init scales a static network's W; a network in time (model=ctrnn) has no "

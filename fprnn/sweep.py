@@ -5,6 +5,7 @@
     python sweep.py rule=w1,w3 lr=0.01,0.1 data=mnist --jobs 2
     python sweep.py beyond                     # trained read-in/out: rules vs W ≡ 0, 1 and 2 layers
     python sweep.py conv                       # conv front end on Fashion-MNIST: rules vs W ≡ 0
+    python sweep.py timescales --jobs 2        # tasks in time: fixed-point start vs BPTT from rest
 
 Each point runs as its own process (its own W&B run, memory and, with trainer=ddp, its own
 devices) in ``OUT/<rule>_lr<lr>/``. ``OUT/summary.csv`` and ``OUT/summary.md`` get one row per
@@ -20,6 +21,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -89,6 +91,37 @@ PRESETS["conv"] = {"base": ["experiment=conv_fashion"],
                                "step_ms_median", "peak_max_re_eig", "frac_stable"],
                    "doc": "Fashion-MNIST through a conv encoder (experiment=conv_fashion): w3, w1, jfb, bptt "
                           "and W ≡ 0"}
+
+
+def _timescales_points() -> list[tuple[str, str, str, list[str], dict]]:
+    """The paper's multi-timescale question (section 4): on three NeuroGym tasks with a static
+    first period (fixation; in ContextDecisionMaking also the context cue), a network in time that
+    starts at the fixed point of the static input (w3 as the start's backward) against BPTT from
+    rest through the static period, as that period grows from 300 ms to 2 s and 5 s; 300 steps each,
+    3 seeds. Timings are fixed so that each task is well posed (experiment=cdm's comment)."""
+    tasks = {"ContextDecisionMaking-v0": "{timing:{fixation:%d}}",    # explicit context, delay 300 ms: the preset's
+             "PerceptualDecisionMaking-v0": "{timing:{fixation:%d,stimulus:500}}",
+             "GoNogo-v0": "{timing:{fixation:%d}}"}
+    points = []
+    for task, kwargs in tasks.items():
+        for static_ms in (300, 2000, 5000):
+            for start in ("fixed_point", "rest"):
+                for seed in (0, 1, 2):
+                    points.append((f"{task.split('-')[0]}_{static_ms}ms_{start}_s{seed}", "w3", "0.003",
+                                   [f"data.task={task}", f"data.kwargs={kwargs % static_ms}", f"model.start={start}",
+                                    f"seed={seed}"],
+                                   {"task": task.split("-")[0], "static_ms": static_ms, "start": start, "seed": seed}))
+    return points
+
+
+PRESETS["timescales"] = {"base": ["experiment=cdm", "trainer.max_epochs=3", "data.test_trials=1024"],
+                         "points": _timescales_points(), "lr": [],
+                         "columns": ["task", "static_ms", "start", "seed", "status", "test_perf", "val_perf",
+                                     "step_ms_median", "graph_mb_max", "start_from_rest", "start_stability_max",
+                                     "faults", "wall_s"],
+                         "group": ["task", "static_ms", "start"],
+                         "doc": "tasks in time: start at the static input's fixed point (w3) vs BPTT from rest, "
+                                "static period 0.3, 2 and 5 s, 3 tasks × 3 seeds"}
 # max_re_eig, frac_stable: per-sample, at the final W; peak_*: the largest seen during training,
 # per sample and of eig(W) itself (the authors' check, a proxy: see docs/rules.md)
 COLUMNS = ["rule", "lr", "status", "loss_W", "train_loss", "test_loss", "test_acc", "max_re_eig",
@@ -208,7 +241,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_summary(out: Path, points: list[Point], columns: list[str] = COLUMNS) -> None:
+def write_summary(out: Path, points: list[Point], columns: list[str] = COLUMNS, group: list[str] | None = None) -> None:
     own = lambda p, c: p.columns[c] if c in p.columns else p.rule if c == "rule" else p.lr if c == "lr" else None
     rows = [{c: own(p, c) if own(p, c) is not None else p.result.get(c) for c in columns} for p in points]
     with (out / "summary.csv").open("w", newline="") as fh:
@@ -216,9 +249,33 @@ def write_summary(out: Path, points: list[Point], columns: list[str] = COLUMNS) 
         w.writeheader()
         for r in rows:
             w.writerow({k: _fmt(v) for k, v in r.items()})
+    (out / "summary.md").write_text(_markdown(columns, [[_fmt(r[c]) for c in columns] for r in rows]))
+    if group:
+        _write_grouped(out, rows, columns, group)
+
+
+def _markdown(columns: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in rows]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def _write_grouped(out: Path, rows: list[dict], columns: list[str], group: list[str]) -> None:
+    """``summary_grouped.md``: the points grouped by the ``group`` columns (over seeds), each
+    numeric column as mean ± standard deviation over the group's finished points, with their count."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[c] for c in group), []).append(r)
+    numeric = [c for c in columns if c not in group and c not in ("seed", "status")
+               and any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows)]
+    table = []
+    for key, members in groups.items():
+        done = [r for r in members if r.get("status") == "finished"]
+        cells = [_fmt(k) for k in key] + [f"{len(done)}/{len(members)}"]
+        for c in numeric:
+            vals = [float(r[c]) for r in done if isinstance(r.get(c), (int, float))]
+            cells.append("" if not vals else f"{statistics.mean(vals):.4g} ± {statistics.pstdev(vals):.2g}")
+        table.append(cells)
+    (out / "summary_grouped.md").write_text(_markdown([*group, "finished", *numeric], table))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     wandb_group = not any(o.startswith(("logger=", "~logger")) for o in overrides)
     points = make_points(preset, rules, lrs, overrides, out)
     columns = PRESETS.get(preset, {}).get("columns", COLUMNS)
+    group_by = PRESETS.get(preset, {}).get("group")
     if a.dry_run:
         for p in points:
             print(" ".join(command(p, group, wandb_group)))
@@ -269,15 +327,16 @@ def main(argv: list[str] | None = None) -> int:
                 done += 1
                 r = p.result
                 metric = (f"J={_fmt(r.get('loss_W'))}" if r.get("loss_W") is not None
+                          else f"perf={_fmt(r.get('test_perf'))}" if r.get("test_perf") is not None
                           else f"acc={_fmt(r.get('test_acc'))}")
                 print(f"[{done}/{len(points)}] {p.name}: {r.get('status')} {metric} "
                       f"max_re_eig={_fmt(r.get('max_re_eig'))} ({_fmt(r.get('wall_s'))} s, "
                       f"sweep {time.perf_counter() - t0:.0f} s)", flush=True)
-                write_summary(out, points, columns)
+                write_summary(out, points, columns, group_by)
     finally:
         signal.signal(signal.SIGINT, previous)
-    write_summary(out, points, columns)
-    print((out / "summary.md").read_text())
+    write_summary(out, points, columns, group_by)
+    print((out / ("summary_grouped.md" if group_by else "summary.md")).read_text())
     if not a.no_figures:
         try:
             from fprnn.figures import make_figures

@@ -55,6 +55,14 @@ def make_env(task: str, dt: float, kwargs: dict | None):
             raise ValueError(f"NeuroGym task {task!r} rejects data.kwargs={kwargs}: {e}") from None
 
 
+def merged(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base``, nested dicts key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 @dataclass
 class Trial:
     ob: np.ndarray          # (T, n_in) inputs
@@ -182,13 +190,16 @@ class NeuroGymDataModule(ResumableData):
     their last step). ``batch_size`` is the global batch (split equally over devices).
     ``conditions``: the keys of NeuroGym's trial info that make a condition for the test
     performance per condition (default: context and coherence, those a task has; for
-    ContextDecisionMaking ``coh`` is the coherence of the modality the context makes relevant)."""
+    ContextDecisionMaking ``coh`` is the coherence of the modality the context makes relevant).
+    ``task_kwargs``: options per task id, used when that task is the one chosen (a preset's
+    well-posed timings), with ``kwargs`` merged over them — so that ``kwargs={}`` with another
+    ``task`` gives that task its own defaults."""
 
     def __init__(self, task: str = "ContextDecisionMaking-v0", kwargs: dict | None = None, dt: float = 20,
                  static: str = "auto", decision_weight: float = 5.0, decision_period: str = "decision",
                  batch_size: int = 64, eval_batch_size: int = 512, train_trials: int = 6400,
                  val_trials: int = 512, test_trials: int = 1024, seed: int = 0,
-                 conditions: list[str] | None = None):
+                 conditions: list[str] | None = None, task_kwargs: dict | None = None):
         super().__init__()
         for name, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
                         ("train_trials", train_trials), ("val_trials", val_trials), ("test_trials", test_trials)):
@@ -202,7 +213,7 @@ class NeuroGymDataModule(ResumableData):
             raise ValueError(f"static must be 'auto', 'none' or a period name, got {static!r}")
         # every step is a classification of the action, which is what ``task`` tells the rest of fprnn
         self.env_id, self.task = task, "classification"
-        self.kwargs, self.dt, self.static = dict(kwargs or {}), dt, static
+        self.kwargs, self.dt, self.static = merged(dict(task_kwargs or {}).get(task, {}), kwargs or {}), dt, static
         self.decision_weight, self.decision_period = float(decision_weight), decision_period
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.train_trials, self.val_trials, self.test_trials, self.seed = train_trials, val_trials, test_trials, seed

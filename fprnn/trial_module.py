@@ -119,7 +119,7 @@ class TrialModule(FixedPointModule):
     def training_step(self, batch, batch_idx):
         if self.record.status == "diverged":
             return None
-        t0 = time.perf_counter()
+        t0, index = time.perf_counter(), self.global_step     # (the optimizer's step counts one more)
         step = self.compute_update(batch)
         if step.fault is None:
             self.apply(step)
@@ -134,7 +134,7 @@ class TrialModule(FixedPointModule):
         self.start_stats["graph_mb_max"] = max(self.start_stats["graph_mb_max"], step.graph_mb)
         logs = {"train/step_ms": ms, "train/graph_mb": step.graph_mb, "train/start_from_rest": float(rep.from_rest),
                 "train/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        if rep.fixed_point is not None and self.stability_every and self.global_step % self.stability_every == 0:
+        if rep.fixed_point is not None and self.stability_every and index % self.stability_every == 0:
             logs["train/start_stability"] = self._stability(rep)
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=B)
         if torch.isfinite(step.losses).all():
