@@ -5,6 +5,8 @@ Reads each run's ``results.json`` and ``csv/metrics.csv`` and writes PNG and PDF
 panel per rule (the paper's Figures 2, 4, 5); the angles between rules against step (Figure 3);
 the angle of the applied update to −∇L and the spread of per-sample step norms;
 the stability of the probed fixed points and max Re λ(W) against step; and the eigenvalues of each final W.
+For a network in time (model=ctrnn): loss and performance against step, and for one run the
+psychometric curves, example trials, trajectories and fixed points (:mod:`fprnn.trial_figures`).
 """
 from __future__ import annotations
 
@@ -258,6 +260,15 @@ def make_figures(root: str | Path, wandb: bool = False) -> list[Path]:
     out = root / "figures"
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    if any("start" in it["res"] for it in items):     # networks in time (model=ctrnn)
+        plot_curves(items, "train/loss_step", "training loss (weighted over steps)", "loss", out, written, log=True)
+        plot_curves(items, "train/perf_step", "training performance", "performance", out, written)
+        plot_curves(items, "val/perf", "validation performance (end of epoch)", "val_performance", out, written,
+                    marker="o")
+        if len(items) == 1:
+            from .trial_figures import plot_trials
+            plot_trials(items[0]["dir"], out, written, _save)
+        return written
     task = next((it["res"].get("task") for it in items if it["res"].get("task")), None)
     regression = task == "regression"
     plot_curves(items, "train/loss_step", "J(W) (training loss)" if regression else "training loss",

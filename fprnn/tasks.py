@@ -71,6 +71,7 @@ class Trial:
     answer: int             # the step at which the answer is read (last step of the decision period)
     decision: tuple[int, int]   # [start, end) of the decision period
     info: dict              # NeuroGym's trial dict (ground truth, coherence, context…), scalars
+    periods: list           # (name, start, end) of every period, in time order
 
 
 def static_steps(ob: np.ndarray, periods: list[tuple[str, int, int]], static: str) -> int:
@@ -116,7 +117,8 @@ def draw_trial(env, seed: int, split: str, k: int, static: str, decision_period:
                if isinstance(v, (int, float, np.generic)) and not isinstance(v, bool)}
     if {"context", "coh_1", "coh_2"} <= scalars.keys():    # ContextDecisionMaking: the coherence that counts
         scalars["coh"] = scalars[f"coh_{int(scalars['context']) + 1}"]
-    return Trial(ob, gt.astype(np.int64), static_steps(ob, periods, static), decision[1] - 1, decision, scalars)
+    return Trial(ob, gt.astype(np.int64), static_steps(ob, periods, static), decision[1] - 1, decision, scalars,
+                 periods)
 
 
 class TrialSet(Dataset):
