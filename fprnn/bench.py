@@ -7,8 +7,10 @@
    the paper's forward pass (Euler, dt/τ 0.01 × 500) leaves;
 3. a w3 MNIST training step with the diagnostics monitors on and off;
 4. one step with trained read-in and read-out against the paper's fixed ones, per rule (same W);
-5. (``--only memory``) resident memory along a 2000-step w3 run;
-6. (``--only fallback --run <run dir>``) at a finished run's weights, over every MNIST image: the
+5. a training step of a network in time (experiment=cdm) starting at the fixed point of its static
+   input against BPTT from rest, as the static period grows (``--only trials``);
+6. (``--only memory``) resident memory along a 2000-step w3 run;
+7. (``--only fallback --run <run dir>``) at a finished run's weights, over every MNIST image: the
    samples the solver leaves, how many the fallback settles (and whether at the fixed point a
    long Euler run reaches), the fallback samples per training batch and the time they add, and
    how many of 2,048 training images the solver puts on another fixed point than the dynamics.
@@ -402,6 +404,54 @@ def bench_fallback(run_dir: str, data_root: str, batch: int, repeats: int) -> st
             f"fixed point other than the one the dynamics reach from rest (FixedPointRNN.multistable).")
 
 
+def bench_trials(repeats: int, statics=(300, 2000, 5000), batch: int = 64, N: int = 128) -> str:
+    """A training step of experiment=cdm's network in time (N=128, batch 64, w3, Adam) per static
+    period: the trial starting at the fixed point of its static input against BPTT from rest
+    through it, at the same weights and batch, in paired rounds of alternating order (the ratio is
+    the median of the pairs'). Memory: what autograd saves for backward in the step."""
+    from .ctrnn import TrialRNN
+    from .tasks import NeuroGymDataModule
+    from .trial_module import _SavedBytes, step_losses
+    rows = []
+    for static_ms in statics:
+        data = NeuroGymDataModule(kwargs={"use_expl_context": True, "timing": {"fixation": static_ms, "delay": 300}},
+                                  batch_size=batch, val_trials=1, test_trials=1)
+        b = next(iter(data.train_dataloader()))
+        steps, saved = {}, {}
+        for start in ("fixed_point", "rest"):
+            net = TrialRNN(N, data.n_in, data.n_out, start=start, seed=0)
+            net.set_backward("w3", 1.0)
+            opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+            state = {k: v.clone() for k, v in net.state_dict().items()}
+
+            def step(net=net, opt=opt, start=start, state=state):
+                opt.zero_grad()
+                with _SavedBytes() as sb:
+                    out = net(b["ob"], b["static"])
+                (step_losses(out, b["gt"], b["weight"]).sum() / b["weight"].sum()).backward()
+                opt.step()
+                net.load_state_dict(state)
+                saved[start] = sb.bytes / 2**20
+            steps[start] = step
+        ts = {"fixed_point": [], "rest": []}
+        for k in range(repeats + 1):
+            pair = list(steps.items())
+            for label, fn in pair if k % 2 else pair[::-1]:
+                t = time.perf_counter()
+                fn()
+                if k:
+                    ts[label].append(1e3 * (time.perf_counter() - t))
+        ratios = sorted(r / f for f, r in zip(ts["fixed_point"], ts["rest"]))
+        q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+        rows.append([static_ms, int(b["static"].min()), b["ob"].shape[1], statistics.median(ts["fixed_point"]),
+                     statistics.median(ts["rest"]), statistics.median(ratios), f"{q1:.2f}–{q3:.2f}",
+                     saved["fixed_point"], saved["rest"]])
+    return table(f"A step of experiment=cdm (N={N}, batch {batch}, w3, Adam): start at the fixed point vs BPTT from "
+                 f"rest, {repeats} paired rounds",
+                 ["static ms", "static steps", "trial steps", "fixed_point ms", "rest ms", "rest / fixed_point",
+                  "quartiles", "fixed_point graph MB", "rest graph MB"], rows)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=512)
@@ -411,8 +461,9 @@ def main(argv=None) -> None:
                     help="samples the per-sample loops run on (scaled to m; they are linear in m)")
     ap.add_argument("--data", default=os.environ.get("FPRNN_DATA", "data"),
                     help="folder holding MNIST/raw (default $FPRNN_DATA or data/)")
-    ap.add_argument("--only", choices=["rules", "solvers", "monitors", "step", "readin", "memory", "fallback"],
-                    default=None, help="one table (default: rules, solvers, monitors, step and readin; memory "
+    ap.add_argument("--only", choices=["rules", "solvers", "monitors", "step", "readin", "memory", "fallback",
+                                       "trials"],
+                    default=None, help="one table (default: rules, solvers, monitors, step, readin and trials; memory "
                                        "and fallback only when asked)")
     ap.add_argument("--run", default=None, help="run directory whose weights --only fallback measures at")
     ap.add_argument("--steps", type=int, default=None,
@@ -430,6 +481,8 @@ def main(argv=None) -> None:
         print(bench_step(a.data, a.m, a.N, a.repeats), flush=True)
     if a.only in (None, "readin"):
         print(bench_readin(a.data, a.m, a.N, a.repeats), flush=True)
+    if a.only in (None, "trials"):
+        print(bench_trials(a.repeats), flush=True)
     if a.only == "memory":
         print(bench_memory(a.data, a.steps or 2000, 100, a.lr), flush=True)
     if a.only == "fallback":

@@ -77,9 +77,9 @@ def analyse_run(run: Path, n_trials: int = 256, n_starts: int = 128) -> dict:
     starts = flat[torch.randperm(len(flat), generator=g)[:n_starts]]
     found = trial_fixed_points(model, torch.stack(inputs), starts)
     out = {"pcs_mean": mean.tolist(), "pcs": pcs.tolist(), "conditions": []}
-    for (context, level), points in zip(names, found):
+    for (context, level), u, points in zip(names, inputs, found):
         out["conditions"].append({
-            "context": context, "level": level,
+            "context": context, "level": level, "input": u.tolist(),
             "fixed_points": [{"pc": ((p["r"] - mean) @ pcs.T).tolist(), "stable": p["stable"], "max_re_eig": p["max_re"],
                               "eig_top": [[float(z.real), float(z.imag)] for z in p["eig"][:10]],
                               "residual": p["residual"], "r": p["r"].tolist()} for p in points]})

@@ -187,6 +187,14 @@ def test_static_part_found_from_the_data_and_named():
         draw_trial(env, 0, "val", 0, "cue", "decision")
 
 
+def test_preset_timings_merge_with_the_users_and_another_task_gets_its_own():
+    import hydra
+    d = hydra.utils.instantiate(make_cfg(["experiment=cdm", "data.kwargs={timing:{fixation:500}}"]).data)
+    assert d.env.use_expl_context and d.env.timing["delay"] == 300 and d.env.timing["fixation"] == 500
+    other = hydra.utils.instantiate(make_cfg(["experiment=cdm", "data.task=GoNogo-v0", "data.kwargs={}"]).data)
+    assert other.kwargs == {} and other.n_in == 3 and other.n_out == 2
+
+
 def test_bad_task_and_options_name_the_value():
     with pytest.raises(ValueError, match="unknown NeuroGym task 'Nope-v0'.*ContextDecisionMaking-v0"):
         NeuroGymDataModule(task="Nope-v0")
@@ -261,3 +269,47 @@ def test_fixed_point_finder_finds_saddles_and_unstable_points():
     assert len(points) == 9 and all(abs(p - q) < 1e-8 for P, Q in zip(points, expect) for p, q in zip(P, Q))
     unstable_dims = sorted(int((p["eig"].real > 0).sum()) for p in found)
     assert unstable_dims == [0, 0, 0, 0, 1, 1, 1, 1, 2]
+
+
+def test_two_devices_equal_one_device_for_a_network_in_time(tmp_path):
+    """Every trained tensor of the network in time (the start's w3 plus BPTT), weighted losses over
+    padded trials of different lengths on each device: 2 processes = 1 process."""
+    from test_ddp import run_ddp
+    over = ["experiment=cdm", "progress_bar=false", "logger=csv", "model.dtype=float64", "model.N=32",
+            "solver.kwargs.tol=1e-12", "optimizer=sgd", "lr=0.2", "data.batch_size=16", "data.train_trials=160",
+            "data.test_trials=32", "data.val_trials=32", "trainer.max_steps=8", "trainer.limit_val_batches=0",
+            "data.kwargs={timing:{delay:[100,200,300,400]}}", "module.check_every=4"]
+    cfg = make_cfg(over, tmp_path / "one")
+    train(cfg)
+    run_ddp(over, tmp_path / "two")
+    w1 = torch.load(tmp_path / "one" / "weights.pt")
+    w2 = torch.load(tmp_path / "two" / "weights.pt")
+    w0 = TrialRNN(32, 7, 3, dtype="float64", seed=0).state_dict()
+    assert set(w1) == set(w2) and {"layers.0.W", "layers.0.V", "layers.0.b", "W_out", "b_out"} <= set(w1)
+    for k in ("layers.0.W", "layers.0.V", "layers.0.b", "W_out", "b_out"):
+        assert float((w2[k] - w1[k]).norm() / w1[k].norm()) < 1e-10, k
+        assert not torch.equal(w1[k], w0[k]), f"{k} did not learn"
+
+
+def test_figures_and_fixed_points_of_a_trained_network_in_time(tmp_path):
+    from fprnn.figures import make_figures
+    res = train(quick(tmp_path, "model.N=48"))
+    files = {p.name for p in make_figures(tmp_path)}
+    assert {"psychometric.png", "example_trials.png", "trajectories_pca.png", "fixed_points.png",
+            "loss.png", "performance.png"} <= files
+    fp = json.loads((tmp_path / "fixed_points.json").read_text())
+    m = TrialRNN.load(tmp_path).double()
+    for context in (0, 1):
+        conds = [c for c in fp["conditions"] if c["context"] == context]
+        assert len({c["level"] for c in conds}) >= 5           # signed coherences ±5, ±15, ±50
+        for c in conds:
+            assert c["fixed_points"], c
+            x = m.layer.input(torch.tensor(c["input"], dtype=torch.float64)).detach()
+            for p in c["fixed_points"]:     # each a fixed point of the trained dynamics, with its eigenvalues
+                r = torch.tensor(p["r"], dtype=torch.float64)
+                W = m.layer.W.detach()
+                assert float((torch.tanh(W @ r + x) - r).abs().max()) < 1e-9
+                J = ((1 - torch.tanh(W @ r + x) ** 2).unsqueeze(1) * W - torch.eye(48, dtype=torch.float64)) / 100.0
+                assert abs(float(torch.linalg.eigvals(J).real.max()) - p["max_re_eig"]) < 1e-9
+                assert len(p["eig_top"]) == 10 and p["stable"] == (p["max_re_eig"] < 0)
+    assert res["status"] == "finished"
