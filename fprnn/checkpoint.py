@@ -92,7 +92,7 @@ class RunCheckpoint(pl.Callback):
     def save(self, trainer: pl.Trainer) -> None:
         for lg in trainer.loggers:      # the logs up to this point survive a kill with the checkpoint
             lg.save()
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)   # the whole state: a run resumes from it
         self.saved_at = trainer.global_step
 
     # Lightning logs at the count of batches done (epoch_loop._batches_that_stepped), and on a

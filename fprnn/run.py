@@ -30,6 +30,8 @@ from .analysis import analyse, probe_stability
 from .checkpoint import ResumableCSVLogger, atomic_save, atomic_write_text, check_checkpoint
 
 log = logging.getLogger(__name__)
+#: the summary's copy for Hydra's train.log (the console gets it printed; conf/train.yaml)
+summary_log = logging.getLogger("fprnn.summary")
 
 # W&B is offline unless the user asks for online (an account is then needed).
 OmegaConf.register_new_resolver(
@@ -225,6 +227,10 @@ def test_best(trainer, module, data) -> dict[str, Any]:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
+    """Build, fit and test one run; write its results and print its summary (:mod:`fprnn.console`)."""
+    from . import console
+    if not (cfg.get("verbose") or os.environ.get("HYDRA_FULL_ERROR") == "1"):
+        console.quiet()
     run_dir = _run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -265,11 +271,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if module is not None:
             results.update(finish(cfg, run_dir, data, module, trainer, results))
         results["wall_s"] = time.perf_counter() - t0
+        _close_wandb(trainer, failed=error is not None)
         if trainer is None or trainer.is_global_zero:
             atomic_write_text(run_dir / "results.json",
                               json.dumps({k: _finite(v) for k, v in results.items()}, indent=2))
-            _report(results)
-        _close_wandb(trainer, failed=error is not None)
+            _report(console.summary(results))
     if error is not None:
         if results["status"] == "interrupted":   # the shell's codes for SIGTERM / Ctrl-C
             raise SystemExit(143 if type(error).__name__ == "SIGTERMException" else 130)
@@ -369,20 +375,11 @@ def _stability_peak(trainer, final: dict) -> dict[str, Any]:
     return update_peak(dict(mon.peak) if mon is not None else {}, final, int(trainer.global_step))
 
 
-def _report(results: dict) -> None:
-    """A run that did not train as asked says so on the console, with its faults."""
-    if results.get("status") in ("finished", "interrupted", None):
-        return
-    import sys
-    head = f"fprnn: the run ended with status {results['status']!r}"
-    if "attempted_steps" in results:        # absent when it failed before training began
-        head += f": {results.get('faults', 0)} of {results['attempted_steps']} steps skipped as faults"
-    lines = [head + "."]
-    lines += [f"  {f}" for f in (results.get("fault_log") or [])[-5:]]
-    if results.get("error"):
-        lines.append(f"  error: {results['error']}")
-    lines.append(f"  see {results.get('run_dir')}/results.json")
-    print("\n".join(lines), file=sys.stderr, flush=True)
+def _report(lines: list[str]) -> None:
+    """The run's summary: on the console as fprnn's last output, and in Hydra's ``train.log``."""
+    print("\n".join(lines), flush=True)
+    for line in lines:
+        summary_log.info(line)
 
 
 def _close_wandb(trainer, failed: bool) -> None:

@@ -113,7 +113,7 @@ class RunRecord:
     """What a run has done so far, kept in its checkpoints so that a resumed run reports the whole
     run. A fault skips its step, so ``faults`` counts skipped steps; ``clipped`` counts entries the
     constraints set back, ``backtracks`` halvings of a step, ``fallback_*`` the samples handed to
-    the solver's fallback and its steps."""
+    the solver's fallback and its steps, ``unconverged`` the samples left out of a step unconverged."""
     status: str = "running"
     faults: int = 0
     consecutive_faults: int = 0
@@ -124,6 +124,7 @@ class RunRecord:
     fallback_iters: int = 0
     clipped: int = 0
     backtracks: int = 0
+    unconverged: int = 0
 
     def fault(self, what: str, stop: bool, max_faults: int) -> bool:
         """Record a skipped step; True when the run ends here as "diverged": at the first fault
@@ -140,6 +141,7 @@ class RunRecord:
         if not step.skipped:
             self.consecutive_faults = 0
         self.step_ms.append(ms)
+        self.unconverged += len(step.used) - step.n_used
         self.iters_sum += sum(fp.solution.iters_mean for fp in step.fps)
         self.fallback_samples += sum(int(fp.solution.fallback.sum()) for fp in step.fps)
         self.fallback_iters += sum(int(fp.solution.fallback_iters.sum()) for fp in step.fps)
@@ -155,5 +157,5 @@ class RunRecord:
         return {"step_ms_median": statistics.median(self.step_ms) if self.step_ms else None,
                 "solver_iters_mean": self.iters_sum / n, "solver_fallback": self.fallback_samples,
                 "solver_fallback_iters": self.fallback_iters, "faults": self.faults,
-                "clipped": self.clipped, "backtracks": self.backtracks,
+                "clipped": self.clipped, "backtracks": self.backtracks, "unconverged": self.unconverged,
                 "attempted_steps": len(self.step_ms), "fault_log": self.fault_log[-20:]}
