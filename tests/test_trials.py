@@ -313,3 +313,28 @@ def test_figures_and_fixed_points_of_a_trained_network_in_time(tmp_path):
                 assert abs(float(torch.linalg.eigvals(J).real.max()) - p["max_re_eig"]) < 1e-9
                 assert len(p["eig_top"]) == 10 and p["stable"] == (p["max_re_eig"] < 0)
     assert res["status"] == "finished"
+
+
+def test_learned_start_trains_the_initial_state_by_bptt():
+    m = net(start="learned", rule="w3")
+    with torch.no_grad():
+        m.h0.normal_(0, 0.3)
+    ob, static, gt, weight = batch(5)
+    loss_of(m(ob, static), gt, weight).backward()
+    got = grads(m)
+    m.zero_grad()
+    by_hand(m, ob, gt, weight, m.h0.expand(B, -1), 0).backward()
+    for name, ref in grads(m).items():
+        assert float((got[name] - ref).norm() / ref.norm()) < 1e-12, name
+
+
+def test_a_resumed_epoch_draws_the_trials_it_had_not_seen():
+    kw = dict(kwargs={"use_expl_context": True, "timing": {"delay": 300}}, batch_size=8, train_trials=40,
+              val_trials=1, test_trials=1)
+    whole = [b["index"] for b in NeuroGymDataModule(**kw).train_dataloader()]
+    resumed = NeuroGymDataModule(**kw)
+    resumed.load_state_dict({"epoch": 0, "batches_done": 2})
+    assert [b["index"].tolist() for b in resumed.train_dataloader()] == [i.tolist() for i in whole[2:]]
+    second = NeuroGymDataModule(**kw).train_dataloader()
+    second.sampler.set_epoch(1)
+    assert next(iter(second))["index"].tolist() == list(range(40, 48))     # a new epoch: fresh trials
