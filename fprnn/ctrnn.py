@@ -142,6 +142,8 @@ class TrialRNN(nn.Module):
             raise ValueError("rule=bptt has no fixed point to act on: for BPTT through the static period use "
                              "model.start=rest (or learned); start=fixed_point takes w1, w2, w3, w4 or jfb")
         kw = _per_layer("rule_kwargs", rule_kwargs, 1)[0]
+        # under start=rest or learned no fixed point is solved and its rule is never called: bptt
+        # (autograd through the whole trial) is then what every start does, recorded as w1's spec
         self.layer.backward_rule = implicit.RuleBackward(rule if rule != "bptt" else "w1", eta,
                                                          implicit.resolve_rule_kwargs(rule, kw, self.layer), **options)
 
