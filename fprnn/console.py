@@ -13,6 +13,7 @@ import math
 import warnings
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from pytorch_lightning.loggers import WandbLogger as _WandbLogger
 
 #: test metrics in the order a summary names them: (results key, label)
@@ -112,13 +113,7 @@ def point_line(name: str, results: dict) -> str:
     return f"  {name}: {results.get('status', 'no results.json')}" + (f", {metric[0]} {_fmt(metric[1])}" if metric else "")
 
 
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:         # pragma: no cover - hydra is a dependency; the core does not import this module
-    _HydraCallback = object
-
-
-class MultirunSummary(_HydraCallback):
+class MultirunSummary(Callback):
     """At the end of ``python train.py --multirun …``: one line per point (its status and test
     metric) and the sweep's ``summary.txt`` holding them."""
 

@@ -137,12 +137,13 @@ class TrialModule(FixedPointModule):
         if rep.fixed_point is not None and self.stability_every and index % self.stability_every == 0:
             logs["train/start_stability"] = self._stability(rep)
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=B)
+        loss = step.losses.sum() / batch["weight"].sum()
         if torch.isfinite(step.losses).all():
-            self.train_loss(step.losses.sum() / batch["weight"].sum())
+            self.train_loss(loss)
             self.train_perf((answers(step.logits, batch["answer"]) == self._answer_gt(batch)).float())
         self.log_dict({"train/loss": self.train_loss, "train/perf": self.train_perf}, on_step=True, on_epoch=True,
                       batch_size=B, sync_dist=self.world > 1)
-        self.log("loss", step.losses.sum() / batch["weight"].sum(), prog_bar=True, on_step=True, on_epoch=False,
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False,
                  batch_size=B)
         ddp.check_ranks(self, batch_idx)
         return None
