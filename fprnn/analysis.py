@@ -74,7 +74,8 @@ def probe_stability(model: FixedPointRNN, p: Tensor) -> dict[str, float]:
     """Stability of the fixed points of a probe batch (solved to tolerance, see
     ``Layer.solved_fixed_point``), the largest residual of that solve, and eig(W): the worst
     layer's under the plain names, with a stack each layer's too (``max_re_eig/ℓ``, …). A
-    sample's fixed point is stable when it is in every layer."""
+    sample's fixed point is stable when it is in every layer. A conv layer's (fprnn.conv) stability
+    value is ρ(G_i W) by power iteration, under the same key; it has no W matrix to take eig(W) of."""
     p = p.to(model.dtype).to(model.layers[0].W.device)
     fps = model.fixed_points(p, solved=True)
     out: dict[str, float] = {}
@@ -83,10 +84,10 @@ def probe_stability(model: FixedPointRNN, p: Tensor) -> dict[str, float]:
     for l, (layer, fp) in enumerate(zip(model.layers, fps)):
         s = layer.stability(fp)
         stable &= s < 1
-        re_W, rho_W = eig_W(layer.W)
         one = {"max_re_eig": float(s.max()), "frac_stable": float((s < 1).float().mean()),
-               "max_re_eig_W": re_W, "spectral_radius_W": rho_W,
                "probe_residual": float(fp.solution.residual.max())}
+        if layer.W.dim() == 2:      # a conv layer's W is an operator: no eigenvalues of a matrix here
+            one["max_re_eig_W"], one["spectral_radius_W"] = eig_W(layer.W)
         for k, v in one.items():
             if k != "frac_stable":      # for the whole stack: the samples stable in every layer
                 out[k] = max(out.get(k, v), v)

@@ -13,7 +13,10 @@
 7. (``--only fallback --run <run dir>``) at a finished run's weights, over every MNIST image: the
    samples the solver leaves, how many the fallback settles (and whether at the fixed point a
    long Euler run reaches), the fallback samples per training batch and the time they add, and
-   how many of 2,048 training images the solver puts on another fixed point than the dynamics.
+   how many of 2,048 training images the solver puts on another fixed point than the dynamics;
+8. (``--only conv``) the rules on a conv W (fprnn.conv): each kernel step's time in convolutions of
+   the layer (C = 32, 14×14, batch 128), and the peak memory of one training step at C = 32,
+   28×28, batch 128 (a fresh process each) against the 2.5 GB its dense W alone would take.
 
 Times are medians of interleaved repeats; the machine is shared, so read ratios, not absolutes.
 """
@@ -452,6 +455,57 @@ def bench_trials(repeats: int, statics=(300, 2000, 5000), batch: int = 64, N: in
                   "quartiles", "fixed_point graph MB", "rest graph MB"], rows)
 
 
+CONV_RULES = ("w3", "w2", "w4", "jfb", "w1")
+
+
+def bench_conv(repeats: int, C: int = 32, size: int = 14, m: int = 128) -> str:
+    """Kernel steps in units of one convolution K ⋆ r of the batch, at the fixed point of a random
+    kernel (σ_W 0.5) and random inputs; w1 includes its matrix-free adjoint solve."""
+    from .conv import ConvFixedPointLayer
+    layer = ConvFixedPointLayer(C, (size, size), seed=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, layer.N, generator=g)
+    fp = layer.fixed_point(x)
+    op, D = layer.operator(), 0.1 * torch.randn(m, layer.N, generator=g)
+    t_conv = timeit(lambda: op(fp.r), repeats * 3)
+    rows = [["one convolution K ⋆ r", t_conv, 1.0]]
+    for rule in CONV_RULES:
+        t = timeit(lambda: rules.RULES[rule](op, fp.r, fp.gain, D, 0.01), repeats)
+        rows.append([f"{rule} kernel step", t, t / t_conv])
+    t_solve = timeit(lambda: layer.fixed_point(x), 3)
+    rows.append([f"forward solve ({fp.solution.iters_mean:.0f} evaluations)", t_solve, t_solve / t_conv])
+    out = table(f"Rules on a conv W: C={C}, {size}×{size}, k=3, batch {m}, float32 (× one convolution)",
+                ["what", "ms", "× convolution"], rows)
+    rows = [[rule, *_conv_step_memory(rule, C, 28, m)] for rule in ("w3", "w1", "bptt")]
+    dense = (C * 28 * 28) ** 2 * 4 / 2 ** 20
+    return out + "\n" + table(f"Peak memory of one training step: C={C}, 28×28 (N = {C * 784}), batch {m}, float32; "
+                              f"a dense W alone: {dense:.0f} MB", ["rule", "peak RSS MB", "step adds MB", "step s"], rows)
+
+
+def _conv_step_memory(rule: str, C: int, size: int, m: int) -> tuple[float, float, float]:
+    """(peak RSS, peak RSS − RSS before the step, seconds) of one forward + backward + Adam step of
+    a ConvRecurrentNet on random images, in a fresh process (the peak is the process's)."""
+    import json
+    import subprocess
+    import sys
+    code = f"""
+import json, resource, time, torch
+from fprnn.conv import ConvRecurrentNet
+net = ConvRecurrentNet((1, {size}, {size}), channels={C}, stem_pool=1, readout_pool=4)
+net.set_backward({rule!r}, 1e-3)
+opt = torch.optim.Adam(net.parameters(), 1e-3)
+p, y = torch.rand({m}, {size * size}), torch.randint(0, 10, ({m},))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+t = time.perf_counter()
+torch.nn.functional.cross_entropy(net(p), y).backward()
+opt.step()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps([peak, peak - before, time.perf_counter() - t]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=512)
@@ -462,7 +516,7 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default=os.environ.get("FPRNN_DATA", "data"),
                     help="folder holding MNIST/raw (default $FPRNN_DATA or data/)")
     ap.add_argument("--only", choices=["rules", "solvers", "monitors", "step", "readin", "memory", "fallback",
-                                       "trials"],
+                                       "trials", "conv"],
                     default=None, help="one table (default: rules, solvers, monitors, step, readin and trials; memory "
                                        "and fallback only when asked)")
     ap.add_argument("--run", default=None, help="run directory whose weights --only fallback measures at")
@@ -483,6 +537,8 @@ def main(argv=None) -> None:
         print(bench_readin(a.data, a.m, a.N, a.repeats), flush=True)
     if a.only in (None, "trials"):
         print(bench_trials(a.repeats), flush=True)
+    if a.only == "conv":
+        print(bench_conv(a.repeats), flush=True)
     if a.only == "memory":
         print(bench_memory(a.data, a.steps or 2000, 100, a.lr), flush=True)
     if a.only == "fallback":

@@ -66,7 +66,7 @@ def update_peak(peak: dict, s: dict, step: int) -> dict:
         peak.update(peak_max_re_eig=s["max_re_eig"], peak_step=step)
     if not s["frac_stable"] >= peak.get("min_frac_stable", math.inf):
         peak.update(min_frac_stable=s["frac_stable"], min_frac_stable_step=step)
-    if not s["max_re_eig_W"] <= peak.get("peak_max_re_eig_W", -math.inf):
+    if "max_re_eig_W" in s and not s["max_re_eig_W"] <= peak.get("peak_max_re_eig_W", -math.inf):
         peak.update(peak_max_re_eig_W=s["max_re_eig_W"], peak_W_step=step)
     return peak
 
@@ -178,6 +178,8 @@ class AngleMonitor(pl.Callback):
             if delta is None:       # bptt computes no δ below the last layer
                 continue
             r, gain = fp.r[step.used], fp.gain[step.used]
+            spec = layer.backward_rule
+            W = W if spec.operator is None else spec.operator(W)    # a conv W: the rules on its kernel
             dWs = {}
             for name in {*self.rules, "w1"}:
                 # the training rule with its configured options; the others with their defaults
@@ -187,7 +189,7 @@ class AngleMonitor(pl.Callback):
                 if not info.get("out_of_domain") and torch.isfinite(dW).all():
                     dWs[name] = dW
             if "w1" in dWs:     # w1's ΔW is −η ∇L
-                theta = rules.angle(layer.W.detach() - W, dWs["w1"])
+                theta = rules.angle(layer.W.detach() - step.weights_before[l], dWs["w1"])
                 if math.isfinite(theta):
                     logs[layer_key("angle/applied_vs_gradient", l, L)] = theta
             if pl_module.rule_name in rules.RULES:

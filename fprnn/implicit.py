@@ -55,7 +55,8 @@ class RuleBackward:
     the unrolled solver instead), its η, its options, how the read-in moves, the loss's per-sample
     normalisation (w2 only) and what a fault does. ``gather`` (several devices, w2's batch form of
     eq 3.8): W's rule sees the global batch's rows, and ``world`` is the number of ranks whose
-    losses DDP averages."""
+    losses DDP averages. ``operator``: how W's parameter becomes the operator the rules see
+    (:mod:`fprnn.operators`, e.g. a kernel → its convolution; None: W is the dense matrix)."""
     rule: str = "w3"
     eta: float = 1.0
     rule_kwargs: dict = field(default_factory=dict)
@@ -64,6 +65,7 @@ class RuleBackward:
     on_fault: str = "raise"
     gather: Callable[[Tensor], Tensor] | None = None
     world: int = 1
+    operator: Callable[[Tensor], object] | None = None
 
     def __post_init__(self):
         if self.rule != "bptt":
@@ -135,6 +137,8 @@ def rule_fault(info: dict) -> str | None:
     if info.get("singular"):
         return f"I − G W singular for {info['singular']} samples"
     if info.get("converged") is False:
+        if info.get("unconverged"):
+            return f"the implicit adjoint did not converge for {info['unconverged']} samples"
         return f"w1 adjoint did not converge in {info['iters']} iterations"
     return None
 
@@ -179,11 +183,12 @@ def _rule_backward(W, V, s, r, gain, grad_r, spec, report, need):
     record_delta(report, spec, grad_r)
     out: list[Tensor | None] = [None, None, None, None]
     P = A = None
+    op = W if spec.operator is None else spec.operator(W)
     if need_W:
         delta = rows(report.delta)
         rr, gg, dd = (r_u, gain_u, delta) if spec.gather is None else \
             (spec.gather(r_u), spec.gather(gain_u), spec.gather(delta))
-        dW, info = rules.get_rule(spec.rule)(W, rr, gg, dd, spec.eta, return_info=True, **spec.rule_kwargs)
+        dW, info = rules.get_rule(spec.rule)(op, rr, gg, dd, spec.eta, return_info=True, **spec.rule_kwargs)
         fault = rule_fault(info)
         if fault is not None:
             raise FixedPointFault(fault)
@@ -194,12 +199,13 @@ def _rule_backward(W, V, s, r, gain, grad_r, spec, report, need):
             A = info["input_factor"] / n if info.get("input_factor") is not None else None
     if need_s or ((need_V or need_b) and spec.readin == "gradient"):
         if P is None:
-            P, pinfo = rules.implicit_adjoint(W, gain_u, g)
-            if pinfo.get("singular"):
-                raise FixedPointFault(f"I − G W singular for {pinfo['singular']} samples")
+            P, pinfo = rules.implicit_adjoint(op, gain_u, g)
+            fault = rule_fault(pinfo)
+            if fault is not None:
+                raise FixedPointFault(fault)
     if need_V or need_b:
         if spec.readin == "reparam" and A is None:
-            A = rules.input_factor(W, gain_u, g)
+            A = rules.input_factor(op, gain_u, g)
         direction = A if spec.readin == "reparam" else P
         if need_V:
             out[1] = direction.T @ rows(s)

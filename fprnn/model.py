@@ -340,6 +340,42 @@ def network_state(checkpoint: dict) -> dict:
     return {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
 
 
+def load_network(cls, path, map_location="cpu"):
+    """``cls`` built from ``run_dir/model.json`` (its constructor's arguments) with the state dict
+    of ``run_dir/weights.pt``, or of a checkpoint ``run_dir/checkpoints/*.ckpt`` given as ``path``."""
+    import json
+    from pathlib import Path
+    path = Path(path)
+    ckpt = path.suffix == ".ckpt"
+    run_dir = path.parent.parent if ckpt else path
+    source = path if ckpt else run_dir / "weights.pt"
+    for f in (run_dir / "model.json", source):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: not found; {cls.__name__}.load needs a run directory with "
+                                    f"model.json and weights.pt, or a checkpoint in its checkpoints/")
+    net = cls(**json.loads((run_dir / "model.json").read_text()))
+    if ckpt:
+        weights = network_state(torch.load(source, map_location=map_location, weights_only=False))
+    else:
+        weights = torch.load(source, map_location=map_location)
+    wrong = net.shape_mismatch(weights)
+    if wrong:
+        raise ValueError(f"{source}: {wrong} (built from model.json)")
+    net.load_state_dict(weights)
+    return net
+
+
+def state_mismatch(mine: dict, weights: dict) -> str | None:
+    """How saved ``weights`` (a state dict) fail to fit the state dict ``mine``, or None."""
+    names = sorted(mine, key=lambda k: not k.startswith("layers."))    # the layers first, in order
+    for name in [*names, *(k for k in weights if k not in mine)]:
+        a, b = weights.get(name), mine.get(name)
+        if a is None or b is None or a.shape != b.shape:
+            return (f"has {name} of shape {None if a is None else tuple(a.shape)}, the model "
+                    f"{None if b is None else tuple(b.shape)}")
+    return None
+
+
 class FixedPointRNN(nn.Module):
     """A stack of recurrent layers trained on their fixed points.
 
@@ -427,37 +463,11 @@ class FixedPointRNN(nn.Module):
         arguments) and ``run_dir/weights.pt`` (its state dict): ready to predict (``net(p)``) and
         to analyse (``fixed_points``, ``layers[ℓ].stability``). ``path`` may also be one of the
         run's checkpoints (``run_dir/checkpoints/best.ckpt`` or ``last.ckpt``): that network."""
-        import json
-        from pathlib import Path
-        path = Path(path)
-        ckpt = path.suffix == ".ckpt"
-        run_dir = path.parent.parent if ckpt else path
-        source = path if ckpt else run_dir / "weights.pt"
-        for f in (run_dir / "model.json", source):
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: not found; FixedPointRNN.load needs a run directory with "
-                                        f"model.json and weights.pt, or a checkpoint in its checkpoints/")
-        net = cls(**json.loads((run_dir / "model.json").read_text()))
-        if ckpt:
-            weights = network_state(torch.load(source, map_location=map_location, weights_only=False))
-        else:
-            weights = torch.load(source, map_location=map_location)
-        wrong = net.shape_mismatch(weights)
-        if wrong:
-            raise ValueError(f"{source}: {wrong} (built from model.json)")
-        net.load_state_dict(weights)
-        return net
+        return load_network(cls, path, map_location)
 
     def shape_mismatch(self, weights: dict) -> str | None:
         """How saved ``weights`` (a state dict) fail to fit this network, or None."""
-        mine = self.state_dict()
-        names = sorted(mine, key=lambda k: not k.startswith("layers."))    # the layers first, in order
-        for name in [*names, *(k for k in weights if k not in mine)]:
-            a, b = weights.get(name), mine.get(name)
-            if a is None or b is None or a.shape != b.shape:
-                return (f"has {name} of shape {None if a is None else tuple(a.shape)}, the model "
-                        f"{None if b is None else tuple(b.shape)}")
-        return None
+        return state_mismatch(self.state_dict(), weights)
 
     @property
     def dtype(self) -> torch.dtype:

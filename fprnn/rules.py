@@ -1,7 +1,8 @@
 """The weight-update rules of Zhu & Rosenbaum (2024) as batched tensor algebra.
 
 Common signature ``rule(W, r, gain, grad_r, lr) -> dW``:
-W (N, N); r, gain = f'(z), grad_r = ∇_r L per sample are (m, N), rows = samples, with
+W (N, N) — or an operator (:mod:`fprnn.operators`: W through W r, Wᵀ p and the step on its
+parameters, e.g. a convolution), whose dW is then the step on its parameters; r, gain = f'(z), grad_r = ∇_r L per sample are (m, N), rows = samples, with
 z = r Wᵀ + x. The result is the mean over samples of the per-sample update, to be *added*:
 W ← W + dW. Only w1 forms per-sample N×N matrices (``method="exact"``, or the samples
 ``method="auto"`` hands to LU).
@@ -17,6 +18,9 @@ from typing import Callable
 
 import torch
 
+from .operators import Dense, as_operator
+from .solvers import anderson
+
 Tensor = torch.Tensor
 
 
@@ -24,19 +28,19 @@ class DomainError(ValueError):
     """w2's exact step leaves the domain where the reparameterization is invertible."""
 
 
-def _check(W: Tensor, r: Tensor, gain: Tensor, grad_r: Tensor, lr) -> None:
-    if not isinstance(W, Tensor) or W.dim() != 2 or W.shape[0] != W.shape[1]:
-        raise ValueError(f"W must be a square (N, N) tensor, got shape {tuple(getattr(W, 'shape', ()))}")
-    n = W.shape[0]
+def _check(W, r: Tensor, gain: Tensor, grad_r: Tensor, lr):
+    """W as an operator, once its arguments are checked."""
+    op = as_operator(W)
+    n = op.n
     for name, t in (("r", r), ("gain", gain), ("grad_r", grad_r)):
         if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[1] != n:
             raise ValueError(
-                f"{name} must be (m, N) = (m, {n}) to match W {tuple(W.shape)}, "
+                f"{name} must be (m, N) = (m, {n}) to match W (N = {n}), "
                 f"got shape {tuple(getattr(t, 'shape', ()))}")
-        if t.dtype != W.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but W has {W.dtype}; use one dtype")
-        if t.device != W.device:
-            raise ValueError(f"{name} is on {t.device} but W is on {W.device}")
+        if t.dtype != op.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but W has {op.dtype}; use one dtype")
+        if t.device != op.device:
+            raise ValueError(f"{name} is on {t.device} but W is on {op.device}")
     if not (r.shape[0] == gain.shape[0] == grad_r.shape[0]):
         raise ValueError(f"r, gain, grad_r must have the same number of rows, got shapes "
                          f"{tuple(r.shape)}, {tuple(gain.shape)}, {tuple(grad_r.shape)}")
@@ -44,6 +48,15 @@ def _check(W: Tensor, r: Tensor, gain: Tensor, grad_r: Tensor, lr) -> None:
         raise ValueError("the batch is empty (m = 0)")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    return op
+
+
+def _dense(op, what: str) -> Tensor:
+    """W's matrix, for the forms that need one; an operator W has none to give."""
+    if not isinstance(op, Dense):
+        raise ValueError(f"{what} needs W as a matrix; W here is a {type(op).__name__} operator: "
+                         f"use the per-sample rule (the products with W are all it takes)")
+    return op.W
 
 
 def _out(dW: Tensor, info: dict, return_info: bool):
@@ -52,19 +65,20 @@ def _out(dW: Tensor, info: dict, return_info: bool):
 
 # --- the factors of the reparameterized rules (derived in docs/rules.md) -------------------
 
-def input_factor(W: Tensor, gain: Tensor, grad_r: Tensor) -> Tensor:
+def input_factor(W, gain: Tensor, grad_r: Tensor) -> Tensor:
     """Rows a_i = (I − W G_i) G_i δ_i: w2/w3's left factor, and the read-in's reparameterized
     step −η a_i s_iᵀ for an input s_i (gradient descent on the input map, pulled back: docs/stack.md)."""
     gd = gain * grad_r
-    return gd - (gain * gd) @ W.T
+    return gd - as_operator(W)(gain * gd)
 
 
-def factors(W: Tensor, r: Tensor, gain: Tensor, grad_r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def factors(W, r: Tensor, gain: Tensor, grad_r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Rows of a_i = (I − W G_i) G_i δ_i, c_i = (I − G_i W) r_i and b_i = (I − G_i W)ᵀ c_i,
-    so that eq 2.19 reads ΔW3_i = −η a_i b_iᵀ. Cost: three (m×N)·(N×N) products."""
-    A = input_factor(W, gain, grad_r)
-    C = r - gain * (r @ W.T)
-    B = C - (gain * C) @ W
+    so that eq 2.19 reads ΔW3_i = −η a_i b_iᵀ. Cost: three products with W (two W r, one Wᵀ p)."""
+    op = as_operator(W)
+    A = input_factor(op, gain, grad_r)
+    C = r - gain * op(r)
+    B = C - op.T(gain * C)
     return A, B, C
 
 
@@ -87,13 +101,14 @@ def w3(W, r, gain, grad_r, lr, *, metric: str = "sample", return_info: bool = Fa
     instead: ΔW = −η L̄ ∇L R̄, L̄ = mean L_i, R̄ = mean R_i, ∇L = mean ∇L_i — a descent direction
     for every batch, ⟨∇L, ΔW⟩ = −η ‖L̄^½ ∇L R̄^½‖² < 0; with one gain for all samples (the linear
     model) it is w3 itself. It needs the batch gradient, i.e. w1's implicit adjoint (its cost and
-    its ``info``: ``adjoint``, ``singular``)."""
-    _check(W, r, gain, grad_r, lr)
+    its ``info``: ``adjoint``, ``singular``) and W as a matrix."""
+    op = _check(W, r, gain, grad_r, lr)
     if metric not in METRICS:
         raise ValueError(f"unknown w3 metric {metric!r}; choose one of {list(METRICS)}")
     if metric == "sample":
-        A, B, _ = factors(W, r, gain, grad_r)
-        return _out(-(lr / r.shape[0]) * (A.T @ B), {"input_factor": A}, return_info)
+        A, B, _ = factors(op, r, gain, grad_r)
+        return _out(-(lr / r.shape[0]) * op.outer(A, B), {"input_factor": A}, return_info)
+    W = _dense(op, "w3(metric='batch')")
     P, info = implicit_adjoint(W, gain, grad_r)
     info["adjoint"] = P
     if info.get("singular") and not return_info:
@@ -118,10 +133,11 @@ def w2(W, r, gain, grad_r, lr, *, shared_gain: bool = False, return_info: bool =
     A step that leaves the domain (1 − η κ_i ≤ 0, or a singular I_m − (η/m) B Dᵀ) raises
     :class:`DomainError`; with ``return_info=True`` it is reported as ``info["out_of_domain"]``
     instead and the returned dW is zero (never inf/NaN)."""
-    _check(W, r, gain, grad_r, lr)
+    op = _check(W, r, gain, grad_r, lr)
     m = r.shape[0]
-    A, B, C = factors(W, r, gain, grad_r)
+    A, B, C = factors(op, r, gain, grad_r)
     if shared_gain:
+        W = _dense(op, "w2(shared_gain=True)")
         if not bool((gain == 1).all()):
             raise ValueError("w2(shared_gain=True) is the linear model's batch rule (eq 3.8): "
                              "it needs gain ≡ 1 (identity activation)")
@@ -135,7 +151,7 @@ def w2(W, r, gain, grad_r, lr, *, shared_gain: bool = False, return_info: bool =
         out = denom <= 0
         n_out = int(out.sum())
         info = {"out_of_domain": n_out, "min_denominator": float(denom.min()), "input_factor": A}
-        dW = -(lr / m) * (A / denom.clamp_min(torch.finfo(W.dtype).tiny).unsqueeze(1)).T @ B
+        dW = -(lr / m) * op.outer(A / denom.clamp_min(torch.finfo(op.dtype).tiny).unsqueeze(1), B)
         if n_out == 0 and not bool(torch.isfinite(dW).all()):
             info["out_of_domain"] = n_out = m
     if info["out_of_domain"]:
@@ -145,23 +161,23 @@ def w2(W, r, gain, grad_r, lr, *, shared_gain: bool = False, return_info: bool =
                      else "I_m − (η/m) B Dᵀ is singular")
             raise DomainError(f"w2 step with lr={lr} leaves the domain of the reparameterization: "
                               f"{where}; lower lr")
-        dW = torch.zeros_like(W)
+        dW = torch.zeros_like(dW)
     return _out(dW, info, return_info)
 
 
 def w4(W, r, gain, grad_r, lr, *, return_info: bool = False):
     """The rule of the authors' published code (reparameterization A = [I − W G]⁻¹, eq 2.18):
     ΔW4_i = −η (I − W G_i) δ_i r_iᵀ (I − W G_i)ᵀ (I − W G_i)."""
-    _check(W, r, gain, grad_r, lr)
-    A4, B4 = _w4_factors(W, r, gain, grad_r)
-    return _out(-(lr / r.shape[0]) * (A4.T @ B4), {}, return_info)
+    op = _check(W, r, gain, grad_r, lr)
+    A4, B4 = _w4_factors(op, r, gain, grad_r)
+    return _out(-(lr / r.shape[0]) * op.outer(A4, B4), {}, return_info)
 
 
-def _w4_factors(W, r, gain, grad_r):
+def _w4_factors(op, r, gain, grad_r):
     """Rows A4_i = (I − W G_i) δ_i and B4_i = (I − W G_i)ᵀ (I − W G_i) r_i of w4's steps."""
-    A4 = grad_r - (gain * grad_r) @ W.T
-    C4 = r - (gain * r) @ W.T
-    return A4, C4 - gain * (C4 @ W)
+    A4 = grad_r - op(gain * grad_r)
+    C4 = r - op(gain * r)
+    return A4, C4 - gain * op.T(C4)
 
 
 def w1(W, r, gain, grad_r, lr, *, method: str = "auto", tol: float | None = None,
@@ -172,8 +188,8 @@ def w1(W, r, gain, grad_r, lr, *, method: str = "auto", tol: float | None = None
 
     Without ``return_info`` a singular I − G_i W raises ValueError and an adjoint iteration that
     does not converge raises RuntimeError; with it, both are reported in ``info``."""
-    _check(W, r, gain, grad_r, lr)
-    P, info = implicit_adjoint(W, gain, grad_r, method=method, tol=tol, max_iter=max_iter, chunk=chunk)
+    op = _check(W, r, gain, grad_r, lr)
+    P, info = implicit_adjoint(op, gain, grad_r, method=method, tol=tol, max_iter=max_iter, chunk=chunk)
     info["adjoint"] = P
     if not return_info:
         if info.get("singular"):
@@ -182,10 +198,10 @@ def w1(W, r, gain, grad_r, lr, *, method: str = "auto", tol: float | None = None
         if info.get("converged") is False:
             raise RuntimeError(f"w1 adjoint iteration did not converge in {info['iters']} iterations; "
                                f"the map r ← f(Wr + x) is not contracting: use method='exact'")
-    return _out(-(lr / r.shape[0]) * (P.T @ r), info, return_info)
+    return _out(-(lr / r.shape[0]) * op.outer(P, r), info, return_info)
 
 
-def implicit_adjoint(W: Tensor, gain: Tensor, grad_r: Tensor, *, method: str = "auto",
+def implicit_adjoint(W, gain: Tensor, grad_r: Tensor, *, method: str = "auto",
                      tol: float | None = None, max_iter: int | None = None,
                      chunk: int = 32) -> tuple[Tensor, dict]:
     """Rows p_i = G_i (I − G_i W)^{−T} δ_i: the gradient of the loss with respect to the fixed
@@ -204,9 +220,17 @@ def implicit_adjoint(W: Tensor, gain: Tensor, grad_r: Tensor, *, method: str = "
       dtype, max_iter 50), then batched LU for the samples that did not get there (slowly
       contracting or unstable fixed points: the samples w1 is about). ``info["exact_samples"]``
       counts those. With shared gains it is the single exact solve.
-    ``info["singular"]`` counts samples whose I − G_i W is singular."""
+    ``info["singular"]`` counts samples whose I − G_i W is singular.
+
+    W an operator (no matrix to factor): see :func:`operator_adjoint`."""
     if method not in ("auto", "exact", "adjoint"):
         raise ValueError(f"unknown w1 method {method!r}; choose 'auto', 'exact' or 'adjoint'")
+    op = as_operator(W)
+    if not isinstance(op, Dense):
+        if method == "exact":
+            _dense(op, "the implicit adjoint's method='exact' (batched LU)")
+        return operator_adjoint(op, gain, grad_r, tol=tol, max_iter=max_iter)
+    W = op.W
     m, n = grad_r.shape
     info: dict = {}
     if method != "adjoint" and bool((gain == gain[:1]).all()):
@@ -248,6 +272,40 @@ def implicit_adjoint(W: Tensor, gain: Tensor, grad_r: Tensor, *, method: str = "
     return P, info
 
 
+def operator_adjoint(op, gain: Tensor, grad_r: Tensor, *, tol: float | None = None,
+                     max_iter: int | None = None) -> tuple[Tensor, dict]:
+    """p_i = G_i (I − G_i W)^{−T} δ_i for W an operator, matrix-free: (I − G_i W)ᵀ has no LU here.
+    First the adjoint iteration p ← g ⊙ (δ + Wᵀ p) per sample (cheap where the map contracts);
+    the samples it does not settle within ``max_iter`` (default 50) go to Anderson acceleration
+    of the same linear fixed point (:func:`fprnn.solvers.anderson`: secant steps, GMRES-like on a
+    linear map; a memory of 10, as Anderson's usual 5 stalls on non-contracting cases such as
+    ρ(G_i W) ≈ 1.1), which also solves slowly contracting and many non-contracting ones — each row
+    scaled to max |g ⊙ δ| = 1 so that one tolerance is relative for all.
+
+    Stops at a change ≤ ``tol``·max|p_i| (default 1000 ε of the dtype: 2e-13 in float64, 1e-4 in
+    float32 — Anderson's residual has a rounding floor well above 16 ε). ``info["converged"]``
+    is False, with ``info["unconverged"]`` samples, when some sample gets there by neither."""
+    tol = 1000 * torch.finfo(op.dtype).eps if tol is None else tol
+    max_iter = 50 if max_iter is None else max_iter
+    P, rows = _adjoint_rows(op, gain, grad_r, tol=tol, max_iter=max_iter)
+    info: dict = {"iters": max_iter, "exact_samples": 0}
+    if rows.numel():
+        gd = (gain * grad_r)[rows]
+        scale = gd.abs().amax(1, keepdim=True).clamp_min(torch.finfo(op.dtype).tiny)
+        g_rows, d_rows = gain[rows], gd / scale
+
+        def linear(p, sub=None):
+            g_, d_ = (g_rows, d_rows) if sub is None else (g_rows[sub], d_rows[sub])
+            return d_ + g_ * op.T(p)
+
+        sol = anderson(linear, d_rows, tol=tol, max_iter=4 * max_iter, memory=10, mix_above=0)
+        P[rows] = sol.u * scale
+        info["unconverged"] = int((~sol.converged).sum())
+        info["anderson_samples"] = int(rows.numel())
+    info["converged"] = not info.get("unconverged")
+    return P, info
+
+
 def _exact_rows(W: Tensor, gain: Tensor, grad_r: Tensor, chunk: int) -> tuple[Tensor, int]:
     """p_i = g_i ⊙ (I − G_i W)^{−T} δ_i by batched LU, ``chunk`` samples at a time; also the
     number of singular systems."""
@@ -263,10 +321,11 @@ def _exact_rows(W: Tensor, gain: Tensor, grad_r: Tensor, chunk: int) -> tuple[Te
     return P, singular
 
 
-def _adjoint_rows(W: Tensor, gain: Tensor, grad_r: Tensor, *, tol: float,
+def _adjoint_rows(W, gain: Tensor, grad_r: Tensor, *, tol: float,
                   max_iter: int) -> tuple[Tensor, Tensor]:
     """The adjoint iteration p ← g ⊙ (δ + W ᵀp) per sample; converged rows leave the working
     set. Returns P (rows not converged hold their last iterate) and the indices of those rows."""
+    WT = (lambda p: p @ W) if isinstance(W, Tensor) else W.T
     gd = gain * grad_r
     P = gd.clone()
     idx = torch.arange(gd.shape[0], device=gd.device)
@@ -274,7 +333,7 @@ def _adjoint_rows(W: Tensor, gain: Tensor, grad_r: Tensor, *, tol: float,
         if idx.numel() == 0:
             break
         p = P[idx]
-        p_new = gd[idx] + gain[idx] * (p @ W)
+        p_new = gd[idx] + gain[idx] * WT(p)
         change = (p_new - p).abs().amax(1)
         P[idx] = p_new
         done = change <= tol * p_new.abs().amax(1)                    # NaN/inf never count as done
@@ -297,8 +356,8 @@ def jfb(W, r, gain, grad_r, lr, *, return_info: bool = False):
     """Jacobian-free backpropagation, the cheap baseline of deep-equilibrium practice: w1 with the
     implicit factor (I − G_i W)^{−T} dropped, ΔW_i = −η G_i δ_i r_iᵀ. Not a gradient of the loss in
     general (it is when W = 0), but a descent direction while G_i W is small."""
-    _check(W, r, gain, grad_r, lr)
-    return _out(-(lr / r.shape[0]) * ((gain * grad_r).T @ r), {}, return_info)
+    op = _check(W, r, gain, grad_r, lr)
+    return _out(-(lr / r.shape[0]) * op.outer(gain * grad_r, r), {}, return_info)
 
 
 def sample_step_norms(name: str, W: Tensor, r: Tensor, gain: Tensor, grad_r: Tensor, lr: float) -> Tensor:
@@ -307,15 +366,15 @@ def sample_step_norms(name: str, W: Tensor, r: Tensor, gain: Tensor, grad_r: Ten
     (the per-sample form, also for a linear layer); w3: η a_i b_iᵀ; w4: η A4_i B4_iᵀ; jfb:
     η (g_i ⊙ δ_i) r_iᵀ. The batch step is their mean; its spread (max / median) says how much a
     few samples dominate it."""
-    _check(W, r, gain, grad_r, lr)
+    op = _check(W, r, gain, grad_r, lr)
     if name == "w1":
-        U, V = implicit_adjoint(W, gain, grad_r)[0], r
+        U, V = implicit_adjoint(op, gain, grad_r)[0], r
     elif name in ("w2", "w3"):
-        U, V, C = factors(W, r, gain, grad_r)
+        U, V, C = factors(op, r, gain, grad_r)
         if name == "w2":
             U = U / (1 - lr * _kappa(U, C, gain)).abs().unsqueeze(1)
     elif name == "w4":
-        U, V = _w4_factors(W, r, gain, grad_r)
+        U, V = _w4_factors(op, r, gain, grad_r)
     elif name == "jfb":
         U, V = gain * grad_r, r
     else:

@@ -103,6 +103,11 @@ def _model_sizes(cfg: DictConfig, data) -> dict:
     """model.n_in / n_out given as ``auto`` are the data's input size and classes (targets); an
     encoder's in_shape given as ``auto`` is the image data's [channels, height, width]."""
     sizes = {k: getattr(data, k) for k in ("n_in", "n_out") if cfg.model.get(k) == "auto"}
+    if cfg.model.get("in_shape") == "auto":     # model=conv_recurrent
+        shape = getattr(data, "image_shape", None)
+        if shape is None:
+            raise ValueError(f"model.in_shape=auto needs image data; {type(data).__name__} has no image shape")
+        sizes["in_shape"] = list(shape)
     encoder = cfg.model.get("encoder")
     if encoder is not None and encoder.get("in_shape") == "auto":
         shape = getattr(data, "image_shape", None)
@@ -156,6 +161,8 @@ def build(cfg: DictConfig, run_dir: Path | str):
     if cfg.get("stable_init") is not None and in_time:
         raise ValueError("stable_init scales a static network's W; a network in time (model=ctrnn) has no "
                          "probe inputs to scale it on: set stable_init=null")
+    if cfg.get("stable_init") is not None and not hasattr(model, "scale_to_stable"):
+        raise ValueError(f"stable_init scales a dense W; {type(model).__name__} has none to scale: set stable_init=null")
     if cfg.get("stable_init") is not None and not (cfg.get("resume") or cfg.get("ckpt_path")):
         # on up to 256 training inputs: the probe batch alone can miss the hardest ones
         model.scale_to_stable(data.probe_batch(256)[0], float(cfg.stable_init))
@@ -327,7 +334,7 @@ def _static_final(cfg, data, module, trainer) -> dict[str, Any]:
     m, out = module.model, {}
     p, _ = data.probe_batch(int(cfg.get("probe_size", 16)))
     out.update(probe_stability(m, p))
-    if all(layer.dyn.continuous for layer in m.layers):
+    if hasattr(m, "multistable") and all(layer.dyn.continuous for layer in m.layers):
         out["multistable"] = float(m.multistable(p.to(module.device)).float().mean())
     out.update(_stability_peak(trainer, out))
     if any(layer.sign is not None for layer in m.layers):

@@ -92,6 +92,17 @@ PRESETS["conv"] = {"base": ["experiment=conv_fashion"],
                    "doc": "Fashion-MNIST through a conv encoder (experiment=conv_fashion): w3, w1, jfb, bptt "
                           "and W ≡ 0"}
 
+PRESETS["convrec"] = {"base": ["experiment=convrec_mnist", "data.train_subset=12800", "trainer.max_epochs=1"],
+                      "points": [(name, rule, "1e-4", extra, {"method": label}) for name, rule, extra, label in (
+                          ("w3", "w3", [], "w3"), ("w2", "w2", [], "w2"), ("w1", "w1", [], "w1 (gradient)"),
+                          ("jfb", "jfb", [], "jfb"), ("bptt", "bptt", [], "bptt"),
+                          ("ff", "w3", ["model.recurrent=false"], "K ≡ 0 (feed-forward)"))],
+                      "lr": [],
+                      "columns": ["method", "status", "test_acc", "val_acc", "wall_s", "step_ms_median",
+                                  "solver_iters_mean", "peak_max_re_eig", "faults", "unconverged"],
+                      "doc": "MNIST through a conv recurrent layer (experiment=convrec_mnist), 100 steps on "
+                             "12,800 images: w3, w2, w1, jfb, bptt and K ≡ 0"}
+
 
 def _timescales_points() -> list[tuple[str, str, str, list[str], dict]]:
     """The paper's multi-timescale question (section 4): on three NeuroGym tasks with a static

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "fprnn"
-CORE = ["activations", "dynamics", "solvers", "rules", "implicit", "model", "reference", "nn", "ctrnn", "analysis"]
+CORE = ["activations", "dynamics", "solvers", "rules", "implicit", "model", "reference", "nn", "ctrnn", "analysis", "operators", "conv"]
 
 
 def imports() -> dict[str, set[str]]:

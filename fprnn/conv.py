@@ -1,0 +1,295 @@
+"""Convolutional recurrent connectivity: r = f(K ⋆ r + x) on C×H×W maps, trained by the rules.
+
+    layer = ConvFixedPointLayer(32, (14, 14), rule="w3")
+    r = layer(x)                  # x (m, 32, 14, 14) from any module (a conv stem); r the same shape
+    loss(head(r)).backward()      # K.grad: the rule's −ΔK; x: the exact gradient
+
+The recurrent W is the convolution with the kernel K (C, C, k, k) (stride 1, size-keeping zero
+or circular padding): the rules see it as an operator (:class:`fprnn.operators.Conv2d`), so
+nothing N×N is ever formed (N = C·H·W; 25,088 at C = 32 on 28×28). The backward is
+:mod:`fprnn.implicit`'s with that operator: the rule's step on K (the adjoint of K ↦ W applied to
+the dense rule's Σ u_i v_iᵀ, docs/rules.md) and the implicit adjoint for x — by the adjoint
+iteration and Anderson, as there is no matrix to factor.
+
+Forward: fprnn's solvers on the flattened maps (Anderson by default, per-sample stopping); the
+samples it leaves unconverged follow the rate dynamics dr/dt = −r + f(K ⋆ r + x) from rest by
+explicit Euler steps stopped at the same tolerance (:func:`fprnn.solvers.follow_euler`: matrix-free;
+PTC would need per-sample N×N Jacobians and is refused). Stability per sample: ρ(G_i W) by power
+iteration (:func:`spectral_radius`) — an upper bound on max Re λ(G_i W), so ρ < 1 certifies the
+fixed point stable under the rate dynamics and the map r ← f(K ⋆ r + x) contracting there.
+
+:class:`ConvRecurrentNet` is the image classifier built on it (``model=conv_recurrent``): a conv
+stem → the layer → pooled linear read-out, shaped to train with :class:`fprnn.module.FixedPointModule`.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import implicit, solvers
+from .activations import get_activation
+from .dynamics import get_dynamics
+from .model import FixedPoint, get_dtype, load_network, state_mismatch
+from .operators import PADDINGS, Conv2d
+
+Tensor = torch.Tensor
+
+#: the fallback a conv layer gets unless told otherwise: the rate dynamics by Euler steps
+DEFAULT_FALLBACK = {"method": "euler", "dt": 0.5, "steps": 500, "max_share": 0.1}
+STEM_ACTIVATIONS = {"relu": F.relu, "identity": lambda x: x}
+#: rule options that need W as a matrix (fprnn.rules): refused here, and why
+_MATRIX_ONLY = {("w3", "metric", "batch"): "w3's batch metric forms N×N factors",
+                ("w2", "shared_gain", True): "w2's batch form (eq 3.8) is the linear dense model's"}
+
+
+def _positive_int(name: str, v, odd: bool = False) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (odd and v % 2 == 0):
+        raise ValueError(f"{name} must be a{'n odd' if odd else ''} positive integer, got {v!r}")
+    return v
+
+
+def conv_rule_kwargs(rule: str, kwargs: dict | None) -> dict:
+    """A rule's options for a conv W: w2 per sample; the matrix-only forms refused by name."""
+    kw = dict(kwargs or {})
+    if rule == "w2" and kw.get("shared_gain", "auto") == "auto":
+        kw["shared_gain"] = False
+    for (name, key, value), why in _MATRIX_ONLY.items():
+        if rule == name and kw.get(key) == value:
+            raise ValueError(f"rule {name} with {key}={value!r} needs W as a matrix ({why}); a conv W "
+                             f"takes the per-sample rule")
+    if rule == "w1" and kw.get("method") == "exact":
+        raise ValueError("w1 method='exact' factors I − G_i W; a conv W takes method 'auto' (adjoint "
+                         "iteration, then Anderson)")
+    return kw
+
+
+@torch.no_grad()
+def spectral_radius(op, gain: Tensor, iters: int = 30, seed: int = 0) -> Tensor:
+    """ρ(G_i W) per sample (m,) by power iteration from a random start: the growth of ‖(G_i W)^k v‖
+    over the last half of ``iters`` steps, (‖v_k‖/‖v_{k/2}‖)^{2/k}. It converges like (|λ₂|/|λ₁|)^k
+    and underestimates ρ when it has not; a complex dominant pair makes single-step ratios oscillate,
+    which the averaged growth does not."""
+    gen = torch.Generator(device=gain.device).manual_seed(seed)
+    v = torch.randn(gain.shape, generator=gen, dtype=gain.dtype, device=gain.device)
+    v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    log_growth = torch.zeros(len(gain), dtype=gain.dtype, device=gain.device)
+    half = iters // 2
+    for k in range(iters):
+        v = gain * op(v)
+        norm = torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+        if k >= half:
+            log_growth += norm.squeeze(1).log()
+        v = v / norm
+    return (log_growth / (iters - half)).exp()
+
+
+class ConvFixedPointLayer(nn.Module):
+    """r* = f(K ⋆ r* + x) for inputs x (m, C, H, W) → r* (m, C, H, W).
+
+    ``channels`` C, ``size`` (H, W), ``kernel`` k (odd), ``padding`` zeros | circular. The kernel is
+    the layer's ``W`` parameter (so that training code that moves "each layer's W" moves it),
+    shape (C, C, k, k), starting as σ_W Z/√(C k²) (each unit gets C k² weights: spectral radius
+    about σ_W, as for the dense σ_W Z/√N). ``rule`` w1, w2, w3, w4, jfb or bptt (autograd
+    through ``bptt_steps`` damped steps from the fixed point); ``eta``, ``loss_norm``, ``on_fault``
+    as for :class:`fprnn.nn.FixedPointLayer`. ``solver`` (anderson, iterate) with
+    ``solver_kwargs``; ``fallback`` {"method": "euler", its options, max_share} or None."""
+
+    def __init__(self, channels: int, size, kernel: int = 3, padding: str = "zeros", *, rule: str = "w3",
+                 eta: float = 1.0, rule_kwargs: dict | None = None, activation: Any = "tanh",
+                 solver: str = "anderson", solver_kwargs: dict | None = None, fallback: Any = "default",
+                 sigma_W: float = 0.5, on_fault: str = "raise", loss_norm: float | None = None, seed: int = 0,
+                 dtype: Any = "float32", bptt_steps: int = 30, bptt_damping: float = 0.5,
+                 stability_iters: int = 30):
+        super().__init__()
+        C, k = _positive_int("channels", channels), _positive_int("kernel", kernel, odd=True)
+        if not (isinstance(size, (list, tuple)) and len(size) == 2):
+            raise ValueError(f"size must be the maps' [height, width], got {size!r}")
+        self.size = tuple(_positive_int("size", s) for s in size)
+        if padding not in PADDINGS:
+            raise ValueError(f"unknown padding {padding!r}; choose one of {list(PADDINGS)}")
+        if isinstance(sigma_W, bool) or not isinstance(sigma_W, (int, float)) or not math.isfinite(sigma_W) \
+                or sigma_W < 0:
+            raise ValueError(f"sigma_W must be a non-negative finite number, got {sigma_W!r}")
+        if solver not in solvers.SOLVERS or solver == "euler":
+            raise ValueError(f"solver {solver!r} is not one for a conv layer; choose 'anderson' or 'iterate'")
+        fallback = dict(DEFAULT_FALLBACK) if fallback == "default" else fallback
+        if fallback is not None and fallback.get("method") != "euler":
+            raise ValueError(f"a conv layer's fallback follows the dynamics by Euler steps (method 'euler'); "
+                             f"{fallback.get('method')!r} would form per-sample N×N Jacobians")
+        self.fallback = solvers.check_fallback(fallback)
+        self.channels, self.kernel, self.padding = C, k, padding
+        self.N, self.n_in = C * self.size[0] * self.size[1], None
+        self.act, self.dyn = get_activation(activation), get_dynamics("rate")
+        self.solver_name, self.solver_kwargs = solver, dict(solver_kwargs or {})
+        self.bptt_steps, self.bptt_damping = _positive_int("bptt_steps", bptt_steps), float(bptt_damping)
+        self.stability_iters = _positive_int("stability_iters", stability_iters)
+        gen = torch.Generator().manual_seed(int(seed))
+        Z = torch.randn(C, C, k, k, generator=gen, dtype=torch.float64)
+        self.W = nn.Parameter((sigma_W * Z / math.sqrt(C * k * k)).to(get_dtype(dtype)))
+        self.sign = self.mask = self.tau = None      # no E/I constraints, one time constant
+        self.constrained = False
+        self.report: implicit.Report | None = None
+        self.set_backward(rule, eta, rule_kwargs, loss_norm=loss_norm, on_fault=on_fault)
+
+    def operator(self, K: Tensor | None = None) -> Conv2d:
+        """W as the convolution with kernel K (the layer's own, detached, by default)."""
+        return Conv2d(self.W.detach() if K is None else K, self.size, self.padding)
+
+    def set_backward(self, rule: str = "w3", eta: float = 1.0, rule_kwargs: dict | None = None, **options) -> None:
+        """The rule for K, with η and :class:`fprnn.implicit.RuleBackward`'s options."""
+        kw = conv_rule_kwargs(rule, rule_kwargs)
+        self.backward_rule = implicit.RuleBackward(
+            rule, eta, kw, operator=partial(Conv2d, size=self.size, padding=self.padding), **options)
+
+    def set_loss_norm(self, n: float | None) -> None:
+        self.backward_rule.loss_norm = n
+        self.backward_rule.__post_init__()
+
+    def _state_map(self, op, x: Tensor):
+        def g(u: Tensor, rows: Tensor | None = None) -> Tensor:
+            return self.act.f(op(u) + (x if rows is None else x[rows]))
+        return g
+
+    @torch.no_grad()
+    def fixed_point(self, x: Tensor, u0: Tensor | None = None) -> FixedPoint:
+        """Solve r = f(K ⋆ r + x) for flattened inputs x (m, N), from u0 (rest by default)."""
+        op, x = self.operator(), x.detach()
+        g = self._state_map(op, x)
+        u0 = torch.zeros_like(x) if u0 is None else u0
+        sol = solvers.SOLVERS[self.solver_name](g, u0, **self.solver_kwargs)
+        if self.fallback is not None:
+            sol = solvers.settle(g, u0, sol, **self.fallback)
+        z = op(sol.u) + x
+        return FixedPoint(sol.u, z, self.act.df(z), x, sol)
+
+    def forward(self, x: Tensor) -> Tensor:
+        maps = (self.channels, *self.size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != maps:
+            raise ValueError(f"ConvFixedPointLayer input must be (m, {', '.join(map(str, maps))}), "
+                             f"got shape {tuple(x.shape)}")
+        s = x.to(self.W.dtype).flatten(1)
+        with torch.no_grad():
+            fp = self.fixed_point(s)
+        self.report = implicit.Report(fp, implicit.used_samples(fp.solution, fp.r))
+        spec = self.backward_rule
+        if not (torch.is_grad_enabled() and (self.W.requires_grad or s.requires_grad)):
+            return fp.r.view(-1, *maps)
+        if spec.rule == "bptt":
+            g = self._state_map(Conv2d(implicit.scale_grad(self.W, spec.eta), self.size, self.padding), s)
+            u = fp.solution.u
+            for _ in range(self.bptt_steps):
+                u = u + self.bptt_damping * (g(u) - u)
+            u.register_hook(partial(implicit.record_delta, self.report, spec))
+            return u.view(-1, *maps)
+        return implicit.attach(fp.r, fp.gain, self.W, None, None, s, spec, self.report).view(-1, *maps)
+
+    def stability(self, fp: FixedPoint) -> Tensor:
+        """ρ(G_i W) per sample by power iteration (:func:`spectral_radius`); stable when < 1."""
+        return spectral_radius(self.operator(), fp.gain, self.stability_iters)
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, size={self.size}, kernel={self.kernel}, padding={self.padding!r}, "
+                f"rule={self.backward_rule.rule!r}, activation={self.act.name!r}, solver={self.solver_name!r}")
+
+
+class ConvRecurrentNet(nn.Module):
+    """Images → conv stem → r* = f(K ⋆ r* + x) → average-pooled linear read-out.
+
+    The stem is one ``stem_kernel`` convolution from the image's channels to ``channels``
+    (with bias), ``stem_activation`` (relu or identity) and ``stem_pool``×``stem_pool`` max-pooling
+    (1: none): its output is x. The
+    read-out average-pools r* by ``readout_pool`` and maps it linearly to ``n_out`` classes.
+    Stem and read-out train by autograd (the read-in and read-out parameter groups of
+    :class:`fprnn.module.FixedPointModule`), K by the rule. ``recurrent=False`` fixes K ≡ 0: the
+    same network without recurrence, r = f(x), the feed-forward baseline."""
+
+    def __init__(self, in_shape=(1, 28, 28), n_in: int | None = None, n_out: int = 10, *, channels: int = 32,
+                 kernel: int = 3, padding: str = "zeros", stem_kernel: int = 3, stem_pool: int = 2,
+                 readout_pool: int = 2, stem_activation: str = "relu", recurrent: bool = True, seed: int = 0,
+                 dtype: Any = "float32", **layer_options):
+        super().__init__()
+        if not (isinstance(in_shape, (list, tuple)) and len(in_shape) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in in_shape)):
+            raise ValueError(f"in_shape must be [channels, height, width] of positive integers, got {in_shape!r}")
+        self.in_shape = tuple(in_shape)
+        self.n_in, self.n_out = math.prod(in_shape), _positive_int("n_out", n_out)
+        if n_in is not None and n_in != self.n_in:
+            raise ValueError(f"n_in={n_in} does not match in_shape {list(in_shape)} ({self.n_in} pixels)")
+        sp, rp = _positive_int("stem_pool", stem_pool), _positive_int("readout_pool", readout_pool)
+        c, h, w = in_shape
+        if h % sp or w % sp or (h // sp) % rp or (w // sp) % rp:
+            raise ValueError(f"{h}×{w} images do not divide by stem_pool={sp} and then readout_pool={rp}")
+        if stem_activation not in STEM_ACTIVATIONS:
+            raise ValueError(f"unknown stem_activation {stem_activation!r}; choose one of {sorted(STEM_ACTIVATIONS)}")
+        self.stem_pool, self.readout_pool, self.stem_act = sp, rp, STEM_ACTIVATIONS[stem_activation]
+        size = (h // sp, w // sp)
+        torch.manual_seed(int(seed))      # the stem's and read-out's init (torch's defaults)
+        dt = get_dtype(dtype)
+        self.stem = nn.Conv2d(c, channels, _positive_int("stem_kernel", stem_kernel, odd=True),
+                              padding=stem_kernel // 2).to(dt)
+        layer = ConvFixedPointLayer(channels, size, kernel, padding, seed=seed, dtype=dtype, **layer_options)
+        if not recurrent:
+            layer.W.requires_grad_(False).zero_()
+        self.layers = nn.ModuleList([layer])
+        head = nn.Linear(channels * (size[0] // rp) * (size[1] // rp), n_out).to(dt)
+        self.W_out, self.b_out = head.weight, head.bias
+        self.config = dict(in_shape=list(in_shape), n_out=n_out, channels=channels, kernel=kernel, padding=padding,
+                           stem_kernel=stem_kernel, stem_pool=sp, readout_pool=rp, stem_activation=stem_activation,
+                           recurrent=recurrent, seed=seed,
+                           dtype=str(dtype), **layer_options)
+
+    @classmethod
+    def load(cls, path, map_location="cpu") -> "ConvRecurrentNet":
+        """The trained network of a run (its ``model.json`` and ``weights.pt``, or a checkpoint)."""
+        return load_network(cls, path, map_location)
+
+    @property
+    def layer(self) -> ConvFixedPointLayer:
+        return self.layers[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layer.W.dtype
+
+    def readins(self) -> list[Tensor]:
+        return list(self.stem.parameters())
+
+    def named_readouts(self) -> list[tuple[str, Tensor]]:
+        return [("W_out", self.W_out), ("b_out", self.b_out)]
+
+    def features(self, p: Tensor) -> Tensor:
+        """x: the stem's maps for flattened (or shaped) images p."""
+        x = self.stem_act(self.stem(p.to(self.dtype).reshape(len(p), *self.in_shape)))
+        return F.max_pool2d(x, self.stem_pool) if self.stem_pool > 1 else x
+
+    def readout(self, r: Tensor) -> Tensor:
+        pooled = F.avg_pool2d(r, self.readout_pool) if self.readout_pool > 1 else r
+        return F.linear(pooled.flatten(1), self.W_out, self.b_out)
+
+    def forward(self, p: Tensor) -> Tensor:
+        return self.readout(self.layer(self.features(p)))
+
+    @torch.no_grad()
+    def fixed_points(self, p: Tensor, solved: bool = False) -> list[FixedPoint]:
+        """The layer's fixed points for images p (the solver is always one with a tolerance)."""
+        return [self.layer.fixed_point(self.features(p).flatten(1))]
+
+    @property
+    def used(self) -> Tensor:
+        if self.layer.report is None:
+            raise RuntimeError("no forward call yet: ConvRecurrentNet.used describes the last call")
+        return self.layer.report.used
+
+    def set_backward(self, rule: str = "w3", eta: float = 1.0, rule_kwargs: Any = None, **options) -> None:
+        self.layer.set_backward(rule, eta, rule_kwargs, **options)
+
+    def set_loss_norm(self, n: float | None) -> None:
+        self.layer.set_loss_norm(n)
+
+    def shape_mismatch(self, weights: dict) -> str | None:
+        return state_mismatch(self.state_dict(), weights)

@@ -1,0 +1,92 @@
+"""The recurrent weights W as an operator: what the rules of :mod:`fprnn.rules` use of W.
+
+Every rule's per-sample step is rank one, ΔW_i = u_i v_iᵀ, and its factors need W only through
+products W r_i and Wᵀ p_i. So a rule needs three things of W (rows = samples):
+
+- ``op(R)``: the rows W r_i;
+- ``op.T(P)``: the rows Wᵀ p_i;
+- ``op.outer(U, V)``: the step on W's *parameters* that Σ_i u_i v_iᵀ is — for a dense W the matrix
+  itself; for a structured W = M(θ) (M linear) the adjoint Mᵀ(Σ u_i v_iᵀ), i.e. the gradient of
+  Σ_i u_iᵀ M(θ) v_i in θ (docs/rules.md, "Rules on a structured W").
+
+:class:`Dense` is the paper's N×N matrix (the products the rules always took, bit for bit);
+:class:`Conv2d` a convolution on C×H×W maps, never forming its N×N matrix (N = C·H·W).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+PADDINGS = ("zeros", "circular")
+
+
+class Dense:
+    """A dense N×N W: products with W and Wᵀ, Σ u_i v_iᵀ as it is."""
+
+    def __init__(self, W: Tensor):
+        if not isinstance(W, Tensor) or W.dim() != 2 or W.shape[0] != W.shape[1]:
+            raise ValueError(f"W must be a square (N, N) tensor, got shape {tuple(getattr(W, 'shape', ()))}")
+        self.W = W
+        self.n, self.dtype, self.device = W.shape[0], W.dtype, W.device
+
+    def __call__(self, R: Tensor) -> Tensor:
+        return R @ self.W.T
+
+    def T(self, P: Tensor) -> Tensor:
+        return P @ self.W
+
+    def outer(self, U: Tensor, V: Tensor) -> Tensor:
+        return U.T @ V
+
+
+class Conv2d:
+    """W r = K ⋆ r for r a C×H×W map flattened to N = C·H·W: stride 1, an odd k×k kernel
+    K (C, C, k, k), padding that keeps the size — ``zeros`` or ``circular`` (a torus: W is then
+    block-circulant). Wᵀ is the correlation with the kernel transposed in its channels and flipped
+    in space, with the same padding; the step on K of Σ u_i v_iᵀ is one
+    ``torch.nn.grad.conv2d_weight`` over the whole batch — no N×N matrix, no per-sample loop."""
+
+    def __init__(self, K: Tensor, size, padding: str = "zeros"):
+        if not isinstance(K, Tensor) or K.dim() != 4 or K.shape[0] != K.shape[1] or K.shape[2] != K.shape[3] \
+                or K.shape[2] % 2 == 0:
+            raise ValueError(f"the kernel K must be (C, C, k, k) with k odd, got shape {tuple(getattr(K, 'shape', ()))}")
+        if not (isinstance(size, (tuple, list)) and len(size) == 2
+                and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+            raise ValueError(f"size must be the maps' (height, width) as positive integers, got {size!r}")
+        if padding not in PADDINGS:
+            raise ValueError(f"unknown padding {padding!r}; choose one of {list(PADDINGS)}")
+        k = K.shape[2]
+        if padding == "circular" and k // 2 > min(size):
+            raise ValueError(f"circular padding of a {k}×{k} kernel needs maps of at least {k // 2}×{k // 2}, got {tuple(size)}")
+        self.K, self.size, self.padding = K, tuple(size), padding
+        self.channels, self.pad = K.shape[0], k // 2
+        self.n = self.channels * size[0] * size[1]
+        self.dtype, self.device = K.dtype, K.device
+        self._flipped = K.transpose(0, 1).flip(-1, -2)
+
+    def _maps(self, R: Tensor) -> Tensor:
+        """Rows (m, N) as padded maps (m, C, H + 2p, W + 2p)."""
+        X = R.reshape(len(R), self.channels, *self.size)
+        p = self.pad
+        return F.pad(X, (p, p, p, p), mode="circular" if self.padding == "circular" else "constant")
+
+    def __call__(self, R: Tensor) -> Tensor:
+        return F.conv2d(self._maps(R), self.K).flatten(1)
+
+    def T(self, P: Tensor) -> Tensor:
+        return F.conv2d(self._maps(P), self._flipped).flatten(1)
+
+    def outer(self, U: Tensor, V: Tensor) -> Tensor:
+        return torch.nn.grad.conv2d_weight(self._maps(V), self.K.shape,
+                                           U.reshape(len(U), self.channels, *self.size))
+
+    def matrix(self) -> Tensor:
+        """The N×N matrix of W (column j = W e_j), for tests and small maps only."""
+        return self(torch.eye(self.n, dtype=self.dtype, device=self.device)).T
+
+
+def as_operator(W) -> Dense | Conv2d:
+    """W as an operator: a tensor is :class:`Dense`; an operator is itself."""
+    return W if isinstance(W, (Dense, Conv2d)) else Dense(W)
