@@ -41,7 +41,7 @@ Tensor = torch.Tensor
 
 #: the fallback a conv layer gets unless told otherwise: the rate dynamics by Euler steps
 DEFAULT_FALLBACK = {"method": "euler", "dt": 0.5, "steps": 500, "max_share": 0.1}
-STEM_ACTIVATIONS = {"relu": F.relu, "identity": lambda x: x}
+STEM_ACTIVATIONS = {"relu": nn.ReLU, "identity": nn.Identity}
 #: rule options that need W as a matrix (fprnn.rules): refused here, and why
 _MATRIX_ONLY = {("w3", "metric", "batch"): "w3's batch metric forms N×N factors",
                 ("w2", "shared_gain", True): "w2's batch form (eq 3.8) is the linear dense model's"}
@@ -200,9 +200,10 @@ class ConvFixedPointLayer(nn.Module):
 class ConvRecurrentNet(nn.Module):
     """Images → conv stem → r* = f(K ⋆ r* + x) → average-pooled linear read-out.
 
-    The stem is one ``stem_kernel`` convolution from the image's channels to ``channels``
-    (with bias), ``stem_activation`` (relu or identity) and ``stem_pool``×``stem_pool`` max-pooling
-    (1: none): its output is x. The
+    The stem is one ``stem_kernel`` convolution from the image's channels to ``stem_channels``
+    (default: ``channels``) with bias, ``stem_activation`` (relu or identity) and
+    ``stem_pool``×``stem_pool`` max-pooling (1: none); then, with ``readin_kernel`` (0: none), the
+    layer's read-in, a convolution to ``channels`` maps with bias: its output is x. The
     read-out average-pools r* by ``readout_pool`` and maps it linearly to ``n_out`` classes.
     Stem and read-out train by autograd (the read-in and read-out parameter groups of
     :class:`fprnn.module.FixedPointModule`), K by the rule. ``recurrent=False`` fixes K ≡ 0: the
@@ -210,8 +211,9 @@ class ConvRecurrentNet(nn.Module):
 
     def __init__(self, in_shape=(1, 28, 28), n_in: int | None = None, n_out: int = 10, *, channels: int = 32,
                  kernel: int = 3, padding: str = "zeros", stem_kernel: int = 3, stem_pool: int = 2,
-                 readout_pool: int = 2, stem_activation: str = "relu", recurrent: bool = True, seed: int = 0,
-                 dtype: Any = "float32", **layer_options):
+                 readout_pool: int = 2, stem_activation: str = "relu", stem_channels: int | None = None,
+                 readin_kernel: int = 0, recurrent: bool = True, seed: int = 0, dtype: Any = "float32",
+                 **layer_options):
         super().__init__()
         if not (isinstance(in_shape, (list, tuple)) and len(in_shape) == 3
                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in in_shape)):
@@ -226,22 +228,34 @@ class ConvRecurrentNet(nn.Module):
             raise ValueError(f"{h}×{w} images do not divide by stem_pool={sp} and then readout_pool={rp}")
         if stem_activation not in STEM_ACTIVATIONS:
             raise ValueError(f"unknown stem_activation {stem_activation!r}; choose one of {sorted(STEM_ACTIVATIONS)}")
-        self.stem_pool, self.readout_pool, self.stem_act = sp, rp, STEM_ACTIVATIONS[stem_activation]
+        self.readout_pool = rp
         size = (h // sp, w // sp)
-        torch.manual_seed(int(seed))      # the stem's and read-out's init (torch's defaults)
         dt = get_dtype(dtype)
-        self.stem = nn.Conv2d(c, channels, _positive_int("stem_kernel", stem_kernel, odd=True),
-                              padding=stem_kernel // 2).to(dt)
+        stem_channels = channels if stem_channels is None else _positive_int("stem_channels", stem_channels)
+        if not readin_kernel and stem_channels != channels:
+            raise ValueError(f"stem_channels={stem_channels} differs from channels={channels}: a read-in "
+                             f"(readin_kernel > 0) must map them")
+        with torch.random.fork_rng(devices=[]):     # the stem's and read-out's init (torch's defaults), seeded
+            torch.manual_seed(int(seed))
+            stem = [nn.Conv2d(c, stem_channels, _positive_int("stem_kernel", stem_kernel, odd=True),
+                              padding=stem_kernel // 2), STEM_ACTIVATIONS[stem_activation]()]
+            if sp > 1:
+                stem.append(nn.MaxPool2d(sp))
+            if readin_kernel:
+                stem.append(nn.Conv2d(stem_channels, channels,
+                                      _positive_int("readin_kernel", readin_kernel, odd=True),
+                                      padding=readin_kernel // 2))
+            self.stem = nn.Sequential(*stem).to(dt)
+            head = nn.Linear(channels * (size[0] // rp) * (size[1] // rp), n_out).to(dt)
+        self.W_out, self.b_out = head.weight, head.bias
         layer = ConvFixedPointLayer(channels, size, kernel, padding, seed=seed, dtype=dtype, **layer_options)
         if not recurrent:
             layer.W.requires_grad_(False).zero_()
         self.layers = nn.ModuleList([layer])
-        head = nn.Linear(channels * (size[0] // rp) * (size[1] // rp), n_out).to(dt)
-        self.W_out, self.b_out = head.weight, head.bias
         self.config = dict(in_shape=list(in_shape), n_out=n_out, channels=channels, kernel=kernel, padding=padding,
                            stem_kernel=stem_kernel, stem_pool=sp, readout_pool=rp, stem_activation=stem_activation,
-                           recurrent=recurrent, seed=seed,
-                           dtype=str(dtype), **layer_options)
+                           stem_channels=stem_channels, readin_kernel=readin_kernel, recurrent=recurrent,
+                           seed=seed, dtype=str(dtype), **layer_options)
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "ConvRecurrentNet":
@@ -264,8 +278,7 @@ class ConvRecurrentNet(nn.Module):
 
     def features(self, p: Tensor) -> Tensor:
         """x: the stem's maps for flattened (or shaped) images p."""
-        x = self.stem_act(self.stem(p.to(self.dtype).reshape(len(p), *self.in_shape)))
-        return F.max_pool2d(x, self.stem_pool) if self.stem_pool > 1 else x
+        return self.stem(p.to(self.dtype).reshape(len(p), *self.in_shape))
 
     def readout(self, r: Tensor) -> Tensor:
         pooled = F.avg_pool2d(r, self.readout_pool) if self.readout_pool > 1 else r
