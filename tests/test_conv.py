@@ -150,7 +150,7 @@ def test_the_mnist_preset_trains_the_kernel_and_loads_back(tmp_path, mnist_dir, 
     assert res["max_re_eig"] < 1 and res["params"]["W"] == 8 * 8 * 9
     net = ConvRecurrentNet.load(tmp_path)
     fresh = ConvRecurrentNet(**net.config)
-    assert not torch.equal(net.layer.W, fresh.layer.W) and not torch.equal(net.stem.weight, fresh.stem.weight)
+    assert not torch.equal(net.layer.W, fresh.layer.W) and not torch.equal(net.stem[0].weight, fresh.stem[0].weight)
     p = torch.rand(5, 784)
     with torch.no_grad():
         assert torch.equal(ConvRecurrentNet.load(tmp_path)(p), net(p))
