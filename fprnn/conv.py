@@ -152,8 +152,15 @@ class ConvFixedPointLayer(nn.Module):
         self.backward_rule.__post_init__()
 
     def _state_map(self, op, x: Tensor):
+        # a solver passes the same working set for many evaluations: gather its inputs once per set
+        gathered: dict = {"rows": None, "x": x}
+
         def g(u: Tensor, rows: Tensor | None = None) -> Tensor:
-            return self.act.f(op(u) + (x if rows is None else x[rows]))
+            if rows is None:
+                return self.act.f(op(u) + x)
+            if gathered["rows"] is not rows:
+                gathered["rows"], gathered["x"] = rows, x[rows]
+            return self.act.f(op(u) + gathered["x"])
         return g
 
     @torch.no_grad()
