@@ -87,6 +87,12 @@ class RuleBackward:
         """n of the loss Σ L_i / n: ``loss_norm``, or the batch's ``rows``."""
         return float(self.loss_norm or rows)
 
+    def set_loss_norm(self, n: float | None) -> None:
+        """The n of the loss Σ L_i / n that the next backward differentiates (w2 depends on it);
+        read at backward, so it may be set after the forward call."""
+        self.loss_norm = n
+        self.__post_init__()
+
 
 @dataclass
 class Report:

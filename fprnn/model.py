@@ -168,8 +168,7 @@ class Layer(nn.Module):
     def set_loss_norm(self, n: float | None) -> None:
         """The n of the loss Σ L_i / n that the next backward differentiates (w2 depends on it:
         :mod:`fprnn.implicit`); read at backward, so it may be set after the forward call."""
-        self.backward_rule.loss_norm = n
-        self.backward_rule.__post_init__()
+        self.backward_rule.set_loss_norm(n)
 
     @staticmethod
     def _wiring(N, gen, n_exc, p_connect, mask_path, self_connections, constraint):

@@ -243,9 +243,9 @@ def implicit_adjoint(W, gain: Tensor, grad_r: Tensor, *, method: str = "auto",
         P = g * U.T
     elif method != "adjoint":
         if method == "auto":    # LU only for the rows the adjoint iteration did not settle
-            P, rows = _adjoint_rows(W, gain, grad_r,
-                                    tol=16 * torch.finfo(W.dtype).eps if tol is None else tol,
-                                    max_iter=50 if max_iter is None else max_iter)
+            P, rows, _ = _adjoint_rows(W, gain, grad_r,
+                                       tol=16 * torch.finfo(W.dtype).eps if tol is None else tol,
+                                       max_iter=50 if max_iter is None else max_iter)
             info["exact_samples"] = int(rows.numel())
         else:
             P, rows = torch.empty_like(grad_r), torch.arange(m, device=grad_r.device)
@@ -287,8 +287,8 @@ def operator_adjoint(op, gain: Tensor, grad_r: Tensor, *, tol: float | None = No
     is False, with ``info["unconverged"]`` samples, when some sample gets there by neither."""
     tol = 1000 * torch.finfo(op.dtype).eps if tol is None else tol
     max_iter = 50 if max_iter is None else max_iter
-    P, rows = _adjoint_rows(op, gain, grad_r, tol=tol, max_iter=max_iter)
-    info: dict = {"iters": max_iter, "exact_samples": 0}
+    P, rows, steps = _adjoint_rows(op, gain, grad_r, tol=tol, max_iter=max_iter)
+    info: dict = {"iters": steps, "exact_samples": 0}      # iters: products with Wᵀ, slowest sample
     if rows.numel():
         gd = (gain * grad_r)[rows]
         scale = gd.abs().amax(1, keepdim=True).clamp_min(torch.finfo(op.dtype).tiny)
@@ -301,6 +301,7 @@ def operator_adjoint(op, gain: Tensor, grad_r: Tensor, *, tol: float | None = No
         sol = anderson(linear, d_rows, tol=tol, max_iter=4 * max_iter, memory=10, mix_above=0)
         P[rows] = sol.u * scale
         info["unconverged"] = int((~sol.converged).sum())
+        info["iters"] = steps + int(sol.iters.max())
         info["anderson_samples"] = int(rows.numel())
     info["converged"] = not info.get("unconverged")
     return P, info
@@ -322,23 +323,24 @@ def _exact_rows(W: Tensor, gain: Tensor, grad_r: Tensor, chunk: int) -> tuple[Te
 
 
 def _adjoint_rows(W, gain: Tensor, grad_r: Tensor, *, tol: float,
-                  max_iter: int) -> tuple[Tensor, Tensor]:
+                  max_iter: int) -> tuple[Tensor, Tensor, int]:
     """The adjoint iteration p ← g ⊙ (δ + W ᵀp) per sample; converged rows leave the working
-    set. Returns P (rows not converged hold their last iterate) and the indices of those rows."""
+    set. Returns P (rows not converged hold their last iterate), the indices of those rows and
+    the iterations taken (by the slowest row)."""
     WT = (lambda p: p @ W) if isinstance(W, Tensor) else W.T
     gd = gain * grad_r
     P = gd.clone()
     idx = torch.arange(gd.shape[0], device=gd.device)
-    for _ in range(max_iter):
-        if idx.numel() == 0:
-            break
+    steps = 0
+    while steps < max_iter and idx.numel():
+        steps += 1
         p = P[idx]
         p_new = gd[idx] + gain[idx] * WT(p)
         change = (p_new - p).abs().amax(1)
         P[idx] = p_new
         done = change <= tol * p_new.abs().amax(1)                    # NaN/inf never count as done
         idx = idx[~done]
-    return P, idx
+    return P, idx, steps
 
 
 def angle(dWa: Tensor, dWb: Tensor) -> float:

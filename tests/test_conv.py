@@ -4,7 +4,7 @@ solve, the layer's checks, and the presets end to end."""
 import pytest
 import torch
 
-from fprnn import operators, rules
+from fprnn import operators, rules, solvers
 from fprnn.conv import ConvFixedPointLayer, ConvRecurrentNet, spectral_radius
 from fprnn.run import train
 from helpers import QUICK_MNIST, make_cfg
@@ -113,6 +113,26 @@ def test_the_matrix_free_adjoint_solves_slow_contractions_like_lu():
     P, info = rules.implicit_adjoint(operators.Conv2d(K, (H, H), "circular"), gain, delta)
     P_lu, _ = rules.implicit_adjoint(W, gain, delta, method="exact")
     assert info["converged"] and info["anderson_samples"] == m and rel(P, P_lu) < 1e-10
+    assert 50 < info["iters"] < 1_500                    # 50 plain steps, then Anderson's, counted
+    easy, info = rules.implicit_adjoint(operators.Conv2d(K, (H, H), "circular"), gain * 0.3, delta)
+    assert info["converged"] and "anderson_samples" not in info and 0 < info["iters"] < 50
+    assert rel(easy, rules.implicit_adjoint(W, gain * 0.3, delta, method="exact")[0]) < 1e-10
+
+
+def test_the_fallback_follows_the_dynamics_matrix_free():
+    """Samples the solver leaves (here: every one, after 3 plain iterations) are settled by the
+    error-controlled Runge–Kutta fallback at the fixed point that the dynamics dr/dt = −r + f(K ⋆ r + x)
+    reach from rest (long fixed-step Euler of those dynamics), each flagged as handed over."""
+    layer = ConvFixedPointLayer(C, (H, H), solver="iterate", solver_kwargs={"tol": 1e-11, "max_iter": 3},
+                                fallback={"method": "rk23", "max_share": 1.0}, dtype="float64")
+    layer.W.data.copy_(kernel(2.0, seed=2))
+    x = torch.randn(4, C * H * H, generator=torch.Generator().manual_seed(3), dtype=D)
+    fp = layer.fixed_point(x)
+    sol = fp.solution
+    assert bool(sol.fallback.all() and sol.converged.all()) and sol.solver == "iterate+rk23"
+    ref = solvers.follow_euler(layer._state_map(layer.operator(), x), torch.zeros_like(x), tol=1e-12, dt=0.02,
+                               steps=200_000)
+    assert bool(ref.converged.all()) and float((fp.r - ref.u).abs().max()) <= 1e-6
 
 
 @pytest.mark.parametrize("padding", PADS)

@@ -97,6 +97,49 @@ def test_time_constants_decide_which_attractor_the_dynamics_reach():
     assert fast.u[0, 1] > 0 > fast.u[0, 0] and slow.u[0, 0] > 0 > slow.u[0, 1]   # two attractors
 
 
+def test_rk23_follows_the_trajectory_to_the_attractor_the_dynamics_reach():
+    """Matrix-free and explicit, yet under error control: with and without time constants it
+    ends where the dynamics end (two attractors, decided by the trajectory), and where the plain
+    map cycles it settles at the dynamics' fixed point."""
+    W = torch.tensor([[0.0, -3.0], [-3.0, 0.0]], dtype=D64)
+    x = torch.tensor([[1.0, 1.2]], dtype=D64)
+    tau = torch.tensor([1.0, 8.0], dtype=D64)
+    g, u0 = RATE.state_map(W, x, TANH), torch.zeros_like(x)
+    fast = solvers.follow_rk23(g, u0, tol=1e-12)
+    slow = solvers.follow_rk23(g, u0, tol=1e-12, tau=tau)
+    assert bool(fast.converged.all() and slow.converged.all())
+    assert float((fast.u - euler_reference(g, u0)).abs().max()) <= 1e-6
+    assert float((slow.u - euler_reference(g, u0, tau)).abs().max()) <= 1e-6
+    assert fast.u[0, 1] > 0 > fast.u[0, 0] and slow.u[0, 0] > 0 > slow.u[0, 1]
+    W, x = rotating_network()
+    g, u0 = RATE.state_map(W, x, TANH), torch.zeros_like(x)
+    sol = solvers.follow_rk23(g, u0, tol=1e-10)
+    assert bool(sol.converged.all()) and sol.solver == "rk23"
+    assert float((sol.u - euler_reference(g, u0)).abs().max()) <= 1e-6
+    assert torch.allclose(sol.residual, (g(sol.u) - sol.u).abs().amax(1), rtol=1e-6, atol=1e-14)
+    assert (sol.iters - 1) .remainder(3).eq(0).all()          # evaluations: 1, then 3 a try
+
+
+def test_rk23_controls_its_step_where_fixed_steps_blow_up():
+    """du/dt = −a (u − c) per sample: fixed Euler steps of 0.5 are unstable for a = 50 (|1 − 25| > 1)
+    and the state blows up; the error-controlled steps shrink to the stable range and settle at c,
+    spending more evaluations where the decay is stiffer."""
+    a = torch.tensor([[1.0], [50.0]], dtype=D64)
+    c = torch.tensor([[0.3], [-0.7]], dtype=D64)
+
+    def g(u, rows=None):
+        aa, cc = (a, c) if rows is None else (a[rows], c[rows])
+        return u - aa * (u - cc)
+    u0 = torch.zeros(2, 1, dtype=D64)
+    fixed = solvers.follow_euler(g, u0, tol=1e-10, dt=0.5, steps=2000)
+    assert fixed.status.tolist() == [solvers.SUCCESSFUL, solvers.NONFINITE]
+    sol = solvers.follow_rk23(g, u0, tol=1e-10)
+    assert bool(sol.converged.all()) and torch.allclose(sol.u, c, atol=1e-9)
+    assert int(sol.iters[1]) > int(sol.iters[0])
+    with pytest.raises(ValueError, match="accuracy must be a positive finite number, got 0"):
+        solvers.follow_rk23(g, u0, accuracy=0)
+
+
 def test_the_multistable_check_finds_a_two_attractor_input():
     """Mutual inhibition with the larger input on unit 1: two attractors (either unit wins) and a
     saddle between them. Anderson, a secant method, converges to the saddle, which the dynamics
@@ -126,7 +169,7 @@ def test_a_limit_cycle_is_reported_unconverged_with_its_reason():
     g, u0 = RATE.state_map(W, x, TANH), torch.zeros_like(x)
     assert solvers.follow_euler(g, u0, tol=1e-8, steps=20_000).n_nonconverged == 2     # it never settles
     first = solvers.iterate(g, u0, tol=1e-8)
-    for method, code in (("ptc", solvers.UNSTABLE), ("euler", solvers.MAX_STEPS)):
+    for method, code in (("ptc", solvers.UNSTABLE), ("euler", solvers.MAX_STEPS), ("rk23", solvers.MAX_STEPS)):
         out = solvers.settle(g, u0, first, method=method, jac=RATE.state_jacobian(W, x, TANH))
         assert out.n_nonconverged == 2 and (out.status == code).all(), method
         assert solvers.STATUS_NAMES[code] in out.failures()
@@ -148,7 +191,7 @@ def test_discrete_networks_get_no_fallback():
 
 
 def test_fallback_options_are_checked():
-    with pytest.raises(ValueError, match=r"fallback must be null or \{method: one of \['euler', 'ptc'\]"):
+    with pytest.raises(ValueError, match=r"fallback must be null or \{method: one of \['euler', 'ptc', 'rk23'\]"):
         FixedPointRNN(5, fallback={"method": "newton"})
     with pytest.raises(ValueError, match=r"fallback 'ptc' has no option\(s\) \['steps'\]"):
         FixedPointRNN(5, fallback={"method": "ptc", "steps": 3})
