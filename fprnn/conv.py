@@ -35,7 +35,7 @@ from torch import nn
 
 from . import implicit, solvers
 from .activations import get_activation
-from .dynamics import get_dynamics
+from .dynamics import get_dynamics, row_gatherer
 from .model import FixedPoint, get_dtype, load_network, state_mismatch
 from .operators import PADDINGS, Conv2d
 
@@ -155,15 +155,10 @@ class ConvFixedPointLayer(nn.Module):
         self.backward_rule.set_loss_norm(n)
 
     def _state_map(self, op, x: Tensor):
-        # a solver passes the same working set for many evaluations: gather its inputs once per set
-        gathered: dict = {"rows": None, "x": x}
+        rows_of = row_gatherer(x)
 
         def g(u: Tensor, rows: Tensor | None = None) -> Tensor:
-            if rows is None:
-                return self.act.f(op(u) + x)
-            if gathered["rows"] is not rows:
-                gathered["rows"], gathered["x"] = rows, x[rows]
-            return self.act.f(op(u) + gathered["x"])
+            return self.act.f(op(u) + rows_of(rows))
         return g
 
     @torch.no_grad()

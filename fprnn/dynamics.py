@@ -23,6 +23,20 @@ Tensor = torch.Tensor
 StateMap = Callable[[Tensor, "Tensor | None"], Tensor]
 
 
+def row_gatherer(x: Tensor) -> Callable[["Tensor | None"], Tensor]:
+    """rows ↦ x[rows] (x itself for None), gathered once per working set: a solver passes the same
+    ``rows`` tensor for many evaluations, and re-indexing the inputs at each one copies them."""
+    last: dict = {"rows": None, "x": x}
+
+    def rows_of(rows: Tensor | None) -> Tensor:
+        if rows is None:
+            return x
+        if last["rows"] is not rows:
+            last["rows"], last["x"] = rows, x[rows]
+        return last["x"]
+    return rows_of
+
+
 @dataclass(frozen=True)
 class Dynamics:
     name: str
@@ -31,25 +45,25 @@ class Dynamics:
 
     def state_map(self, W: Tensor, x: Tensor, act: Activation) -> StateMap:
         """The map g whose fixed point is this dynamics' equilibrium, restricted to ``rows``."""
+        rows_of = row_gatherer(x)
         if self.state_is_voltage:
             def g(v: Tensor, rows: Tensor | None = None) -> Tensor:
-                xr = x if rows is None else x[rows]
-                return act.f(v) @ W.T + xr
+                return act.f(v) @ W.T + rows_of(rows)
         else:
             def g(r: Tensor, rows: Tensor | None = None) -> Tensor:
-                xr = x if rows is None else x[rows]
-                return act.f(r @ W.T + xr)
+                return act.f(r @ W.T + rows_of(rows))
         return g
 
     def state_jacobian(self, W: Tensor, x: Tensor, act: Activation) -> Callable[[Tensor, "Tensor | None"], Tensor]:
         """u, rows ↦ the per-sample Jacobians ∂g/∂u (a, N, N) of :meth:`state_map` at the states u
         of the samples ``rows``: G W with G = diag f'(W r + x) for rate and discrete dynamics, W G
         with G = diag f'(v) for voltage dynamics — the matrices of eq 2.3."""
+        rows_of = row_gatherer(x)
+
         def jac(u: Tensor, rows: Tensor | None = None) -> Tensor:
             if self.state_is_voltage:
                 return self._gain_times(W, act.df(u))
-            xr = x if rows is None else x[rows]
-            return self._gain_times(W, act.df(u @ W.T + xr))
+            return self._gain_times(W, act.df(u @ W.T + rows_of(rows)))
         return jac
 
     def _gain_times(self, W: Tensor, gain: Tensor) -> Tensor:
