@@ -37,7 +37,7 @@ from . import implicit, solvers
 from .activations import get_activation
 from .dynamics import get_dynamics, row_gatherer
 from .model import FixedPoint, get_dtype, load_network, state_mismatch
-from .operators import PADDINGS, Conv2d
+from .operators import LAYOUTS, PADDINGS, Conv2d, to_maps, to_rows
 
 Tensor = torch.Tensor
 
@@ -102,14 +102,16 @@ class ConvFixedPointLayer(nn.Module):
     about σ_W, as for the dense σ_W Z/√N). ``rule`` w1, w2, w3, w4, jfb or bptt (autograd
     through ``bptt_steps`` damped steps from the fixed point); ``eta``, ``loss_norm``, ``on_fault``
     as for :class:`fprnn.nn.FixedPointLayer`. ``solver`` (anderson, iterate) with
-    ``solver_kwargs``; ``fallback`` {"method": "rk23" or "euler", its options, max_share} or None."""
+    ``solver_kwargs``; ``fallback`` {"method": "rk23" or "euler", its options, max_share} or None.
+    ``layout`` (hwc, chw): how the rows the layer solves on hold a map (:data:`fprnn.operators.LAYOUTS`;
+    hwc, channels last, is the faster on a CPU); inputs and outputs are (m, C, H, W) maps either way."""
 
     def __init__(self, channels: int, size, kernel: int = 3, padding: str = "zeros", *, rule: str = "w3",
                  eta: float = 1.0, rule_kwargs: dict | None = None, activation: Any = "tanh",
                  solver: str = "anderson", solver_kwargs: dict | None = None, fallback: Any = "default",
                  sigma_W: float = 0.5, on_fault: str = "raise", loss_norm: float | None = None, seed: int = 0,
                  dtype: Any = "float32", bptt_steps: int = 30, bptt_damping: float = 0.5,
-                 stability_iters: int = 30):
+                 stability_iters: int = 30, layout: str = "hwc"):
         super().__init__()
         C, k = _positive_int("channels", channels), _positive_int("kernel", kernel, odd=True)
         if not (isinstance(size, (list, tuple)) and len(size) == 2):
@@ -117,6 +119,8 @@ class ConvFixedPointLayer(nn.Module):
         self.size = tuple(_positive_int("size", s) for s in size)
         if padding not in PADDINGS:
             raise ValueError(f"unknown padding {padding!r}; choose one of {list(PADDINGS)}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
         if isinstance(sigma_W, bool) or not isinstance(sigma_W, (int, float)) or not math.isfinite(sigma_W) \
                 or sigma_W < 0:
             raise ValueError(f"sigma_W must be a non-negative finite number, got {sigma_W!r}")
@@ -127,7 +131,7 @@ class ConvFixedPointLayer(nn.Module):
             raise ValueError(f"a conv layer's fallback must be matrix-free, one of {list(MATRIX_FREE_FALLBACKS)}; "
                              f"{fallback.get('method')!r} would form per-sample N×N Jacobians")
         self.fallback = solvers.check_fallback(fallback)
-        self.channels, self.kernel, self.padding = C, k, padding
+        self.channels, self.kernel, self.padding, self.layout = C, k, padding, layout
         self.N, self.n_in = C * self.size[0] * self.size[1], None
         self.act, self.dyn = get_activation(activation), get_dynamics("rate")
         self.solver_name, self.solver_kwargs = solver, dict(solver_kwargs or {})
@@ -143,13 +147,22 @@ class ConvFixedPointLayer(nn.Module):
 
     def operator(self, K: Tensor | None = None) -> Conv2d:
         """W as the convolution with kernel K (the layer's own, detached, by default)."""
-        return Conv2d(self.W.detach() if K is None else K, self.size, self.padding)
+        return Conv2d(self.W.detach() if K is None else K, self.size, self.padding, self.layout)
+
+    def rows(self, X: Tensor) -> Tensor:
+        """Maps (m, C, H, W) as the rows (m, N) the layer solves on, in its ``layout``."""
+        return to_rows(X, self.layout)
+
+    def maps(self, R: Tensor) -> Tensor:
+        """The layer's rows (m, N) as maps (m, C, H, W) (a view)."""
+        return to_maps(R, self.channels, self.size, self.layout)
 
     def set_backward(self, rule: str = "w3", eta: float = 1.0, rule_kwargs: dict | None = None, **options) -> None:
         """The rule for K, with η and :class:`fprnn.implicit.RuleBackward`'s options."""
         kw = conv_rule_kwargs(rule, rule_kwargs)
         self.backward_rule = implicit.RuleBackward(
-            rule, eta, kw, operator=partial(Conv2d, size=self.size, padding=self.padding), **options)
+            rule, eta, kw, operator=partial(Conv2d, size=self.size, padding=self.padding, layout=self.layout),
+            **options)
 
     def set_loss_norm(self, n: float | None) -> None:
         self.backward_rule.set_loss_norm(n)
@@ -163,7 +176,8 @@ class ConvFixedPointLayer(nn.Module):
 
     @torch.no_grad()
     def fixed_point(self, x: Tensor, u0: Tensor | None = None) -> FixedPoint:
-        """Solve r = f(K ⋆ r + x) for flattened inputs x (m, N), from u0 (rest by default)."""
+        """Solve r = f(K ⋆ r + x) for inputs x (m, N) as rows in the layer's layout (:meth:`rows`),
+        from u0 (rest by default); the fixed point's rows are in that layout too (:meth:`maps`)."""
         op, x = self.operator(), x.detach()
         g = self._state_map(op, x)
         u0 = torch.zeros_like(x) if u0 is None else u0
@@ -178,21 +192,21 @@ class ConvFixedPointLayer(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != maps:
             raise ValueError(f"ConvFixedPointLayer input must be (m, {', '.join(map(str, maps))}), "
                              f"got shape {tuple(x.shape)}")
-        s = x.to(self.W.dtype).flatten(1)
+        s = self.rows(x.to(self.W.dtype))
         with torch.no_grad():
             fp = self.fixed_point(s)
         self.report = implicit.Report(fp, implicit.used_samples(fp.solution, fp.r))
         spec = self.backward_rule
         if not (torch.is_grad_enabled() and (self.W.requires_grad or s.requires_grad)):
-            return fp.r.view(-1, *maps)
+            return self.maps(fp.r)
         if spec.rule == "bptt":
-            g = self._state_map(Conv2d(implicit.scale_grad(self.W, spec.eta), self.size, self.padding), s)
+            g = self._state_map(self.operator(implicit.scale_grad(self.W, spec.eta)), s)
             u = fp.solution.u
             for _ in range(self.bptt_steps):
                 u = u + self.bptt_damping * (g(u) - u)
             u.register_hook(partial(implicit.record_delta, self.report, spec))
-            return u.view(-1, *maps)
-        return implicit.attach(fp.r, fp.gain, self.W, None, None, s, spec, self.report).view(-1, *maps)
+            return self.maps(u)
+        return self.maps(implicit.attach(fp.r, fp.gain, self.W, None, None, s, spec, self.report))
 
     def stability(self, fp: FixedPoint) -> Tensor:
         """ρ(G_i W) per sample by power iteration (:func:`spectral_radius`); stable when < 1."""
@@ -296,7 +310,7 @@ class ConvRecurrentNet(nn.Module):
     @torch.no_grad()
     def fixed_points(self, p: Tensor, solved: bool = False) -> list[FixedPoint]:
         """The layer's fixed points for images p (the solver is always one with a tolerance)."""
-        return [self.layer.fixed_point(self.features(p).flatten(1))]
+        return [self.layer.fixed_point(self.layer.rows(self.features(p)))]
 
     @property
     def used(self) -> Tensor:

@@ -65,6 +65,34 @@ def test_the_conv_operator_is_its_matrix(padding):
 
 
 @pytest.mark.parametrize("padding", PADS)
+def test_channels_last_rows_are_the_same_operator_permuted(padding):
+    K = kernel(1.0)
+    chw, hwc = operators.Conv2d(K, (H, H), padding), operators.Conv2d(K, (H, H), padding, layout="hwc")
+    perm = torch.arange(C * H * H).view(C, H, H).permute(1, 2, 0).flatten()    # hwc row j = chw entry perm[j]
+    R, P = torch.randn(5, C * H * H, dtype=D), torch.randn(5, C * H * H, dtype=D)
+    assert rel(hwc(R[:, perm]), chw(R)[:, perm]) < 1e-14 and rel(hwc.T(P[:, perm]), chw.T(P)[:, perm]) < 1e-14
+    assert rel(hwc.outer(P[:, perm], R[:, perm]), chw.outer(P, R)) < 1e-14
+    assert rel(hwc.matrix(), conv_matrix(K, padding)[perm][:, perm]) < 1e-15
+    X = torch.randn(2, C, H, H, dtype=D)
+    assert torch.equal(hwc.maps(hwc.rows(X)), X) and torch.equal(hwc.rows(X), X.flatten(1)[:, perm])
+
+
+@pytest.mark.parametrize("rule", ["w3", "bptt"])
+def test_the_layer_is_the_same_in_either_layout(rule):
+    x = torch.randn(3, C, H, H, dtype=D)
+    out = {}
+    for layout in ("chw", "hwc"):
+        layer = ConvFixedPointLayer(C, (H, H), rule=rule, dtype="float64", sigma_W=0.9, layout=layout,
+                                    solver_kwargs={"tol": 1e-13})
+        xv = x.clone().requires_grad_(True)
+        r = layer(xv)
+        (r ** 3).sum().backward()
+        out[layout] = r.detach(), layer.W.grad, xv.grad
+    for a, b in zip(out["chw"], out["hwc"]):
+        assert rel(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("padding", PADS)
 @pytest.mark.parametrize("rule", ["w1", "w2", "w3", "w4", "jfb"])
 def test_every_rules_kernel_step_is_the_adjoint_of_its_dense_step(rule, padding):
     K, m = kernel(0.8), 7
@@ -126,7 +154,7 @@ def test_the_fallback_follows_the_dynamics_matrix_free():
     layer = ConvFixedPointLayer(C, (H, H), solver="iterate", solver_kwargs={"tol": 1e-11, "max_iter": 3},
                                 fallback={"method": "rk23", "max_share": 1.0}, dtype="float64")
     layer.W.data.copy_(kernel(2.0, seed=2))
-    x = torch.randn(4, C * H * H, generator=torch.Generator().manual_seed(3), dtype=D)
+    x = layer.rows(torch.randn(4, C, H, H, generator=torch.Generator().manual_seed(3), dtype=D))
     fp = layer.fixed_point(x)
     sol = fp.solution
     assert bool(sol.fallback.all() and sol.converged.all()) and sol.solver == "iterate+rk23"
