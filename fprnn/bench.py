@@ -460,8 +460,10 @@ CONV_RULES = ("w3", "w2", "w4", "jfb", "w1")
 
 def bench_conv(repeats: int, C: int = 32, size: int = 14, m: int = 128) -> str:
     """Kernel steps in units of one convolution K ⋆ r of the batch, at the fixed point of a random
-    kernel (σ_W 0.5) and random inputs; w1 includes its matrix-free adjoint solve."""
+    kernel (σ_W 0.5) and random inputs, in the layer's row layout (hwc); w1 includes its
+    matrix-free adjoint solve. Two rows repeat the convolution and w3 with channels-first rows."""
     from .conv import ConvFixedPointLayer
+    from .operators import Conv2d
     layer = ConvFixedPointLayer(C, (size, size), seed=0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(m, layer.N, generator=g)
@@ -472,6 +474,11 @@ def bench_conv(repeats: int, C: int = 32, size: int = 14, m: int = 128) -> str:
     for rule in CONV_RULES:
         t = timeit(lambda: rules.RULES[rule](op, fp.r, fp.gain, D, 0.01), repeats)
         rows.append([f"{rule} kernel step", t, t / t_conv])
+    chw = Conv2d(op.K, op.size, op.padding, layout="chw")      # the same rows read channels first
+    for what, fn, n in (("one convolution K ⋆ r", lambda: chw(fp.r), repeats * 3),
+                        ("w3 kernel step", lambda: rules.w3(chw, fp.r, fp.gain, D, 0.01), repeats)):
+        t = timeit(fn, n)
+        rows.append([f"{what}, rows channels first (layout chw)", t, t / t_conv])
     t_solve = timeit(lambda: layer.fixed_point(x), 3)
     rows.append([f"forward solve ({fp.solution.iters_mean:.0f} evaluations)", t_solve, t_solve / t_conv])
     out = table(f"Rules on a conv W: C={C}, {size}×{size}, k=3, batch {m}, float32 (× one convolution)",

@@ -309,7 +309,8 @@ class ConvRecurrentNet(nn.Module):
 
     @torch.no_grad()
     def fixed_points(self, p: Tensor, solved: bool = False) -> list[FixedPoint]:
-        """The layer's fixed points for images p (the solver is always one with a tolerance)."""
+        """The layer's fixed points for images p (the solver is always one with a tolerance), rows in
+        the layer's layout (``self.layer.maps`` turns them into maps)."""
         return [self.layer.fixed_point(self.layer.rows(self.features(p)))]
 
     @property

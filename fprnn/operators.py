@@ -21,8 +21,8 @@ Tensor = torch.Tensor
 
 PADDINGS = ("zeros", "circular")
 #: how a row holds a C×H×W map: ``chw`` (channels first, torch's flatten of an (m, C, H, W) batch)
-#: or ``hwc`` (channels last: on a CPU a convolution of rows in this order runs 2–3× faster, as the
-#: rows are then channels-last maps that need no reordering)
+#: or ``hwc`` (channels last: the rows are then channels-last maps, which a CPU convolution takes
+#: without reordering them; ``python -m fprnn.bench --only conv`` times both)
 LAYOUTS = ("chw", "hwc")
 
 
