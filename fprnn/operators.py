@@ -94,7 +94,7 @@ class Conv2d:
 
     def _maps(self, R: Tensor) -> tuple[Tensor, int]:
         """Rows (m, N) as maps and the padding the convolution is to add: zero padding is the
-        convolution's own (a separate pad copies the batch and doubles a conv's time on a CPU);
+        convolution's own (a separate pad would copy the batch first);
         circular padding is applied here, leaving none to add."""
         X = self.maps(R)
         if self.padding == "zeros":
