@@ -155,10 +155,14 @@ class TensorData(ResumableData):
     def train_dataloader(self):
         rank, world = _dist(self)
         bs = _per_device(self.batch_size, world)
-        return DataLoader(self.train_set, batch_size=bs,
-                          sampler=EpochShuffle(len(self.train_set), self.seed, self.shuffle, rank, world,
-                                               self.batch_size, skip=self._skip(bs)),
+        sampler = EpochShuffle(len(self.train_set), self.seed, self.shuffle, rank, world, self.batch_size,
+                               skip=self._skip(bs))
+        return DataLoader(self._training_samples(sampler), batch_size=bs, sampler=sampler,
                           num_workers=self.num_workers)
+
+    def _training_samples(self, sampler: EpochShuffle) -> Dataset:
+        """What the training loader reads, in the order of ``sampler`` (the image sets augment it)."""
+        return self.train_set
 
     def _eval_loader(self, ds):
         rank, world = _dist(self)
@@ -182,25 +186,69 @@ class TensorData(ResumableData):
         return f"held-out split of {len(self.val_idx)}" if self.val_set is not None else "none"
 
 
+class Augmented(Dataset):
+    """Training images, each drawn with a random horizontal flip and a shift of up to ``shift``
+    pixels (the vacated border zero), by torchvision's functional transforms. The draws come from
+    (seed, epoch) alone, as the shuffle does, so a resumed run sees the same augmented batches: the
+    epoch is the training sampler's (Lightning sets it)."""
+
+    def __init__(self, base: TensorDataset, shape, flip: bool, shift: int, seed: int, sampler: EpochShuffle):
+        self.x, self.y = base.tensors
+        self.shape, self.flip, self.shift, self.seed, self.sampler = tuple(shape), flip, shift, seed, sampler
+        self._epoch = None
+
+    def __len__(self):
+        return len(self.x)
+
+    def _draw(self, epoch: int) -> None:
+        # a stream of its own (offset from the shuffle's seed), so turning it on leaves the order as it was
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 104_729)
+        n = len(self.x)
+        self._flips = torch.rand(n, generator=g) < 0.5
+        self._moves = torch.randint(-self.shift, self.shift + 1, (n, 2), generator=g)
+        self._epoch = epoch
+
+    def __getitem__(self, i):
+        from torchvision.transforms.v2 import functional as TF   # 1.5 s to load: only runs that augment pay it
+        if self._epoch != self.sampler.epoch:
+            self._draw(self.sampler.epoch)
+        img = self.x[i].view(self.shape)
+        if self.flip and self._flips[i]:
+            img = TF.horizontal_flip(img)
+        if self.shift:
+            s = self.shift
+            dy, dx = self._moves[i].tolist()
+            img = TF.crop(TF.pad(img, [s, s, s, s]), s - dy, s - dx, self.shape[1], self.shape[2])
+        return img.reshape(-1), self.y[i]
+
+
 class VisionDataModule(TensorData):
     """A torchvision image set (``dataset``: mnist, fashion_mnist, kmnist, cifar10), flattened
     channels first, pixels in [0, 1]; ``grayscale`` maps colour to luminance. ``train_subset`` /
-    ``test_subset`` take the first k training (after the validation split) / test images."""
+    ``test_subset`` take the first k training (after the validation split) / test images.
+    ``flip`` / ``shift`` augment the training images (see ``Augmented``; a flip suits clothing,
+    not digits); validation and test images are never augmented."""
 
     task = "classification"
 
     def __init__(self, dataset: str = "mnist", root: str = "data", download: bool = True,
                  grayscale: bool = False, train_subset: int | None = None, test_subset: int | None = None,
-                 **split):
+                 flip: bool = False, shift: int = 0, **split):
         super().__init__(**split)
         _positive_int("train_subset", train_subset, allow_none=True)
         _positive_int("test_subset", test_subset, allow_none=True)
+        if not isinstance(flip, bool):
+            raise ValueError(f"flip must be true or false, got {flip!r}")
         self.spec = vision.get_set(dataset)
         self.name, self.root, self.download, self.grayscale = dataset, root, download, bool(grayscale)
         self.train_subset, self.test_subset = train_subset, test_subset
         self.n_in, self.n_out = self.spec.n_in(self.grayscale), self.spec.n_classes
         c, h, w = self.spec.shape
         self.image_shape = (1 if self.grayscale else c, h, w)    # what a conv encoder unflattens
+        if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < min(h, w):
+            raise ValueError(f"shift must be a whole number of pixels in [0, {min(h, w)}) for {dataset}, "
+                             f"got {shift!r}")
+        self.flip, self.shift = flip, shift
 
     def prepare_data(self) -> None:
         vision.ensure(self.spec, self.root, self.download)
@@ -214,6 +262,12 @@ class VisionDataModule(TensorData):
         self._set_splits(x, y, xt[: self.test_subset], yt[: self.test_subset])
         if self.train_subset:
             self.train_set = TensorDataset(*(t[: self.train_subset] for t in self.train_set.tensors))
+
+    def _training_samples(self, sampler: EpochShuffle) -> Dataset:
+        if not (self.flip or self.shift):
+            return self.train_set
+        return Augmented(self.train_set, self.image_shape, self.flip, self.shift, self.seed, sampler)
+
 
 class _Repeat(Dataset):
     """The full batch as one item, ``n`` times: one epoch = n full-batch steps."""

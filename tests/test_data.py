@@ -137,6 +137,63 @@ def test_validation_split_is_disjoint_and_drawn_by_the_seed(mnist_dir):
         VisionDataModule(val_size=-1)
 
 
+def _moved(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """img moved down dy and right dx pixels, the vacated border zero (numpy, by slicing)."""
+    out = np.zeros_like(img)
+    h, w = img.shape
+    out[max(dy, 0): h + min(dy, 0), max(dx, 0): w + min(dx, 0)] = img[max(-dy, 0): h - max(dy, 0),
+                                                                     max(-dx, 0): w - max(dx, 0)]
+    return out
+
+
+def test_augmentation_flips_and_shifts_each_training_image_by_draws_of_seed_and_epoch(tmp_path):
+    written = write_mnist_like(tmp_path, "FashionMNIST", n_train=40)
+    images = (torch.tensor(written["train"][0], dtype=torch.float32) / 255).numpy()
+
+    def epoch_of(seed, epoch, resume=None):
+        dm = VisionDataModule("fashion_mnist", root=str(tmp_path), download=False, val_size=8, seed=seed,
+                              batch_size=4, flip=True, shift=3)
+        dm.setup()
+        if resume is not None:
+            dm.load_state_dict(resume)
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        order = torch.tensor(list(loader.sampler))
+        x = torch.cat([b[0] for b in loader])
+        return dm, loader.dataset, order, x
+
+    dm, ds, order, x = epoch_of(seed=1, epoch=2)
+    assert x.shape == (32, 784)
+    for k, i in enumerate(order.tolist()):
+        ref = images[dm.train_idx[i]]
+        if ds._flips[i]:
+            ref = ref[:, ::-1]
+        ref = _moved(ref, *ds._moves[i].tolist())
+        np.testing.assert_array_equal(x[k].view(28, 28).numpy(), ref)
+    assert 0 < int(ds._flips.sum()) < 32 and ds._moves.abs().max() == 3 and ds._moves.abs().min() == 0
+    # the draws are (seed, epoch)'s: a rebuilt run repeats them, the next epoch draws anew
+    assert torch.equal(epoch_of(seed=1, epoch=2)[3], x)
+    assert not torch.equal(epoch_of(seed=1, epoch=3)[3], x)
+    # a run resumed after 3 batches of that epoch sees the images it had not seen, augmented alike
+    assert torch.equal(epoch_of(seed=1, epoch=2, resume={"epoch": 2, "batches_done": 3})[3], x[12:])
+    # validation and test images are the files' own
+    val = torch.cat([b[0] for b in dm.val_dataloader()])
+    assert torch.equal(val, torch.tensor(images[dm.val_idx.numpy()].reshape(8, -1)))
+    test = torch.cat([b[0] for b in dm.test_dataloader()])
+    assert torch.equal(test, torch.tensor(written["t10k"][0].reshape(12, -1), dtype=torch.float32) / 255)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(shift=28), r"shift must be a whole number of pixels in \[0, 28\) for mnist, got 28"),
+    (dict(shift=-1), r"shift .* got -1"),
+    (dict(shift=1.5), r"shift .* got 1.5"),
+    (dict(flip="yes"), r"flip must be true or false, got 'yes'"),
+])
+def test_bad_augmentation_is_named(kw, message):
+    with pytest.raises(ValueError, match=message):
+        VisionDataModule(**kw)
+
+
 def test_test_set_is_read_only_by_trainer_test(tmp_path, mnist_dir):
     cfg = make_cfg([*QUICK_MNIST, "data.val_size=300", "trainer.max_epochs=2"], tmp_path, mnist_dir)
     data, model, module, trainer = build(cfg, tmp_path)
