@@ -201,7 +201,7 @@ class Augmented(Dataset):
         return len(self.x)
 
     def _draw(self, epoch: int) -> None:
-        # a stream of its own (offset from the shuffle's seed), so turning it on leaves the order as it was
+        # offset from the shuffle's seed, so that the draws are not the batch order's random numbers again
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 104_729)
         n = len(self.x)
         self._flips = torch.rand(n, generator=g) < 0.5
