@@ -209,7 +209,7 @@ class Augmented(Dataset):
         self._epoch = epoch
 
     def __getitem__(self, i):
-        from torchvision.transforms.v2 import functional as TF   # 1.5 s to load: only runs that augment pay it
+        from torchvision.transforms.v2 import functional as TF   # slow to import: only runs that augment pay for it
         if self._epoch != self.sampler.epoch:
             self._draw(self.sampler.epoch)
         img = self.x[i].view(self.shape)
