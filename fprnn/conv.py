@@ -218,22 +218,23 @@ class ConvFixedPointLayer(nn.Module):
 
 
 class ConvRecurrentNet(nn.Module):
-    """Images → conv stem → r* = f(K ⋆ r* + x) → average-pooled linear read-out.
+    """Images → conv stem → r* = f(K ⋆ r* + x) → average-pooled (conv head →) linear read-out.
 
     The stem is one ``stem_kernel`` convolution from the image's channels to ``stem_channels``
     (default: ``channels``) with bias, ``stem_activation`` (relu or identity) and
     ``stem_pool``×``stem_pool`` max-pooling (1: none); then, with ``readin_kernel`` (0: none), the
     layer's read-in, a convolution to ``channels`` maps with bias: its output is x. The
-    read-out average-pools r* by ``readout_pool`` and maps it linearly to ``n_out`` classes.
-    Stem and read-out train by autograd (the read-in and read-out parameter groups of
+    read-out average-pools r* by ``readout_pool``, with ``head_channels`` (0: none) passes it through
+    a head, a ``head_kernel`` convolution to that many maps with bias and ReLU, and maps the result
+    linearly to ``n_out`` classes. Stem and read-out (head included) train by autograd (the read-in and read-out parameter groups of
     :class:`fprnn.module.FixedPointModule`), K by the rule. ``recurrent=False`` fixes K ≡ 0: the
     same network without recurrence, r = f(x), the feed-forward baseline."""
 
     def __init__(self, in_shape=(1, 28, 28), n_in: int | None = None, n_out: int = 10, *, channels: int = 32,
                  kernel: int = 3, padding: str = "zeros", stem_kernel: int = 3, stem_pool: int = 2,
                  readout_pool: int = 2, stem_activation: str = "relu", stem_channels: int | None = None,
-                 readin_kernel: int = 0, recurrent: bool = True, seed: int = 0, dtype: Any = "float32",
-                 **layer_options):
+                 readin_kernel: int = 0, head_channels: int = 0, head_kernel: int = 3, recurrent: bool = True,
+                 seed: int = 0, dtype: Any = "float32", **layer_options):
         super().__init__()
         if not (isinstance(in_shape, (list, tuple)) and len(in_shape) == 3
                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in in_shape)):
@@ -266,15 +267,22 @@ class ConvRecurrentNet(nn.Module):
                                       _positive_int("readin_kernel", readin_kernel, odd=True),
                                       padding=readin_kernel // 2))
             self.stem = nn.Sequential(*stem).to(dt)
-            head = nn.Linear(channels * (size[0] // rp) * (size[1] // rp), n_out).to(dt)
-        self.W_out, self.b_out = head.weight, head.bias
+            self.head = None
+            if head_channels:
+                self.head = nn.Sequential(
+                    nn.Conv2d(channels, _positive_int("head_channels", head_channels),
+                              _positive_int("head_kernel", head_kernel, odd=True), padding=head_kernel // 2),
+                    nn.ReLU()).to(dt)
+            linear = nn.Linear((head_channels or channels) * (size[0] // rp) * (size[1] // rp), n_out).to(dt)
+        self.W_out, self.b_out = linear.weight, linear.bias
         layer = ConvFixedPointLayer(channels, size, kernel, padding, seed=seed, dtype=dtype, **layer_options)
         if not recurrent:
             layer.W.requires_grad_(False).zero_()
         self.layers = nn.ModuleList([layer])
         self.config = dict(in_shape=list(in_shape), n_out=n_out, channels=channels, kernel=kernel, padding=padding,
                            stem_kernel=stem_kernel, stem_pool=sp, readout_pool=rp, stem_activation=stem_activation,
-                           stem_channels=stem_channels, readin_kernel=readin_kernel, recurrent=recurrent,
+                           stem_channels=stem_channels, readin_kernel=readin_kernel, head_channels=head_channels,
+                           head_kernel=head_kernel, recurrent=recurrent,
                            seed=seed, dtype=str(dtype), **layer_options)
 
     @classmethod
@@ -294,7 +302,8 @@ class ConvRecurrentNet(nn.Module):
         return list(self.stem.parameters())
 
     def named_readouts(self) -> list[tuple[str, Tensor]]:
-        return [("W_out", self.W_out), ("b_out", self.b_out)]
+        head = [] if self.head is None else [(f"head.{n}", t) for n, t in self.head.named_parameters()]
+        return [*head, ("W_out", self.W_out), ("b_out", self.b_out)]
 
     def features(self, p: Tensor) -> Tensor:
         """x: the stem's maps for flattened (or shaped) images p."""
@@ -302,6 +311,8 @@ class ConvRecurrentNet(nn.Module):
 
     def readout(self, r: Tensor) -> Tensor:
         pooled = F.avg_pool2d(r, self.readout_pool) if self.readout_pool > 1 else r
+        if self.head is not None:
+            pooled = self.head(pooled)
         return F.linear(pooled.flatten(1), self.W_out, self.b_out)
 
     def forward(self, p: Tensor) -> Tensor:

@@ -185,6 +185,10 @@ def test_bad_settings_are_named():
         ConvFixedPointLayer(C, (H, H))(torch.zeros(2, 3, 5, 5))
     with pytest.raises(ValueError, match="do not divide"):
         ConvRecurrentNet((1, 28, 28), stem_pool=3)
+    with pytest.raises(ValueError, match="head_channels must be a positive integer, got -1"):
+        ConvRecurrentNet((1, 28, 28), head_channels=-1)
+    with pytest.raises(ValueError, match="head_kernel must be an odd positive integer, got 2"):
+        ConvRecurrentNet((1, 28, 28), head_channels=4, head_kernel=2)
     with pytest.raises(ValueError, match="needs W as a matrix"):
         rules.w3(operators.Conv2d(kernel(1.0), (H, H)), *torch.rand(3, 2, C * H * H, dtype=D), 0.1, metric="batch")
 
@@ -211,3 +215,12 @@ def test_the_feed_forward_baseline_keeps_k_at_zero(tmp_path, mnist_dir):
     net = ConvRecurrentNet.load(tmp_path)
     assert res["status"] == "finished" and not bool(net.layer.W.any())
     assert res["solver_iters_mean"] <= 2          # r = tanh(x): one evaluation reaches it
+    # the preset's conv head (64 maps, 3×3, on the 2×2-pooled 4×14×14 maps) trains with the read-out
+    assert res["params"]["readout"] == (4 * 9 + 1) * 64 + (64 * 7 * 7 + 1) * 10
+    head = net.head[0].weight
+    assert not torch.equal(head, ConvRecurrentNet(**net.config).head[0].weight)
+    with torch.no_grad():
+        r = net.layer(net.features(p := torch.rand(5, 784)))
+        reference = torch.relu(torch.nn.functional.conv2d(torch.nn.functional.avg_pool2d(r, 2), head,
+                                                          net.head[0].bias, padding=1))
+        assert torch.allclose(net(p), reference.flatten(1) @ net.W_out.T + net.b_out, atol=1e-6)
