@@ -225,10 +225,11 @@ class ConvRecurrentNet(nn.Module):
     ``stem_pool``×``stem_pool`` max-pooling (1: none); then, with ``readin_kernel`` (0: none), the
     layer's read-in, a convolution to ``channels`` maps with bias: its output is x. The
     read-out average-pools r* by ``readout_pool``, with ``head_channels`` (0: none) passes it through
-    a head, a ``head_kernel`` convolution to that many maps with bias and ReLU, and maps the result
-    linearly to ``n_out`` classes. Stem and read-out (head included) train by autograd (the read-in and read-out parameter groups of
-    :class:`fprnn.module.FixedPointModule`), K by the rule. ``recurrent=False`` fixes K ≡ 0: the
-    same network without recurrence, r = f(x), the feed-forward baseline."""
+    a head — a ``head_kernel`` convolution to that many maps with bias, then ReLU — and maps the
+    result linearly to ``n_out`` classes. Stem and read-out (the head included) train by autograd
+    (the read-in and read-out parameter groups of :class:`fprnn.module.FixedPointModule`), K by the
+    rule. ``recurrent=False`` fixes K ≡ 0: the same network without recurrence, r = f(x), the
+    feed-forward baseline."""
 
     def __init__(self, in_shape=(1, 28, 28), n_in: int | None = None, n_out: int = 10, *, channels: int = 32,
                  kernel: int = 3, padding: str = "zeros", stem_kernel: int = 3, stem_pool: int = 2,
@@ -282,8 +283,7 @@ class ConvRecurrentNet(nn.Module):
         self.config = dict(in_shape=list(in_shape), n_out=n_out, channels=channels, kernel=kernel, padding=padding,
                            stem_kernel=stem_kernel, stem_pool=sp, readout_pool=rp, stem_activation=stem_activation,
                            stem_channels=stem_channels, readin_kernel=readin_kernel, head_channels=head_channels,
-                           head_kernel=head_kernel, recurrent=recurrent,
-                           seed=seed, dtype=str(dtype), **layer_options)
+                           head_kernel=head_kernel, recurrent=recurrent, seed=seed, dtype=str(dtype), **layer_options)
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "ConvRecurrentNet":
