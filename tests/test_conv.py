@@ -208,7 +208,7 @@ def test_the_mnist_preset_trains_the_kernel_and_loads_back(tmp_path, mnist_dir, 
         assert torch.equal(ConvRecurrentNet.load(tmp_path)(p), net(p))
 
 
-def test_the_feed_forward_baseline_keeps_k_at_zero(tmp_path, mnist_dir):
+def test_the_feed_forward_baseline_keeps_k_at_zero_and_trains_the_fashion_head(tmp_path, mnist_dir):
     over = [*QUICK_MNIST, "experiment=convrec_fashion", "data=mnist", "model.recurrent=false", "data.val_size=0",
             "data.train_subset=256", "data.test_subset=128", "data.batch_size=64", "model.channels=4"]
     res = train(make_cfg(over, tmp_path, mnist_dir))
