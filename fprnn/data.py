@@ -204,12 +204,15 @@ class Augmented(Dataset):
         # offset from the shuffle's seed, so that the draws are not the batch order's random numbers again
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 104_729)
         n = len(self.x)
+        # flips drawn whether or not they are used, so that the moves are the same draws either way
         self._flips = torch.rand(n, generator=g) < 0.5
         self._moves = torch.randint(-self.shift, self.shift + 1, (n, 2), generator=g)
         self._epoch = epoch
 
     def __getitem__(self, i):
-        from torchvision.transforms.v2 import functional as TF   # slow to import: only runs that augment pay for it
+        # imported here, not kept on self: slow to import (only runs that augment pay for it), and a
+        # module would not pickle for spawned loader workers; after the first item it is a lookup
+        from torchvision.transforms.v2 import functional as TF
         if self._epoch != self.sampler.epoch:
             self._draw(self.sampler.epoch)
         img = self.x[i].view(self.shape)
