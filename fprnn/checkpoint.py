@@ -23,7 +23,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger
 
-from .model import network_state
+from .model import network_state, state_mismatch
 
 
 def saved_config(run_dir) -> DictConfig:
@@ -168,7 +168,7 @@ def check_checkpoint(path, model) -> int:
                          f"damaged or not a checkpoint") from None
     if "layers.0.W" not in weights:
         raise ValueError(f"ckpt_path={path} is not an fprnn checkpoint (no model.layers.0.W in it)")
-    wrong = model.shape_mismatch(weights)
+    wrong = state_mismatch(model.state_dict(), weights)
     if wrong:
         raise ValueError(f"ckpt_path={path} {wrong}")
     return int(where["global_step"] or 0)

@@ -83,10 +83,11 @@ def summary(results: dict) -> list[str]:
         break
     if "attempted_steps" in results:
         faults = f"  faults {results.get('faults', 0)} of {results['attempted_steps']} attempted steps"
-        unconverged = results.get("start_from_rest", results.get("unconverged"))
-        if unconverged is not None:
-            what = "trials started from rest" if "start_from_rest" in results else "unconverged samples left out"
-            faults += f" · {what} {unconverged}"
+        if "start_from_rest" in results:
+            faults += (f" · trials started from rest {results['start_from_rest']} unconverged, "
+                       f"{results.get('start_unstable', 0)} unstable")
+        elif results.get("unconverged") is not None:
+            faults += f" · unconverged samples left out {results['unconverged']}"
         stability = results.get("start_stability_max", results.get("peak_max_re_eig"))
         if stability is not None:
             faults += f" · peak stability {_fmt(stability)} (< 1 stable)"

@@ -35,8 +35,8 @@ from torch import nn
 
 from . import implicit, solvers
 from .activations import get_activation
-from .dynamics import get_dynamics, row_gatherer
-from .model import FixedPoint, get_dtype, load_network, state_mismatch
+from .dynamics import get_dynamics, power_radius, row_gatherer
+from .model import FixedPoint, get_dtype, load_network
 from .operators import LAYOUTS, PADDINGS, Conv2d, to_maps, to_rows
 
 Tensor = torch.Tensor
@@ -73,24 +73,9 @@ def conv_rule_kwargs(rule: str, kwargs: dict | None) -> dict:
     return kw
 
 
-@torch.no_grad()
 def spectral_radius(op, gain: Tensor, iters: int = 30, seed: int = 0) -> Tensor:
-    """ρ(G_i W) per sample (m,) by power iteration from a random start: the growth of ‖(G_i W)^k v‖
-    over the last half of ``iters`` steps, (‖v_k‖/‖v_{k/2}‖)^{2/k}. It converges like (|λ₂|/|λ₁|)^k
-    and underestimates ρ when it has not; a complex dominant pair makes single-step ratios oscillate,
-    which the averaged growth does not."""
-    gen = torch.Generator(device=gain.device).manual_seed(seed)
-    v = torch.randn(gain.shape, generator=gen, dtype=gain.dtype, device=gain.device)
-    v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
-    log_growth = torch.zeros(len(gain), dtype=gain.dtype, device=gain.device)
-    half = iters // 2
-    for k in range(iters):
-        v = gain * op(v)
-        norm = torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
-        if k >= half:
-            log_growth += norm.squeeze(1).log()
-        v = v / norm
-    return (log_growth / (iters - half)).exp()
+    """ρ(G_i W) per sample (m,) by power iteration (:func:`fprnn.dynamics.power_radius`)."""
+    return power_radius(lambda v: gain * op(v), gain, iters, seed)
 
 
 class ConvFixedPointLayer(nn.Module):
@@ -335,6 +320,3 @@ class ConvRecurrentNet(nn.Module):
 
     def set_loss_norm(self, n: float | None) -> None:
         self.layer.set_loss_norm(n)
-
-    def shape_mismatch(self, weights: dict) -> str | None:
-        return state_mismatch(self.state_dict(), weights)

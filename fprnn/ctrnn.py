@@ -11,8 +11,9 @@ How a trial starts (``start``), for a batch whose first ``static`` steps have a 
   is BPTT by autograd; W is used by both, so W.grad is the sum. The static period costs a solve
   rather than one unrolled step each, and its memory nothing.
   A trial whose start does not converge (its static input has no fixed point the solver or the
-  dynamics reach) starts from rest instead and runs through its static period (counted in
-  ``report``); a trial without a static part starts from rest too.
+  dynamics reach), or converges to a fixed point the dynamics would leave, starts from rest instead
+  and runs through its static period (both counted in ``report``); a trial without a static part
+  starts from rest too. Every start is checked, at every call: see :meth:`TrialRNN.start_stability`.
 - ``rest``: r = 0 and BPTT through the whole trial, static period included (the standard way).
 - ``learned``: a trained initial state r = h₀ and BPTT through the whole trial.
 
@@ -31,21 +32,35 @@ import torch
 from torch import nn
 
 from . import implicit
+from .dynamics import power_radius
 from .model import FixedPoint, Layer, _per_layer, get_dtype
 from .solvers import DEFAULT_FALLBACK
 
 Tensor = torch.Tensor
 STARTS = ("fixed_point", "rest", "learned")
+STABILITY = ("auto", "exact", "power")
+#: above this many units ``stability="auto"`` estimates by power iteration instead of eigenvalues
+EXACT_MAX_N = 512
 
 
 @dataclass
 class StartReport:
     """How the last call's trials started: the fixed point of their static inputs and which trials
-    start there (None: no trial started at a fixed point), and how many trials that should have
-    started at their fixed point started from rest because it did not converge."""
+    start there (None: no trial started at a fixed point); how many trials that should have started
+    at their fixed point started from rest because it did not converge (``from_rest``) or was
+    unstable (``unstable``); and each trial's stability value (NaN where none was computed)."""
     fixed_point: FixedPoint | None
     at_fixed_point: Tensor | None
     from_rest: int = 0
+    unstable: int = 0
+    stability: Tensor | None = None
+
+    @property
+    def stability_max(self) -> float | None:
+        """The largest stability value over the starts used (< 1 by construction), or None."""
+        if self.stability is None or self.at_fixed_point is None or not bool(self.at_fixed_point.any()):
+            return None
+        return float(self.stability[self.at_fixed_point].max())
 
 
 class TrialRNN(nn.Module):
@@ -60,13 +75,15 @@ class TrialRNN(nn.Module):
                  solver_kwargs: dict | None = None, fallback: Any = "default", sigma_W: float = 0.5,
                  n_exc: Any = None, p_connect: Any = None, mask_path: Any = None, mask_seed: Any = None,
                  self_connections: bool = True, constraint: str = "project", blocks=None, seed: int = 0,
-                 dtype: Any = "float32"):
+                 dtype: Any = "float32", stability: str = "auto"):
         super().__init__()
         for name, v in (("N", N), ("n_in", n_in), ("n_out", n_out)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if start not in STARTS:
             raise ValueError(f"unknown start {start!r}; choose one of {list(STARTS)}")
+        if stability not in STABILITY:
+            raise ValueError(f"unknown stability {stability!r}; choose one of {list(STABILITY)}")
         if dynamics != "rate":
             raise ValueError(f"the network in time simulates rate dynamics (τ dr/dt = −r + f(W r + x)); "
                              f"dynamics={dynamics!r} is not supported")
@@ -91,13 +108,14 @@ class TrialRNN(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(n_out, dtype=dt_))
         self.h0 = nn.Parameter(torch.zeros(N, dtype=dt_)) if start == "learned" else None
         self.N, self.n_in, self.n_out, self.start, self.dt, self.truncate = N, n_in, n_out, start, float(dt), truncate
+        self.exact_stability = stability == "exact" or (stability == "auto" and N <= EXACT_MAX_N)
         self.report: StartReport | None = None
         self.config = dict(N=N, n_in=n_in, n_out=n_out, start=start, dt=dt, tau=tau, tau_I=tau_I, truncate=truncate,
                            activation=activation, dynamics=dynamics, solver=solver,
                            solver_kwargs=dict(layer.solver_kwargs), fallback=layer.fallback, sigma_W=sigma_W,
                            n_exc=n_exc, p_connect=p_connect, mask_path=mask_path, mask_seed=mask_seed,
                            self_connections=self_connections, constraint=constraint, blocks=blocks, seed=seed,
-                           dtype=str(dt_).replace("torch.", ""))
+                           dtype=str(dt_).replace("torch.", ""), stability=stability)
 
     @classmethod
     def load(cls, run_dir, map_location="cpu") -> "TrialRNN":
@@ -167,10 +185,15 @@ class TrialRNN(nn.Module):
         x = layer.input(s)
         with torch.no_grad():
             fp = layer.fixed_point(x)
-        report = implicit.Report(fp, implicit.used_samples(fp.solution, fp.r))
+            converged = implicit.used_samples(fp.solution, fp.r) & (static > 0)
+            stability = self.start_stability(fp, converged)
+        here = converged & (stability < 1)
+        # an unstable start is left out of the rule as an unconverged one is: it is not a state the
+        # network holds, so that trial runs from rest through its static period instead
+        report = implicit.Report(fp, here)
         layer.report = report
-        here = report.used & (static > 0)
-        self.report = StartReport(fp, here, int(((static > 0) & ~report.used).sum()))
+        self.report = StartReport(fp, here, int(((static > 0) & ~converged).sum()), int((converged & ~here).sum()),
+                                  stability)
         if not bool(here.any()):
             return rest, torch.zeros_like(static)
         needs_graph = torch.is_grad_enabled() and any(
@@ -208,3 +231,30 @@ class TrialRNN(nn.Module):
         """Per trial, the stability value of its start (max Re λ of the Jacobian in units of the
         shortest τ, plus 1: stable iff < 1; :meth:`fprnn.dynamics.Dynamics.stability`)."""
         return self.layer.stability(fp)
+
+    @torch.no_grad()
+    def start_stability(self, fp: FixedPoint, rows: Tensor) -> Tensor:
+        """The stability value of each start in ``rows`` (B,) bool, NaN elsewhere; stable iff < 1.
+
+        Exact (eigenvalues of T⁻¹(−I + G_i W), :meth:`stability`) for N ≤ ``EXACT_MAX_N`` or with
+        ``stability="exact"``: trials with the same static input share a fixed point, so the
+        eigenvalues are taken once per distinct gain vector (a batch of a two-context task costs
+        two eigendecompositions). Above, or with ``stability="power"``, an estimate by power
+        iteration of the network's own linearized Euler step M_i = I + dt T⁻¹(−I + G_i W) — the
+        map the simulated trial applies near its start: ρ(M_i) < 1 is whether the simulation keeps
+        it — reported as 1 + τ_min (ρ(M_i) − 1)/dt, which equals the exact value when the dominant
+        eigenvalue is real (:func:`fprnn.dynamics.power_radius`: it can underestimate)."""
+        out = torch.full(rows.shape, float("nan"), dtype=fp.r.dtype, device=fp.r.device)
+        if not bool(rows.any()):
+            return out
+        gain = fp.gain[rows]
+        distinct, which = torch.unique(gain, dim=0, return_inverse=True)
+        if self.exact_stability:
+            sub = FixedPoint(fp.r[:0], fp.z[:0], distinct, fp.x[:0], fp.solution)
+            values = self.stability(sub)
+        else:
+            W, alpha = self.layer.W.detach(), (self.dt / self.layer.tau).to(distinct.dtype)
+            rho = power_radius(lambda v: v + alpha * (distinct * (v @ W.T) - v), distinct, iters=200)
+            values = 1 + (rho - 1) / alpha.max()
+        out[rows] = values.to(out.dtype)[which]
+        return out

@@ -98,6 +98,27 @@ class Dynamics:
         return 1 + tau.min() * torch.linalg.eigvals(J).real.amax(-1)
 
 
+@torch.no_grad()
+def power_radius(apply: Callable[[Tensor], Tensor], like: Tensor, iters: int = 30, seed: int = 0) -> Tensor:
+    """ρ(M_i) per sample (m,) of a batch of linear maps ``apply`` (rows (m, N) → (m, N)) by power
+    iteration from a random start (shape and dtype of ``like``): the growth of ‖M_i^k v‖ over the
+    last half of ``iters`` steps, (‖v_k‖/‖v_{k/2}‖)^{2/k}. It converges like (|λ₂|/|λ₁|)^k and
+    underestimates ρ when it has not; a complex dominant pair makes single-step ratios oscillate,
+    which the averaged growth does not. An estimate, not a certificate."""
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    v = torch.randn(like.shape, generator=gen, dtype=like.dtype, device=like.device)
+    v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    log_growth = torch.zeros(len(like), dtype=like.dtype, device=like.device)
+    half = iters // 2
+    for k in range(iters):
+        v = apply(v)
+        norm = torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+        if k >= half:
+            log_growth += norm.squeeze(1).log()
+        v = v / norm
+    return (log_growth / (iters - half)).exp()
+
+
 DYNAMICS: dict[str, Dynamics] = {
     "rate": Dynamics("rate", continuous=True),
     "voltage": Dynamics("voltage", continuous=True, state_is_voltage=True),

@@ -262,8 +262,10 @@ def make_figures(root: str | Path, wandb: bool = False) -> list[Path]:
     written: list[Path] = []
     if any("start" in it["res"] for it in items):     # networks in time (model=ctrnn)
         plot_curves(items, "train/loss_step", "training loss (weighted over steps)", "loss", out, written, log=True)
-        plot_curves(items, "train/perf_step", "training performance", "performance", out, written)
-        plot_curves(items, "val/perf", "validation performance (end of epoch)", "val_performance", out, written,
+        score = "r2" if any(it["res"].get("targets") == "continuous" for it in items) else "perf"
+        label = "R²" if score == "r2" else "performance"
+        plot_curves(items, f"train/{score}_step", f"training {label}", "performance", out, written)
+        plot_curves(items, f"val/{score}", f"validation {label} (end of epoch)", "val_performance", out, written,
                     marker="o")
         if len(items) == 1:
             from .trial_figures import plot_trials

@@ -357,7 +357,7 @@ def load_network(cls, path, map_location="cpu"):
         weights = network_state(torch.load(source, map_location=map_location, weights_only=False))
     else:
         weights = torch.load(source, map_location=map_location)
-    wrong = net.shape_mismatch(weights)
+    wrong = state_mismatch(net.state_dict(), weights)
     if wrong:
         raise ValueError(f"{source}: {wrong} (built from model.json)")
     net.load_state_dict(weights)
@@ -463,10 +463,6 @@ class FixedPointRNN(nn.Module):
         to analyse (``fixed_points``, ``layers[ℓ].stability``). ``path`` may also be one of the
         run's checkpoints (``run_dir/checkpoints/best.ckpt`` or ``last.ckpt``): that network."""
         return load_network(cls, path, map_location)
-
-    def shape_mismatch(self, weights: dict) -> str | None:
-        """How saved ``weights`` (a state dict) fail to fit this network, or None."""
-        return state_mismatch(self.state_dict(), weights)
 
     @property
     def dtype(self) -> torch.dtype:

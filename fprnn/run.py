@@ -172,7 +172,7 @@ def build(cfg: DictConfig, run_dir: Path | str):
                    rule_kwargs=_plain(cfg.rule.get("kwargs")), optimizer=optimizer, scheduler=scheduler,
                    **_plain(cfg.get("fault")), **_plain(cfg.get("module")))
     if in_time:
-        module = TrialModule(model, **options)
+        module = TrialModule(model, targets=getattr(data, "targets", "actions"), **options)
     else:
         module = FixedPointModule(model, task=data.task, units=getattr(data, "units", None), **options)
     loggers = [hydra.utils.instantiate(c, save_dir=str(run_dir))
@@ -180,7 +180,7 @@ def build(cfg: DictConfig, run_dir: Path | str):
     callbacks = [RunCheckpoint(run_dir / "checkpoints", **_plain(cfg.get("ckpt")))]
     best = _plain(cfg.get("best"))
     if best.get("monitor") is not None and _held_out_validation(data):
-        monitor, mode = ("val/perf", "max") if in_time else best_metric(data.task, getattr(data, "units", None) is not None)
+        monitor, mode = module.score if in_time else best_metric(data.task, getattr(data, "units", None) is not None)
         if best["monitor"] != "auto":
             monitor, mode = best["monitor"], best.get("mode") or mode
         callbacks += best_callbacks(run_dir / "checkpoints", monitor, mode, best.get("patience"))
@@ -211,6 +211,8 @@ def _test(trainer, module, data) -> dict[str, Any]:
     for k in ("r2", "perf"):
         if f"test/{k}" in tested:
             out[f"test_{k}"] = tested[f"test/{k}"]
+    if getattr(module, "continuous", False):    # a network in time's loss on continuous targets is the MSE
+        out["test_mse"] = out["test_loss"]
     out["solver_max_residual"] = tested.get("test/max_residual")
     return out
 
@@ -272,6 +274,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             module.record.status = "interrupted"
             results["error"] = f"interrupted ({type(e).__name__}); resume with ckpt_path=" \
                                f"{run_dir / 'checkpoints' / 'last.ckpt'}"
+        elif isinstance(e, (ValueError, FileNotFoundError)):   # a user's to fix: the message is the whole story
+            results["error"] = str(e)
         else:
             results["error"] = "".join(traceback.format_exception_only(type(e), e)).strip()
     finally:
@@ -352,13 +356,19 @@ def _trials_final(run_dir: Path, module, data, trainer) -> dict[str, Any]:
     condition (and every test trial's choice in ``trials.json``), E/I sign violations."""
     from .trial_module import perf_by_condition
     m, stats = module.model, module.start_stats
-    out: dict[str, Any] = {"start": m.start, "start_from_rest": stats["from_rest"],
+    out: dict[str, Any] = {"start": m.start, "start_from_rest": stats["from_rest"], "start_unstable": stats["unstable"],
+                           "test_start_from_rest": stats.get("test_from_rest", 0),
+                           "test_start_unstable": stats.get("test_unstable", 0),
                            "graph_mb_max": stats["graph_mb_max"], "start_stability_max": stats["stability_max"],
+                           "targets": getattr(data, "targets", "actions"),
                            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if module.test_records:
+    if module.test_records and not module.continuous:
         out["test_perf_by_condition"] = perf_by_condition(module.test_records, data.condition_keys)
-        if trainer is None or trainer.is_global_zero:
-            atomic_write_text(run_dir / "trials.json", json.dumps(module.test_records))
+        # chance: always answering the test trials' most frequent target
+        targets = [r["target"] for r in module.test_records]
+        out["test_chance"] = max(targets.count(t) for t in set(targets)) / len(targets)
+    if module.test_records and (trainer is None or trainer.is_global_zero):
+        atomic_write_text(run_dir / "trials.json", json.dumps(module.test_records))
     layer = m.layer
     if layer.sign is not None or layer.mask is not None:
         out["constraint_violations"] = constraints.violations(layer.W.detach(), layer.sign, layer.mask)

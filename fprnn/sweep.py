@@ -6,6 +6,7 @@
     python sweep.py beyond                     # trained read-in/out: rules vs W ≡ 0, 1 and 2 layers
     python sweep.py conv                       # conv front end on Fashion-MNIST: rules vs W ≡ 0
     python sweep.py timescales --jobs 2        # tasks in time: fixed-point start vs BPTT from rest
+    python sweep.py neurogym                   # every NeuroGym task: fixed-point start vs rest, 2 seeds
 
 Each point runs as its own process (its own W&B run, memory and, with trainer=ddp, its own
 devices) in ``OUT/<rule>_lr<lr>/``. ``OUT/summary.csv`` and ``OUT/summary.md`` get one row per
@@ -135,6 +136,32 @@ PRESETS["timescales"] = {"base": ["experiment=cdm", "trainer.max_epochs=3", "dat
                          "group": ["task", "static_ms", "start"],
                          "doc": "tasks in time: start at the static input's fixed point (w3) vs BPTT from rest, "
                                 "static period 0.3, 2 and 5 s, 3 tasks × 3 seeds"}
+def _neurogym_points() -> list[tuple[str, str, str, list[str], dict]]:
+    """Every NeuroGym task at one budget (experiment=cdm's network, its defaults for each task:
+    data.kwargs={}), starting at the fixed point of the static input (w3) and from rest, 2 seeds;
+    a task that cannot be trained gets one point, whose results.json says why."""
+    from fprnn.tasks import refusal, task_names
+    points, refused = [], {task: refusal(task) for task in task_names()}
+    for seed in (0, 1):             # seed 0 of every task first: a sweep cut short is one whole seed
+        for task in task_names():
+            for start in ("fixed_point", "rest"):
+                if refused[task] and (start, seed) != ("fixed_point", 0):
+                    continue
+                points.append((f"{task.split('-v')[0]}_{start}_s{seed}", "w3", "0.01",
+                               [f"data.task={task}", "data.kwargs={}", f"model.start={start}", f"seed={seed}"],
+                               {"task": task, "start": start, "seed": seed}))
+    return points
+
+
+PRESETS["neurogym"] = {"base": ["experiment=cdm", "trainer.max_epochs=3", "data.val_trials=256",
+                                 "data.test_trials=512"],
+                        "points": _neurogym_points, "lr": [],
+                        "columns": ["task", "start", "seed", "status", "test_chance", "test_perf", "test_r2",
+                                    "val_perf", "val_r2", "start_from_rest", "start_unstable",
+                                    "start_stability_max", "faults", "wall_s", "error"],
+                        "group": ["task", "start"],
+                        "doc": "every NeuroGym task, 300 steps of experiment=cdm's network with each task's own "
+                               "defaults: fixed-point start (w3) vs BPTT from rest, 2 seeds"}
 # max_re_eig, frac_stable: per-sample, at the final W; peak_*: the largest seen during training,
 # per sample and of eig(W) itself (the authors' check, a proxy: see docs/rules.md)
 COLUMNS = ["rule", "lr", "status", "loss_W", "train_loss", "test_loss", "test_acc", "max_re_eig",
@@ -157,6 +184,8 @@ def make_points(preset: str, rules: list[str], lrs: list[str], overrides: list[s
     """The grid rule × lr, or a preset's own list of points: the sweep's overrides, then the
     point's own (its data, layers, …)."""
     listed = PRESETS.get(preset, {}).get("points")
+    if callable(listed):        # made when asked for (the neurogym preset asks every task)
+        listed = listed()
     if listed is None:
         return [Point(f"{r}_lr{lr}", r, lr, overrides, out / f"{r}_lr{lr}") for r in rules for lr in lrs]
     return [Point(name, rule, lr, merge([*overrides, *extra]), out / name, cols)

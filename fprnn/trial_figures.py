@@ -40,11 +40,27 @@ def signed_coherence(info: dict, target: int) -> float | None:
     return float(info["coh"]) * (1 if int(target) == 1 else -1)
 
 
-def condition_of(info: dict, target: int, keys: list[str]) -> tuple:
-    """(context or '', signed coherence or the target): a trial's condition for the analysis."""
-    context = info.get("context", "") if "context" in keys else ""
+def condition_of(info: dict, target: float, keys: list[str]) -> tuple:
+    """(context, level): a trial's condition for the analysis. The context is NeuroGym's, else the
+    first condition the trial has in words (a trials file's), else ''; the level is the signed
+    coherence, else the first numeric condition, else its target at the answer step (an action, or
+    a continuous target's first channel)."""
+    own = [k for k in keys if k not in ("context", "coh") and k in info]
+    named = next((str(info[k]) for k in own if isinstance(info[k], str)), "")     # a condition named by a word
+    context = info.get("context", "") if "context" in keys else named
     coh = signed_coherence(info, target) if "coh" in keys else None
-    return (context, coh if coh is not None else float(target))
+    other = next((float(info[k]) for k in own if not isinstance(info[k], str)), None)
+    return (context, coh if coh is not None else other if other is not None else float(target))
+
+
+def binned(levels: list[float], most: int = 8) -> dict[float, float]:
+    """Each level's representative: itself when there are at most ``most`` distinct levels, else
+    the mean of its quantile bin (continuous conditions make a condition per trial otherwise)."""
+    distinct = sorted(set(levels))
+    if len(distinct) <= most:
+        return {v: v for v in distinct}
+    bins = [distinct[len(distinct) * b // most:len(distinct) * (b + 1) // most] for b in range(most)]
+    return {v: round(sum(b) / len(b), 6) for b in bins for v in b}
 
 
 @torch.no_grad()
@@ -63,9 +79,11 @@ def analyse_run(run: Path, n_trials: int = 256, n_starts: int = 128) -> dict:
     _, _, V = torch.linalg.svd(flat - mean, full_matrices=False)
     pcs = V[:3]
     conds: dict[tuple, list[int]] = defaultdict(list)
-    for i, (_, trial) in enumerate(items):
-        target = int(trial.gt[trial.answer])
-        conds[condition_of(trial.info, target, data.condition_keys)].append(i)
+    keyed = [condition_of(trial.info, float(trial.gt[trial.answer].reshape(-1)[0]), data.condition_keys)
+             for _, trial in items]
+    level = binned([c[1] for c in keyed])
+    for i, (context, value) in enumerate(keyed):
+        conds[(context, level[value])].append(i)
     inputs, names = [], []
     for cond, rows in sorted(conds.items(), key=lambda c: (str(c[0][0]), c[0][1])):
         segs = [items[i][1] for i in rows]
@@ -109,7 +127,7 @@ def _psychometric(run: Path, out: Path, written: list, save) -> None:
     if not path.exists():
         return
     records = json.loads(path.read_text())
-    if not records or "coh" not in records[0]:
+    if not records or "coh" not in records[0] or "choice" not in records[0]:
         return
     by: dict = defaultdict(lambda: defaultdict(list))
     for r in records:
@@ -129,7 +147,9 @@ def _psychometric(run: Path, out: Path, written: list, save) -> None:
 
 def _examples(a: dict, out: Path, written: list, save, n: int = 3) -> None:
     model, batch = a["model"], a["batch"]
-    probs = torch.softmax(a["R"][:n] @ model.W_out.T.double() + model.b_out.double(), -1).detach()
+    continuous = batch["gt"].is_floating_point()
+    outputs = (a["R"][:n] @ model.W_out.T.double() + model.b_out.double()).detach()
+    probs = outputs if continuous else torch.softmax(outputs, -1)
     fig, axes = plt.subplots(3, n, figsize=(4.2 * n, 6.5), sharex="col", squeeze=False)
     for j in range(n):
         T = int(batch["mask"][j].sum())
@@ -140,8 +160,8 @@ def _examples(a: dict, out: Path, written: list, save, n: int = 3) -> None:
         axes[2, j].plot(batch["gt"][j, :T].numpy(), "k", lw=1.2)
         axes[2, j].set_xlabel(f"step ({model.dt:g} ms)")
     axes[0, 0].set_ylabel("inputs")
-    axes[1, 0].set_ylabel("P(action)")
-    axes[2, 0].set_ylabel("target action")
+    axes[1, 0].set_ylabel("outputs" if continuous else "P(action)")
+    axes[2, 0].set_ylabel("targets" if continuous else "target action")
     fig.tight_layout()
     save(fig, out, "example_trials", written)
 

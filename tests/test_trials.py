@@ -338,3 +338,11 @@ def test_a_resumed_epoch_draws_the_trials_it_had_not_seen():
     second = NeuroGymDataModule(**kw).train_dataloader()
     second.sampler.set_epoch(1)
     assert next(iter(second))["index"].tolist() == list(range(40, 48))     # a new epoch: fresh trials
+
+
+def test_a_network_in_time_resumes_from_its_checkpoint(tmp_path):
+    first = train(quick(tmp_path, "model.N=16", "data.train_trials=64", "data.batch_size=32"))
+    assert first["status"] == "finished" and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    more = train(quick(tmp_path, "model.N=16", "data.train_trials=64", "data.batch_size=32", "trainer.max_epochs=2",
+                       "resume=true"))
+    assert more["status"] == "finished" and more["steps"] == 4 and more["epochs"] == 2
