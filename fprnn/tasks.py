@@ -198,8 +198,10 @@ def no_trials(env) -> str | None:
     return None
 
 
-def draw_trial(env, seed: int, split: str, k: int, static: str, decision_period: str) -> Trial:
-    """Trial k of ``split``, from a generator seeded by (seed, split, k) alone."""
+def draw_trial(env, seed: int, split: str, k: int, static: str, decision_period: str,
+               targets: tuple[str, int] | None = None) -> Trial:
+    """Trial k of ``split``, from a generator seeded by (seed, split, k) alone. ``targets``: the
+    task's (kind, size) from :func:`target_kind` (None: this trial's own)."""
     env.seed(int(np.random.SeedSequence([int(seed), SPLITS[split], int(k)]).generate_state(1)[0]))
     try:
         info = env.new_trial()
@@ -223,8 +225,17 @@ def draw_trial(env, seed: int, split: str, k: int, static: str, decision_period:
                if isinstance(v, (int, float, np.generic)) and not isinstance(v, bool)}
     if {"context", "coh_1", "coh_2"} <= scalars.keys():    # ContextDecisionMaking: the coherence that counts
         scalars["coh"] = scalars[f"coh_{int(scalars['context']) + 1}"]
-    kind, _ = target_kind(env, gt)
-    gt = gt.astype(np.int64) if kind == "actions" else gt.astype(np.float32).reshape(T, -1)
+    kind, size = targets or target_kind(env, gt)
+    if kind == "actions":
+        if gt.ndim != 1 or gt.min() < 0 or gt.max() >= size or not (gt == np.round(gt)).all():
+            raise ValueError(f"task {type(env).__name__}: trial {k} of {split} has targets {np.unique(gt)[:8]} that "
+                             f"are not its {size} actions")
+        gt = gt.astype(np.int64)
+    else:
+        gt = gt.astype(np.float32).reshape(T, -1)
+        if gt.shape[1] != size:
+            raise ValueError(f"task {type(env).__name__}: trial {k} of {split} has {gt.shape[1]} targets per step, "
+                             f"the task's first trial {size}")
     return Trial(ob, gt, static_steps(ob, periods, static), decision[1] - 1, decision, scalars, periods)
 
 
@@ -416,14 +427,15 @@ class NeuroGymDataModule(TrialData):
         self.train_trials, self.val_trials, self.test_trials = train_trials, val_trials, test_trials
         self.condition_keys = list(conditions) if conditions is not None else list(CONDITIONS)
         self.env = make_env(task, dt, self.kwargs)
+        self._targets = None
         first = self.draw("train", 0)
         self.n_in = int(first.ob.shape[1])
-        self.targets, self.n_out = target_kind(self.env, np.asarray(self.env.gt))
+        self._targets = self.targets, self.n_out = target_kind(self.env, np.asarray(self.env.gt))
         self._check_loss()
         self._static_note(first, static)
 
     def draw(self, split: str, k: int) -> Trial:
-        return draw_trial(self.env, self.seed, split, k, self.static, self.decision_period)
+        return draw_trial(self.env, self.seed, split, k, self.static, self.decision_period, self._targets)
 
 
 #: the keys of a trials file: required, then optional
