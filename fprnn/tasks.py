@@ -483,9 +483,11 @@ class TrialFileDataModule(TrialData):
         if val_fraction and not self.val_trials or test_fraction and not self.test_trials:
             raise ValueError(f"{self.path}: {n} trials leave no validation or test trial at val_fraction="
                              f"{val_fraction}, test_fraction={test_fraction}")
-        if self.train_trials < batch_size:
-            raise ValueError(f"data.batch_size={batch_size} is more than the {self.train_trials} training trials "
-                             f"of {self.path}")
+        clamped = None
+        if self.train_trials < batch_size:      # a small file still trains: one batch an epoch
+            self.batch_size = self.train_trials
+            clamped = (f"{self.path}: {self.train_trials} training trials, fewer than data.batch_size={batch_size}: "
+                       f"each batch is all of them")
         first = self.trials[0]
         self.n_in = int(first.ob.shape[1])
         self.targets = "actions" if first.gt.ndim == 1 else "continuous"
@@ -493,6 +495,7 @@ class TrialFileDataModule(TrialData):
                       else int(first.gt.shape[1]))
         self._check_loss()
         self._static_note(first, static)
+        self.note = "; ".join(n for n in (self.note, clamped) if n) or None
 
     def draw(self, split: str, k: int) -> Trial:
         ids = self.split_ids[split]
@@ -538,8 +541,6 @@ def load_trials(path: Path, static: str) -> tuple[list[Trial], list[str]]:
                              f"integer actions — for one continuous output give (n, T, 1)")
         y = y.astype(np.int64)
     elif y.ndim == 3 and y.shape[:2] == (n, T) and y.shape[2] >= 1 and np.issubdtype(y.dtype, np.number):
-        if not np.isfinite(y).all():
-            raise ValueError(f"{path}: key 'targets' has non-finite values")
         y = y.astype(np.float32)
     else:
         raise ValueError(f"{path}: key 'targets' has shape {y.shape}; expected ({n}, {T}) integer actions or "
@@ -563,6 +564,11 @@ def load_trials(path: Path, static: str) -> tuple[list[Trial], list[str]]:
         raise ValueError(f"{path}: key 'mask' must be finite loss weights ≥ 0, not all 0 (min {mask.min()}, "
                          f"sum {mask.sum()})")
     weight = (np.ones((n, T)) if mask is None else mask).astype(np.float32)
+    if y.ndim == 3 and not np.isfinite(y).all():    # NaN padding is fine where the mask ignores it
+        if mask is None or (weight[~np.isfinite(y).all(2)] > 0).any():
+            raise ValueError(f"{path}: key 'targets' has non-finite values at steps of weight > 0 (allowed only where "
+                             f"mask is 0)")
+        y = np.where(np.isfinite(y), y, 0).astype(np.float32)
     if y.ndim == 2 and y.min() < 0:        # padding labels (-1, -100) are fine where the mask ignores them
         if mask is None or (weight[y < 0] > 0).any():
             raise ValueError(f"{path}: key 'targets' has action {int(y.min())} at a step of weight > 0; actions are "

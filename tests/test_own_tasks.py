@@ -252,8 +252,18 @@ def test_trials_file_actions_and_its_own_keys(tmp_path):
         TrialFileDataModule(_save(tmp_path / "d.npz", inputs=inputs, targets=padded), batch_size=8)
     auto = TrialFileDataModule(_save(tmp_path / "b.npz", inputs=inputs, targets=targets), batch_size=8)
     assert auto.draw("val", 0).static == 4                  # found: the input is constant for 4 steps
-    with pytest.raises(ValueError, match="data.batch_size=64 is more than the 32 training trials"):
-        TrialFileDataModule(str(tmp_path / "b.npz"))
+    small = TrialFileDataModule(str(tmp_path / "b.npz"))       # 32 training trials: one batch of them
+    assert small.batch_size == 32 and "fewer than data.batch_size=64" in small.note
+    assert [len(b["index"]) for b in small.train_dataloader()] == [32]
+    # NaN targets where the mask is 0 (padding), refused where it counts
+    y = g.normal(size=(n, T, 2)).astype(np.float32)
+    y[:, -2:] = np.nan
+    m = np.ones((n, T))
+    m[:, -2:] = 0
+    d = TrialFileDataModule(_save(tmp_path / "e.npz", inputs=inputs, targets=y, mask=m), batch_size=8)
+    assert d.targets == "continuous" and np.isfinite(d.draw("val", 0).gt).all()
+    with pytest.raises(ValueError, match="non-finite values at steps of weight > 0"):
+        TrialFileDataModule(_save(tmp_path / "f.npz", inputs=inputs, targets=y), batch_size=8)
     with pytest.raises(FileNotFoundError, match="no such trials file"):
         TrialFileDataModule(str(tmp_path / "none.npz"))
 
@@ -314,3 +324,23 @@ def test_stable_starts_are_kept_and_the_power_estimate_matches_a_real_dominant_e
     assert float((power.report.stability - lam).abs().max()) < 0.02
     with pytest.raises(ValueError, match="unknown stability 'eig'"):
         TrialRNN(8, 2, 2, stability="eig")
+
+
+def test_every_neurogym_task_gives_trials_a_network_takes_or_a_reason():
+    """All registered ids with their own defaults: a data module whose batch a network in time maps to
+    a finite loss of the task's kind, or a ValueError with the reason (five of them)."""
+    from fprnn.tasks import task_names
+    refused = {}
+    for task in task_names():
+        try:
+            d = NeuroGymDataModule(task=task, kwargs={}, val_trials=3, test_trials=3)
+        except ValueError as e:
+            refused[task] = str(e)
+            continue
+        b = d.probe_batch(3)
+        m = TrialRNN(16, d.n_in, d.n_out, dt=d.dt, seed=0)
+        with torch.no_grad():
+            loss = step_losses(m(b["ob"], b["static"]), b["gt"], b["weight"])
+        assert torch.isfinite(loss).all() and (b["gt"].is_floating_point() == (d.targets == "continuous")), task
+    assert set(refused) == {"AnnubesEnv-v0", "Bandit-v0", "DawTwoStep-v0", "EconomicDecisionMaking-v0", "Null-v0"}
+    assert all("\n" not in why for why in refused.values())
