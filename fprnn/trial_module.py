@@ -207,8 +207,8 @@ class TrialModule(FixedPointModule):
     def _score(self, split: str, out: Tensor, batch) -> tuple[Tensor, Tensor] | None:
         """Updates the split's performance (actions) or R² (continuous targets); for actions
         returns (choice, target) at each trial's answer step."""
-        if self.continuous:
-            getattr(self, f"{split}_r2").update(out, batch["gt"], batch["weight"])
+        if self.continuous:     # called, not updated: the step's own R² is what train/r2_step logs
+            getattr(self, f"{split}_r2")(out, batch["gt"], batch["weight"])
             return None
         choice, target = answers(out, batch["answer"]), self._answer_gt(batch)
         getattr(self, f"{split}_perf")((choice == target).float())
