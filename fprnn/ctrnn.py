@@ -238,9 +238,8 @@ class TrialRNN(nn.Module):
 
         Exact (eigenvalues of T⁻¹(−I + G_i W), :meth:`stability`) for N ≤ ``EXACT_MAX_N`` or with
         ``stability="exact"``: trials with the same static input share a fixed point, so the
-        eigenvalues are taken once per distinct gain vector (a batch of a two-context task costs
-        two eigendecompositions). Above, or with ``stability="power"``, an estimate by power
-        iteration of the network's own linearized Euler step M_i = I + dt T⁻¹(−I + G_i W) — the
+        eigenvalues are taken once per distinct gain vector in the batch. Above, or with
+        ``stability="power"``, an estimate by power iteration of the network's own linearized Euler step M_i = I + dt T⁻¹(−I + G_i W) — the
         map the simulated trial applies near its start: ρ(M_i) < 1 is whether the simulation keeps
         it — reported as 1 + τ_min (ρ(M_i) − 1)/dt, which equals the exact value when the dominant
         eigenvalue is real (:func:`fprnn.dynamics.power_radius`: it can underestimate)."""
