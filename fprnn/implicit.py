@@ -31,6 +31,7 @@ the caller reads the report after backward and skips the step everywhere.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -98,11 +99,13 @@ class RuleBackward:
 class Report:
     """One call's record: the fixed point (with its solver stats), the samples fit to learn from,
     and after backward the per-sample errors δ_i = n·∂loss/∂r_i (rows; zero for samples not used)
-    and the fault (None: none)."""
+    and the fault (None: none). ``log``: a list that every recorded fault is appended to as well
+    (a layer's running record of them)."""
     fixed_point: object
     used: Tensor
     delta: Tensor | None = None
     fault: str | None = None
+    log: list | None = None
 
 
 def resolve_rule_kwargs(rule: str, kwargs: dict | None, layer) -> dict:
@@ -150,15 +153,17 @@ def rule_fault(info: dict) -> str | None:
 
 
 def attach(r: Tensor, gain: Tensor, W: Tensor, V: Tensor | None, b: Tensor | None, s: Tensor,
-           spec: RuleBackward, report: Report) -> Tensor:
-    """r (solved, no graph) as a function of (W, V, b, s) whose backward is ``spec``'s rule."""
-    return _FixedPoint.apply(W, V, b, s, r, gain, spec, report)
+           spec: RuleBackward, report: Report, operator: Callable[[Tensor], object] | None = None) -> Tensor:
+    """r (solved, no graph) as a function of (W, V, b, s) whose backward is ``spec``'s rule.
+    ``operator``: this call's W parameter → operator (a conv layer's maps take their size from
+    each call's input), in place of ``spec.operator``."""
+    return _FixedPoint.apply(W, V, b, s, r, gain, spec, report, operator or spec.operator)
 
 
 class _FixedPoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, W, V, b, s, r, gain, spec, report):
-        ctx.spec, ctx.report = spec, report
+    def forward(ctx, W, V, b, s, r, gain, spec, report, operator):
+        ctx.spec, ctx.report, ctx.operator = spec, report, operator
         ctx.save_for_backward(W, V, b, s, r, gain)
         return r.view_as(r)
 
@@ -168,16 +173,20 @@ class _FixedPoint(torch.autograd.Function):
         spec, report = ctx.spec, ctx.report
         need = ctx.needs_input_grad[:4]
         try:
-            grads = _rule_backward(W.detach(), V, s.detach(), r, gain, grad_r, spec, report, need)
+            grads = _rule_backward(W.detach(), V, s.detach(), r, gain, grad_r, spec, report, need, ctx.operator)
         except FixedPointFault as fault:
             if spec.on_fault == "raise":
                 raise
             report.fault = str(fault)
+            if report.log is not None:
+                report.log.append(report.fault)
+                warnings.warn("a fixed-point layer's backward fault was recorded: its gradients are zero for that "
+                              "batch (layer.faults lists every one)", RuntimeWarning)
             grads = [torch.zeros_like(t) if n else None for t, n in zip((W, V, b, s), need)]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
-def _rule_backward(W, V, s, r, gain, grad_r, spec, report, need):
+def _rule_backward(W, V, s, r, gain, grad_r, spec, report, need, operator):
     need_W, need_V, need_b, need_s = need
     used = report.used
     if not bool(used.any()):
@@ -189,7 +198,7 @@ def _rule_backward(W, V, s, r, gain, grad_r, spec, report, need):
     record_delta(report, spec, grad_r)
     out: list[Tensor | None] = [None, None, None, None]
     P = A = None
-    op = W if spec.operator is None else spec.operator(W)
+    op = W if operator is None else operator(W)
     if need_W:
         delta = rows(report.delta)
         rr, gg, dd = (r_u, gain_u, delta) if spec.gather is None else \

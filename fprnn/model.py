@@ -39,6 +39,7 @@ class FixedPoint:
     gain: Tensor         # (m, N) f'(z)
     x: Tensor            # (m, N) input
     solution: Solution   # solver stats; solution.u is the state (for a warm start)
+    size: tuple | None = None   # a conv layer's maps (H, W) that the rows hold; None: not maps
 
 
 def _solver_kwargs(name: str, kwargs: dict) -> dict:

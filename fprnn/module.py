@@ -102,6 +102,8 @@ class FixedPointModule(pl.LightningModule):
             setattr(self, f"{split}_max_residual", torchmetrics.MaxMetric())
             if task == "classification":
                 setattr(self, f"{split}_acc", torchmetrics.Accuracy("multiclass", num_classes=model.n_out))
+                # maps of classes (a maze's pixels): the share of maps with every pixel right
+                setattr(self, f"{split}_maze_acc", torchmetrics.MeanMetric())
             elif units is not None:     # pooled over units: 1 − SS_res / SS_tot (variance-weighted)
                 setattr(self, f"{split}_r2", torchmetrics.R2Score(len(self.units), multioutput="variance_weighted"))
         self.record = RunRecord()
@@ -213,8 +215,7 @@ class FixedPointModule(pl.LightningModule):
             self.train_loss(step.losses.float().mean())
         logs = {"train/loss": self.train_loss, "train/left_out": float(bs - step.n_used)}
         if self.task == "classification":
-            self.train_acc(step.logits.argmax(1), batch[1])
-            logs["train/acc"] = self.train_acc
+            logs.update(self._accuracy("train", step.logits, batch[1]))
         self.log_dict(logs, on_step=True, on_epoch=True, prog_bar=False, batch_size=bs,
                       sync_dist=self.world > 1)
         self.log("loss", step.losses.mean(), prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
@@ -257,9 +258,7 @@ class FixedPointModule(pl.LightningModule):
         getattr(self, f"{split}_loss")(losses.float())
         logs = {f"{split}/loss": getattr(self, f"{split}_loss")}
         if self.task == "classification":
-            acc = getattr(self, f"{split}_acc")
-            acc(out.argmax(1), y)
-            logs[f"{split}/acc"] = acc
+            logs.update(self._accuracy(split, out, y))
         elif self.units is not None:
             r2 = getattr(self, f"{split}_r2")
             r2(out.float(), y.float())
@@ -268,6 +267,18 @@ class FixedPointModule(pl.LightningModule):
         mr(max(fp.solution.residual.max() for fp in fps))
         logs[f"{split}/max_residual"] = mr
         self.log_dict(logs, on_step=False, on_epoch=True, prog_bar=(split == "val"), batch_size=len(p))
+
+    def _accuracy(self, split: str, out: Tensor, y: Tensor) -> dict:
+        """The split's accuracy (of every pixel, for maps) and, for maps, the whole-map accuracy."""
+        pred = out.argmax(1)
+        acc = getattr(self, f"{split}_acc")
+        acc(pred, y)
+        logs = {f"{split}/acc": acc}
+        if pred.dim() > 1:
+            whole = getattr(self, f"{split}_maze_acc")
+            whole((pred == y).flatten(1).all(1).float())
+            logs[f"{split}/maze_acc"] = whole
+        return logs
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")

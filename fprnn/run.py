@@ -208,7 +208,7 @@ def _best(trainer):
 def _test(trainer, module, data) -> dict[str, Any]:
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     out = {"test_loss": tested.get("test/loss"), "test_acc": tested.get("test/acc")}
-    for k in ("r2", "perf"):
+    for k in ("r2", "perf", "maze_acc"):
         if f"test/{k}" in tested:
             out[f"test_{k}"] = tested[f"test/{k}"]
     if getattr(module, "continuous", False):    # a network in time's loss on continuous targets is the MSE
@@ -309,7 +309,7 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
     out["train_loss"] = _finite(metrics.get("train/loss_epoch"))
     if "train/acc_epoch" in metrics:
         out["train_acc"] = _finite(metrics.get("train/acc_epoch"))
-    for k in ("acc", "r2", "perf"):
+    for k in ("acc", "r2", "perf", "maze_acc"):
         if f"val/{k}" in metrics:
             out[f"val_{k}"] = _finite(metrics.get(f"val/{k}"))     # the last validation (what tuning reads)
     out["epochs"] = int(trainer.current_epoch) if trainer is not None else 0
@@ -323,6 +323,9 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
             out.update(_trials_final(run_dir, module, data, trainer))
         else:
             out.update(_static_final(cfg, data, module, trainer))
+        if hasattr(data, "test_cells") and (trainer is None or trainer.is_global_zero):
+            from .mazes import maze_report
+            out.update(maze_report(m, data, run_dir))
     except Exception as e:
         out["final_metrics_error"] = f"{type(e).__name__}: {e}"
     if trainer is None or trainer.is_global_zero:

@@ -7,6 +7,7 @@
     python sweep.py conv                       # conv front end on Fashion-MNIST: rules vs W ≡ 0
     python sweep.py timescales --jobs 2        # tasks in time: fixed-point start vs BPTT from rest
     python sweep.py neurogym                   # every NeuroGym task: fixed-point start vs rest, 2 seeds
+    python sweep.py mazes                      # mazes: w3, w1, jfb, bptt and K ≡ 0, extrapolation
 
 Each point runs as its own process (its own W&B run, memory and, with trainer=ddp, its own
 devices) in ``OUT/<rule>_lr<lr>/``. ``OUT/summary.csv`` and ``OUT/summary.md`` get one row per
@@ -103,6 +104,18 @@ PRESETS["convrec"] = {"base": ["experiment=convrec_mnist", "data.train_subset=12
                                   "solver_iters_mean", "peak_max_re_eig", "faults", "unconverged"],
                       "doc": "MNIST through a conv recurrent layer (experiment=convrec_mnist), 100 steps on "
                              "12,800 images: w3, w2, w1, jfb, bptt and K ≡ 0"}
+
+
+PRESETS["mazes"] = {"base": ["experiment=mazes"],
+                     "points": [(name, rule, "3e-3", extra, {"method": label}) for name, rule, extra, label in (
+                         ("w3", "w3", [], "w3 (the preset)"), ("w1", "w1", [], "w1 (gradient)"),
+                         ("jfb", "jfb", [], "jfb"), ("bptt", "bptt", [], "bptt (30 steps from the fixed point)"),
+                         ("ff", "w3", ["model.recurrent=false"], "K ≡ 0 (feed-forward)"))],
+                     "lr": [],
+                     "columns": ["method", "status", "test_maze_acc", "test_acc", "maze_acc_6", "maze_acc_9",
+                                 "maze_acc_12", "maze_acc_16", "best_epoch", "wall_s", "faults"],
+                     "doc": "Mazes (experiment=mazes): w3, w1, jfb, bptt and K ≡ 0, whole-maze accuracy at the "
+                            "training size (4 cells) and, without retraining, at 6, 9, 12 and 16 cells"}
 
 
 def _timescales_points() -> list[tuple[str, str, str, list[str], dict]]:

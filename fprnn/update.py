@@ -22,9 +22,11 @@ Tensor = torch.Tensor
 
 
 def per_sample_loss(task: str, out: Tensor, y: Tensor) -> Tensor:
-    """L_i of each prediction: cross-entropy of softmax(ŷ) (classification) or ‖ŷ − y‖²."""
+    """L_i of each prediction: cross-entropy of softmax(ŷ) (classification; for maps of classes,
+    (m, classes, H, W), its mean over the pixels) or ‖ŷ − y‖²."""
     if task == "classification":
-        return F.cross_entropy(out, y, reduction="none")
+        loss = F.cross_entropy(out, y, reduction="none")
+        return loss.flatten(1).mean(1) if loss.dim() > 1 else loss
     return F.mse_loss(out, y, reduction="none").sum(1)
 
 

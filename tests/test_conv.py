@@ -14,34 +14,35 @@ D = torch.float64
 PADS = ["zeros", "circular"]
 
 
-def conv_matrix(K: torch.Tensor, padding: str) -> torch.Tensor:
-    """W (N×N) of the size-keeping convolution with K, written entry by entry from the definition
-    (W r)[o, y, x] = Σ_{c,a,b} K[o, c, a, b] r[c, y + a − p, x + b − p] — independent of
-    fprnn.operators — and differentiable in K."""
-    p, n = K.shape[2] // 2, C * H * H
+def conv_matrix(K: torch.Tensor, padding: str, size=(H, H)) -> torch.Tensor:
+    """W (N×N) of the size-keeping convolution with K on maps of ``size``, written entry by entry
+    from the definition (W r)[o, y, x] = Σ_{c,a,b} K[o, c, a, b] r[c, y + a − p, x + b − p] —
+    independent of fprnn.operators — and differentiable in K."""
+    (Hy, Wx), p = size, K.shape[2] // 2
+    n = C * Hy * Wx
     rows, cols, kidx = [], [], []
     for o in range(C):
-        for y in range(H):
-            for x in range(H):
+        for y in range(Hy):
+            for x in range(Wx):
                 for c in range(C):
                     for a in range(K_SIZE):
                         for b in range(K_SIZE):
                             yy, xx = y + a - p, x + b - p
                             if padding == "circular":
-                                yy, xx = yy % H, xx % H
-                            elif not (0 <= yy < H and 0 <= xx < H):
+                                yy, xx = yy % Hy, xx % Wx
+                            elif not (0 <= yy < Hy and 0 <= xx < Wx):
                                 continue
-                            rows.append((o * H + y) * H + x)
-                            cols.append((c * H + yy) * H + xx)
+                            rows.append((o * Hy + y) * Wx + x)
+                            cols.append((c * Hy + yy) * Wx + xx)
                             kidx.append(((o * C + c) * K_SIZE + a) * K_SIZE + b)
     W = torch.zeros(n, n, dtype=K.dtype)
     return W.index_put((torch.tensor(rows), torch.tensor(cols)), K.flatten()[torch.tensor(kidx)], accumulate=True)
 
 
-def adjoint(K: torch.Tensor, padding: str, dW: torch.Tensor) -> torch.Tensor:
+def adjoint(K: torch.Tensor, padding: str, dW: torch.Tensor, size=(H, H)) -> torch.Tensor:
     """Mᵀ(ΔW) for the linear map M: K ↦ W, by autograd: the gradient of ⟨M(K), ΔW⟩ in K."""
     Kv = K.clone().requires_grad_(True)
-    (conv_matrix(Kv, padding) * dW).sum().backward()
+    (conv_matrix(Kv, padding, size) * dW).sum().backward()
     return Kv.grad
 
 
@@ -92,20 +93,21 @@ def test_the_layer_is_the_same_in_either_layout(rule):
         assert rel(a, b) < 1e-12
 
 
+@pytest.mark.parametrize("size", [(H, H), (4, 7), (7, 3)])
 @pytest.mark.parametrize("padding", PADS)
 @pytest.mark.parametrize("rule", ["w1", "w2", "w3", "w4", "jfb"])
-def test_every_rules_kernel_step_is_the_adjoint_of_its_dense_step(rule, padding):
-    K, m = kernel(0.8), 7
-    op, W = operators.Conv2d(K, (H, H), padding), conv_matrix(K, padding)
+def test_every_rules_kernel_step_is_the_adjoint_of_its_dense_step(rule, padding, size):
+    K, m, n = kernel(0.8), 7, C * size[0] * size[1]
+    op, W = operators.Conv2d(K, size, padding), conv_matrix(K, padding, size)
     g = torch.Generator().manual_seed(1)
-    r = torch.rand(m, C * H * H, generator=g, dtype=D) * 2 - 1
+    r = torch.rand(m, n, generator=g, dtype=D) * 2 - 1
     gain = 1 - r ** 2                      # tanh's gains at rates r
-    delta = torch.randn(m, C * H * H, generator=g, dtype=D)
+    delta = torch.randn(m, n, generator=g, dtype=D)
     lr = 0.05
     # w1 at the tolerance the comparison asks for (its default is 1000 ε)
     dK, info = rules.RULES[rule](op, r, gain, delta, lr, return_info=True, **({"tol": 1e-15} if rule == "w1" else {}))
     dW = rules.RULES[rule](W, r, gain, delta, lr, **({"shared_gain": False} if rule == "w2" else {}))
-    assert dK.shape == K.shape and rel(dK, adjoint(K, padding, dW)) < 1e-12
+    assert dK.shape == K.shape and rel(dK, adjoint(K, padding, dW, size)) < 1e-12
     if rule == "w2":
         assert info["out_of_domain"] == 0
     if rule == "w1":

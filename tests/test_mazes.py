@@ -1,0 +1,179 @@
+"""Mazes (fprnn.mazes) and the conv layer on maps of any size (issue 37): the generator against an
+independent breadth-first search, the size-agnostic layer against the fixed-size one, the norm
+bound against the conv matrix's singular values, recorded faults, and `python -m fprnn.mazes`."""
+import json
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fprnn import mazes, operators
+from fprnn.conv import ConvFixedPointLayer
+from fprnn.maze_net import MazeNet
+from fprnn.run import train
+from helpers import make_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+D = torch.float64
+
+
+def bfs_parents(open_: np.ndarray, start):
+    """Breadth-first search over open pixels (4-neighbours): each reached pixel's parent."""
+    parent, todo = {start: None}, deque([start])
+    while todo:
+        p = todo.popleft()
+        for q in ((p[0] - 1, p[1]), (p[0] + 1, p[1]), (p[0], p[1] - 1), (p[0], p[1] + 1)):
+            if 0 <= q[0] < open_.shape[0] and 0 <= q[1] < open_.shape[1] and open_[q] and q not in parent:
+                parent[q] = p
+                todo.append(q)
+    return parent
+
+
+@pytest.mark.parametrize("cells", [2, 3, 5, 8])
+def test_every_maze_is_a_tree_and_its_target_is_the_bfs_path(cells):
+    for k in range(20):
+        x, y = mazes.draw(7, "train", cells, k)
+        open_, side = x[0].astype(bool), 2 * cells + 1
+        assert x.shape == (3, side, side) and y.shape == (side, side)
+        assert not open_[0].any() and not open_[-1].any() and not open_[:, 0].any() and not open_[:, -1].any()
+        assert not open_[::2, ::2].any() and open_[1::2, 1::2].all()      # corners closed, every cell open
+        (s,), (g,) = [tuple(np.argwhere(x[c])) for c in (1, 2)]
+        s, g = tuple(map(int, s)), tuple(map(int, g))
+        assert s != g and s[0] % 2 == 1 and s[1] % 2 == 1 and g[0] % 2 == 1 and g[1] % 2 == 1
+        parent = bfs_parents(open_, s)
+        assert len(parent) == open_.sum()                  # every open pixel (every cell) reachable
+        assert open_.sum() == cells ** 2 + cells ** 2 - 1  # c² cells and c² − 1 joins: a tree, one path
+        path, p = np.zeros_like(open_), g
+        while p is not None:
+            path[p], p = True, parent[p]
+        assert np.array_equal(path, y.astype(bool)) and y[s] == 1 and y[g] == 1
+
+
+def test_mazes_are_seeded_by_seed_split_size_and_index_alone():
+    a = mazes.draw(0, "val", 4, 3)
+    assert all(np.array_equal(u, v) for u, v in zip(a, mazes.draw(0, "val", 4, 3)))
+    for other in [(1, "val", 4, 3), (0, "test", 4, 3), (0, "val", 4, 4)]:
+        assert not np.array_equal(a[0], mazes.draw(*other)[0])
+    with pytest.raises(ValueError, match="at least 2 cells per side, got 1"):
+        mazes.draw(0, "train", 1, 0)
+    with pytest.raises(ValueError, match="test_cells must be a list"):
+        mazes.MazeDataModule(test_cells=9)
+
+
+def test_a_resumed_epoch_draws_the_mazes_it_had_not_seen():
+    data = mazes.MazeDataModule(cells=3, train_mazes=64, batch_size=16, test_cells=[])
+    full = [x for x, _ in data.train_dataloader()]
+    data.load_state_dict({"epoch": 0, "batches_done": 2})
+    rest = [x for x, _ in data.train_dataloader()]
+    assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip(rest, full[2:]))
+
+
+def test_the_size_agnostic_layer_is_the_fixed_size_one():
+    x = torch.randn(3, 4, 5, 7, dtype=D, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for size in [(5, 7), None]:
+        layer = ConvFixedPointLayer(4, size, rule="w3", dtype="float64", sigma_W=0.8, max_norm=None,
+                                    solver_kwargs={"tol": 1e-13})
+        xv = x.clone().requires_grad_(True)
+        r = layer(xv)
+        (r ** 3).sum().backward()
+        out[size] = r.detach(), layer.W.grad, xv.grad
+    for a, b in zip(out[(5, 7)], out[None]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    layer = ConvFixedPointLayer(4, None, dtype="float64")
+    assert layer(torch.randn(2, 4, 11, 3, dtype=D)).shape == (2, 4, 11, 3)    # any size, one kernel
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_the_kernel_norm_bound_holds_on_every_size_and_is_tight(padding):
+    K = torch.randn(4, 4, 3, 3, dtype=D, generator=torch.Generator().manual_seed(1))
+    bound = float(operators.kernel_norm_bound(K))
+    norms = [float(torch.linalg.matrix_norm(operators.Conv2d(K, size, padding).matrix(), ord=2))
+             for size in [(3, 3), (5, 7), (8, 8), (16, 16)]]
+    assert max(norms) <= bound <= 1.12 * max(norms)
+
+
+def test_max_norm_makes_any_step_a_contraction_and_faults_are_recorded_not_raised():
+    layer = ConvFixedPointLayer(4, None, dtype="float64", max_norm=0.9, rule="w2", eta=1e6)
+    with torch.no_grad():
+        layer.W.mul_(50)                       # an optimizer's wild step
+    x = torch.randn(2, 4, 6, 6, dtype=D)
+    r = layer(x)
+    # circular 32×32 maps: W's norm is the largest σ_max of the kernel's response at their 32² frequencies
+    response = torch.fft.fft2(layer.W.detach(), s=(32, 32)).permute(2, 3, 0, 1)
+    exact = float(torch.linalg.matrix_norm(response, ord=2).max())
+    assert layer.rescaled == 1 and 0.88 < exact <= 0.9 * 1.02       # the power estimate is from below
+    assert exact <= float(operators.kernel_norm_bound(layer.W)) <= 1.12 * exact
+    assert bool(layer.report.used.all())       # a contraction: every sample's fixed point reached
+    with pytest.warns(RuntimeWarning, match="fault was recorded"):
+        (r ** 2).sum().backward()              # w2 at η = 10⁶ leaves its domain
+    assert len(layer.faults) == 1 and "domain" in layer.faults[0] and not layer.W.grad.any()
+
+
+def test_the_mnist_example_trains_with_the_layer_and_counts_its_faults(mnist_dir):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import mnist_cnn
+    finally:
+        sys.path.pop(0)
+    out = mnist_cnn.main(["--layer", "w3", "--data-root", str(mnist_dir), "--train-size", "192",
+                          "--test-size", "200", "--log-interval", "100"])
+    assert out["faults"] == 0 and 0.2 < out["test_acc"] <= 1 and out["rescaled"] >= 1
+
+
+def other_generator(cells: int, rng: np.random.Generator):
+    """Mazes from randomized Kruskal (not fprnn's depth-first search), path by BFS."""
+    side = 2 * cells + 1
+    open_ = np.zeros((side, side), dtype=bool)
+    open_[1::2, 1::2] = True
+    root = list(range(cells * cells))
+
+    def find(a):
+        while root[a] != a:
+            root[a] = root[root[a]]
+            a = root[a]
+        return a
+    walls = [(i, j, i + di, j + dj) for i in range(cells) for j in range(cells) for di, dj in ((0, 1), (1, 0))
+             if i + di < cells and j + dj < cells]
+    for w in rng.permutation(len(walls)):
+        i, j, a, b = walls[w]
+        ra, rb = find(i * cells + j), find(a * cells + b)
+        if ra != rb:
+            root[ra] = rb
+            open_[i + a + 1, j + b + 1] = True
+    s, g = [(2 * (c // cells) + 1, 2 * (c % cells) + 1) for c in rng.choice(cells * cells, 2, replace=False)]
+    parent, path, p = bfs_parents(open_, s), np.zeros_like(open_), g
+    while p is not None:
+        path[p], p = True, parent[p]
+    x = np.stack([open_, np.zeros_like(open_), np.zeros_like(open_)]).astype(np.uint8)
+    x[1][s] = x[2][g] = 1
+    return x, path
+
+
+def test_a_trained_run_answers_mazes_from_a_file(tmp_path):
+    run = tmp_path / "run"
+    res = train(make_cfg(["experiment=mazes", "progress_bar=false", "logger=csv", "data.train_mazes=64",
+                          "data.val_mazes=16", "data.test_mazes=16", "data.test_mazes_large=4", "data.test_cells=[5]",
+                          "model.channels=4", "model.head_channels=4", "trainer.max_epochs=1"], run))
+    assert res["status"] == "completed" and 0 <= res["test_maze_acc"] <= 1
+    assert set(res["extrapolation"]) == {4, 5} and Path(res["maze_figure"]).is_file()
+    rng = np.random.default_rng(5)
+    x, y = map(np.stack, zip(*[other_generator(6, rng) for _ in range(10)]))
+    np.savez(tmp_path / "m.npz", inputs=x, targets=y)
+    proc = subprocess.run([sys.executable, "-m", "fprnn.mazes", str(run), str(tmp_path / "m.npz")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    net = MazeNet.load(run).eval()
+    with torch.no_grad():
+        pred = net(torch.from_numpy(x).float()).argmax(1).numpy()
+    assert got["maze_acc"] == pytest.approx(float((pred == y).reshape(10, -1).all(1).mean()))
+    assert got["pixel_acc"] == pytest.approx(float((pred == y).mean())) and got["height"] == 13
+    np.savez(tmp_path / "bad.npz", inputs=x[:, :2], targets=y)
+    bad = subprocess.run([sys.executable, "-m", "fprnn.mazes", str(run), str(tmp_path / "bad.npz")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "inputs has shape (10, 2, 13, 13)" in bad.stderr
