@@ -59,10 +59,14 @@ class MazeNet(OneConvLayerNet):
         if not recurrent:
             layer.W.requires_grad_(False).zero_()
         self.layers = nn.ModuleList([layer])
-        self.W_out = self.head[-1].weight      # a read-out exists (the training module checks for one)
         self.config = dict(in_channels=in_channels, n_out=n_out, channels=C, kernel=kernel, stem_layers=layers,
                            head_channels=head_channels, stem_activation=stem_activation, recurrent=recurrent,
                            seed=seed, dtype=str(dtype), **layer_options)
+
+    @property
+    def W_out(self) -> Tensor:
+        """The per-pixel read-out (the head's last 1×1 convolution)."""
+        return self.head[-1].weight
 
     def readins(self) -> list[Tensor]:
         return list(self.stem.parameters())

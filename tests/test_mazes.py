@@ -159,7 +159,7 @@ def test_a_trained_run_answers_mazes_from_a_file(tmp_path):
     res = train(make_cfg(["experiment=mazes", "progress_bar=false", "logger=csv", "data.train_mazes=64",
                           "data.val_mazes=16", "data.test_mazes=16", "data.test_mazes_large=4", "data.test_cells=[5]",
                           "model.channels=4", "model.head_channels=4", "trainer.max_epochs=1"], run))
-    assert res["status"] == "completed" and 0 <= res["test_maze_acc"] <= 1
+    assert res["status"] == "finished" and 0 <= res["test_maze_acc"] <= 1
     assert set(res["extrapolation"]) == {4, 5} and Path(res["maze_figure"]).is_file()
     rng = np.random.default_rng(5)
     x, y = map(np.stack, zip(*[other_generator(6, rng) for _ in range(10)]))
