@@ -11,6 +11,10 @@ nothing N×N is ever formed (N = C·H·W; 25,088 at C = 32 on 28×28). The backw
 the dense rule's Σ u_i v_iᵀ, docs/rules.md) and the implicit adjoint for x — by the adjoint
 iteration and Anderson, as there is no matrix to factor.
 
+Any optimizer: the bare layer bounds ‖W‖₂ ≤ ``max_norm`` (0.95) by rescaling K after any step that
+moved it past (a contraction: one fixed point, reached from any start) and records backward faults
+instead of raising them (:class:`ConvFixedPointLayer`). ``size=None``: maps of any size, one kernel.
+
 Forward: fprnn's solvers on the flattened maps (Anderson by default, per-sample stopping); the
 samples it leaves unconverged follow the rate dynamics dr/dt = −r + f(K ⋆ r + x) from rest by
 error-controlled explicit Runge–Kutta steps to the same tolerance (:func:`fprnn.solvers.follow_rk23`:
