@@ -178,8 +178,7 @@ class AngleMonitor(pl.Callback):
             if delta is None:       # bptt computes no δ below the last layer
                 continue
             r, gain = fp.r[step.used], fp.gain[step.used]
-            spec = layer.backward_rule
-            W = W if spec.operator is None else spec.operator(W)    # a conv W: the rules on its kernel
+            W = W if fp.size is None else layer.operator(W, fp.size)    # a conv W: the rules on its kernel
             dWs = {}
             for name in {*self.rules, "w1"}:
                 # the training rule with its configured options; the others with their defaults

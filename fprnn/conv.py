@@ -182,10 +182,7 @@ class ConvFixedPointLayer(nn.Module):
     def set_backward(self, rule: str = "w3", eta: float = 1.0, rule_kwargs: dict | None = None, **options) -> None:
         """The rule for K, with η and :class:`fprnn.implicit.RuleBackward`'s options."""
         kw = conv_rule_kwargs(rule, rule_kwargs)
-        self.backward_rule = implicit.RuleBackward(rule, eta, kw, operator=self._conv_of(self.size), **options)
-
-    def _conv_of(self, size):
-        return None if size is None else partial(Conv2d, size=size, padding=self.padding, layout=self.layout)
+        self.backward_rule = implicit.RuleBackward(rule, eta, kw, **options)
 
     @torch.no_grad()
     def bound_norm(self) -> None:
@@ -279,9 +276,8 @@ class ConvFixedPointLayer(nn.Module):
                 u = u + self.bptt_damping * (g(u) - u)
             u.register_hook(partial(implicit.record_delta, self.report, spec))
             return self.maps(u, size)
-        if self.size is None:       # what the monitors read: the last call's operator
-            spec.operator = self._conv_of(size)
-        r = implicit.attach(fp.r, fp.gain, self.W, None, None, s, spec, self.report, self._conv_of(size))
+        r = implicit.attach(fp.r, fp.gain, self.W, None, None, s, spec, self.report,
+                            partial(self.operator, size=size))
         return self.maps(r, size)
 
     def stability(self, fp: FixedPoint) -> Tensor:

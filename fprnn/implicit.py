@@ -56,8 +56,7 @@ class RuleBackward:
     the unrolled solver instead), its η, its options, how the read-in moves, the loss's per-sample
     normalisation (w2 only) and what a fault does. ``gather`` (several devices, w2's batch form of
     eq 3.8): W's rule sees the global batch's rows, and ``world`` is the number of ranks whose
-    losses DDP averages. ``operator``: how W's parameter becomes the operator the rules see
-    (:mod:`fprnn.operators`, e.g. a kernel → its convolution; None: W is the dense matrix)."""
+    losses DDP averages."""
     rule: str = "w3"
     eta: float = 1.0
     rule_kwargs: dict = field(default_factory=dict)
@@ -66,7 +65,6 @@ class RuleBackward:
     on_fault: str = "raise"
     gather: Callable[[Tensor], Tensor] | None = None
     world: int = 1
-    operator: Callable[[Tensor], object] | None = None
 
     def __post_init__(self):
         if self.rule != "bptt":
@@ -155,9 +153,10 @@ def rule_fault(info: dict) -> str | None:
 def attach(r: Tensor, gain: Tensor, W: Tensor, V: Tensor | None, b: Tensor | None, s: Tensor,
            spec: RuleBackward, report: Report, operator: Callable[[Tensor], object] | None = None) -> Tensor:
     """r (solved, no graph) as a function of (W, V, b, s) whose backward is ``spec``'s rule.
-    ``operator``: this call's W parameter → operator (a conv layer's maps take their size from
-    each call's input), in place of ``spec.operator``."""
-    return _FixedPoint.apply(W, V, b, s, r, gain, spec, report, operator or spec.operator)
+    ``operator``: how W's parameter becomes the operator the rules see in this call
+    (:mod:`fprnn.operators`, e.g. a kernel → its convolution on this call's maps; None: W is the
+    dense matrix)."""
+    return _FixedPoint.apply(W, V, b, s, r, gain, spec, report, operator)
 
 
 class _FixedPoint(torch.autograd.Function):

@@ -177,3 +177,12 @@ def test_a_trained_run_answers_mazes_from_a_file(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fprnn.mazes", str(run), str(tmp_path / "bad.npz")],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "inputs has shape (10, 2, 13, 13)" in bad.stderr
+
+
+def test_the_solve_budget_grows_with_the_longer_side():
+    layer = ConvFixedPointLayer(2, None, iters_per_side=4, solver_kwargs={"max_iter": 50},
+                                fallback={"method": "rk23", "steps": 100})
+    assert layer.budget((9, 9))["solver"]["max_iter"] == 50                 # the configured budget is the floor
+    big = layer.budget((9, 33))
+    assert big["solver"]["max_iter"] == 132 and big["fallback"]["steps"] == 132
+    assert ConvFixedPointLayer(2, None).budget((99, 99))["solver"] == {}     # no iters_per_side: as configured
