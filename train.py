@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from fprnn.run import train
+from fprnn.training.run import train
 
 # what a user can get wrong (a config value, a data file, a checkpoint): one line, no traceback
 USER_ERRORS = (ValueError, FileNotFoundError)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim.lr_scheduler import StepLR
 from torchvision import datasets, transforms
 
-from fprnn.conv import ConvFixedPointLayer
+from fprnn.models.conv import ConvFixedPointLayer
 
 
 class Net(nn.Module):

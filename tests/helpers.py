@@ -4,7 +4,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-import fprnn.run  # noqa: F401  (registers the config resolvers)
+import fprnn.training.run  # noqa: F401  (registers the config resolvers)
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

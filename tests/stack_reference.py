@@ -1,5 +1,5 @@
 """The hand-written chain rule fprnn trained with before the rules became autograd's backward
-(fprnn.implicit), kept as the tests' independent reference: one training step's arithmetic for a
+(fprnn.core.implicit), kept as the tests' independent reference: one training step's arithmetic for a
 stack of fixed-point layers, on plain tensors.
 
 The loss sits on the read-out of the last layer's fixed point. Going down the stack, layer ℓ gets
@@ -17,10 +17,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fprnn import rules
-from fprnn.implicit import rule_fault
-from fprnn.model import FixedPoint, FixedPointRNN
-from fprnn.update import solution_fault
+from fprnn.core import rules
+from fprnn.core.implicit import rule_fault
+from fprnn.models.dense import FixedPoint, FixedPointRNN
+from fprnn.training.update import solution_fault
 
 Tensor = torch.Tensor
 
@@ -83,7 +83,7 @@ class StackStep:
 def solve_and_check(model: FixedPointRNN, p: Tensor,
                     max_nonconverged: float) -> tuple[list[FixedPoint], Tensor | None, str | None]:
     """Every layer's fixed point for inputs p, the samples fit to learn from (converged in every
-    layer; None = all) and the first fault (fprnn.update.solution_fault)."""
+    layer; None = all) and the first fault (fprnn.training.update.solution_fault)."""
     fps = model.fixed_points(p)
     if not torch.isfinite(p).all():
         return fps, None, "non-finite input"

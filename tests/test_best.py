@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from fprnn.model import FixedPointRNN
-from fprnn.run import build, train
+from fprnn.models.dense import FixedPointRNN
+from fprnn.training.run import build, train
 
 from helpers import QUICK_MNIST, make_cfg
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fprnn.run import train
+from fprnn.training.run import train
 
 from helpers import loss_rows, make_cfg
 

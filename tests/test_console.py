@@ -1,4 +1,4 @@
-"""What a run tells its user (fprnn.console): the summary as fprnn's last output, and none of the
+"""What a run tells its user (fprnn.training.console): the summary as fprnn's last output, and none of the
 third-party lines a user cannot act on."""
 import json
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fprnn.run import train
+from fprnn.training.run import train
 
 from helpers import QUICK_MNIST, make_cfg
 
@@ -46,7 +46,7 @@ def test_a_run_ends_with_its_summary_and_without_noise(tmp_path, mnist_dir):
 
 
 def test_best_network_and_faults_in_the_summary():
-    from fprnn.console import summary
+    from fprnn.training.console import summary
     lines = summary({"status": "diverged", "wall_s": 12.3, "weights": "best", "test_acc": 0.91, "last_test_acc": 0.5,
                      "best_epoch": 1, "epochs": 4, "attempted_steps": 40, "faults": 10, "unconverged": 7,
                      "peak_max_re_eig": 1.4, "fault_log": [f"step {k}: non-finite loss" for k in range(10)],

@@ -1,12 +1,12 @@
-"""Convolutional recurrent connectivity (fprnn.operators.Conv2d, fprnn.conv): the rules on a kernel
+"""Convolutional recurrent connectivity (fprnn.core.operators.Conv2d, fprnn.models.conv): the rules on a kernel
 against the dense rules on the materialized conv matrix, w1 against autograd through the unrolled
 solve, the layer's checks, and the presets end to end."""
 import pytest
 import torch
 
-from fprnn import operators, rules, solvers
-from fprnn.conv import ConvFixedPointLayer, ConvRecurrentNet, spectral_radius
-from fprnn.run import train
+from fprnn.core import operators, rules, solvers
+from fprnn.models.conv import ConvFixedPointLayer, ConvRecurrentNet, spectral_radius
+from fprnn.training.run import train
 from helpers import QUICK_MNIST, make_cfg
 
 C, H, K_SIZE = 3, 6, 3
@@ -17,7 +17,7 @@ PADS = ["zeros", "circular"]
 def conv_matrix(K: torch.Tensor, padding: str, size=(H, H)) -> torch.Tensor:
     """W (N×N) of the size-keeping convolution with K on maps of ``size``, written entry by entry
     from the definition (W r)[o, y, x] = Σ_{c,a,b} K[o, c, a, b] r[c, y + a − p, x + b − p] —
-    independent of fprnn.operators — and differentiable in K."""
+    independent of fprnn.core.operators — and differentiable in K."""
     (Hy, Wx), p = size, K.shape[2] // 2
     n = C * Hy * Wx
     rows, cols, kidx = [], [], []

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fprnn import vision
-from fprnn.data import ArraysDataModule, VisionDataModule
-from fprnn.run import build, train
+from fprnn.data import vision
+from fprnn.data.datamodules import ArraysDataModule, VisionDataModule
+from fprnn.training.run import build, train
 
 from helpers import QUICK_MNIST, make_cfg, wandb_offline_config
 

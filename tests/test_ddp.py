@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fprnn.run import build, train
+from fprnn.training.run import build, train
 
 from helpers import make_cfg
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fprnn import reference as ref
-from fprnn import rules
-from fprnn.data import LinearRegressionDataModule
-from fprnn.figures import make_figures, read_metrics
-from fprnn.landscape import linear_landscape, plot
-from fprnn.run import build, train
+from fprnn.core import reference as ref
+from fprnn.core import rules
+from fprnn.data.datamodules import LinearRegressionDataModule
+from fprnn.analysis.figures import make_figures, read_metrics
+from fprnn.analysis.landscape import linear_landscape, plot
+from fprnn.training.run import build, train
 
 from helpers import QUICK_MNIST, make_cfg
 
@@ -123,7 +123,7 @@ def test_figures_for_a_run_and_for_a_sweep(tmp_path, mnist_dir):
 def test_figure_titles_fit_and_coinciding_lines_stay_distinguishable(tmp_path, mnist_dir, monkeypatch):
     """Every figure drawn: each title's text box lies inside the canvas; in the angle panels no
     two lines share a style (on the linear task θ12, θ13, θ14 coincide)."""
-    import fprnn.figures as figures
+    import fprnn.analysis.figures as figures
     train(make_cfg([*QUICK_MNIST, "callbacks.angles.every_n_steps=1", "callbacks.stability.every_n_steps=2"],
                    tmp_path / "mnist", mnist_dir))
     train(make_cfg(["experiment=paper_linear", "progress_bar=false", "logger=csv", "rule=w2", "lr=0.3",

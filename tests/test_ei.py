@@ -8,12 +8,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from fprnn import analysis, constraints, rules
-from fprnn.activations import get_activation
-from fprnn.data import ResponsesDataModule
-from fprnn.model import FixedPointRNN
-from fprnn.module import FixedPointModule
-from fprnn.ssn import preferred_orientations, ssn, stimuli, teacher_responses
+from fprnn.analysis import fixed_points
+
+from fprnn.core import constraints, rules
+from fprnn.core.activations import get_activation
+from fprnn.data.datamodules import ResponsesDataModule
+from fprnn.models.dense import FixedPointRNN
+from fprnn.training.module import FixedPointModule
+from fprnn.data.ssn import preferred_orientations, ssn, stimuli, teacher_responses
 from stack_reference import loss_and_grad, rule_step
 
 F64 = torch.float64
@@ -171,7 +173,7 @@ def test_predicted_response_matches_finite_differences_of_resolved_fixed_points(
     fp = net.fixed_points(X)[0]
     dx = torch.zeros(20, dtype=F64)
     dx[layer.sign < 0] = 1.0                                  # extra drive to every inhibitory unit
-    pred = analysis.linear_response(layer.W.detach(), fp.gain, dx)
+    pred = fixed_points.linear_response(layer.W.detach(), fp.gain, dx)
     eps = 1e-4
     up, down = net.fixed_points(X + eps * dx)[0].r, net.fixed_points(X - eps * dx)[0].r
     fd = (up - down) / (2 * eps)
@@ -188,11 +190,11 @@ def test_isn_index_and_paradoxical_response_of_two_units(w_EE, isn):
     gain = torch.tensor([[1.2, 0.8]], dtype=F64)
     sign = torch.tensor([1.0, -1.0], dtype=F64)
     gE, gI = 1.2, 0.8
-    assert float(analysis.isn_index(W, gain, sign)) == pytest.approx(gE * w_EE, rel=1e-12)
+    assert float(fixed_points.isn_index(W, gain, sign)) == pytest.approx(gE * w_EE, rel=1e-12)
     det = (1 - gE * w_EE) * (1 + gI * w_II) + gE * w_EI * gI * w_IE
     assert det > 0 and gE * w_EE - gI * w_II < 2                 # stable: det(I − GW) > 0, tr(−I + GW) < 0
     assert float(torch.linalg.eigvals(gain[0, :, None] * W).real.max()) < 1
-    resp, para = analysis.paradoxical(W, gain, sign)
+    resp, para = fixed_points.paradoxical(W, gain, sign)
     assert float(resp) == pytest.approx(gI * (1 - gE * w_EE) / det, rel=1e-12)
     assert bool(para) is isn and (gE * w_EE > 1) is isn
 
@@ -263,14 +265,14 @@ def test_ssn_teacher_converges_is_stable_and_inhibition_stabilized_at_high_contr
     assert arrays["X"].shape == (72, 200) and arrays["R"].shape == (72, 50) and arrays["R_test"].shape == (72, 50)
     layer = teacher.layers[0]
     assert constraints.violations(layer.W, layer.sign, layer.mask) == 0
-    low, high = analysis.analyse(teacher, arrays["X"][:12]), analysis.analyse(teacher, arrays["X"][-12:])
+    low, high = fixed_points.analyse(teacher, arrays["X"][:12]), fixed_points.analyse(teacher, arrays["X"][-12:])
     assert low["frac_stable"] == high["frac_stable"] == 1.0
     assert low["frac_isn"] == 0 and high["frac_isn"] > 0.5 and high["frac_paradoxical"] > 0.5
 
 
 def test_ssn_fit_preset_keeps_the_constraints_and_draws_fitted_against_recorded(tmp_path):
-    from fprnn.figures import make_figures
-    from fprnn.run import train
+    from fprnn.analysis.figures import make_figures
+    from fprnn.training.run import train
 
     from helpers import make_cfg
     res = train(make_cfg(["experiment=ssn_fit", "trainer.max_epochs=5", "progress_bar=false", "logger=csv"],

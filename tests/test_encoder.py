@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fprnn.encoders import ConvEncoder, build_encoder
-from fprnn.model import FixedPointRNN
-from fprnn.run import train
+from fprnn.models.encoders import ConvEncoder, build_encoder
+from fprnn.models.dense import FixedPointRNN
+from fprnn.training.run import train
 
 from helpers import QUICK_MNIST, make_cfg
 

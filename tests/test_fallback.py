@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from fprnn import solvers
-from fprnn.activations import get_activation
-from fprnn.dynamics import get_dynamics
-from fprnn.model import FixedPointRNN
-from fprnn.update import solution_fault
+from fprnn.core import solvers
+from fprnn.core.activations import get_activation
+from fprnn.core.dynamics import get_dynamics
+from fprnn.models.dense import FixedPointRNN
+from fprnn.training.update import solution_fault
 
 D64 = torch.float64
 TANH, RATE = get_activation("tanh"), get_dynamics("rate")

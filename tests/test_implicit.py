@@ -1,4 +1,4 @@
-"""The rules as autograd's backward (fprnn.implicit): every trained tensor's .grad after
+"""The rules as autograd's backward (fprnn.core.implicit): every trained tensor's .grad after
 loss.backward() against the hand-computed step fprnn trained with before (tests/stack_reference.py) for a 2-layer
 stack with trained read-ins, read-out and biases, under every rule and both read-in modes, with
 unconverged samples left out; w2's normalisation; faults; when the graph is attached."""
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fprnn import implicit, rules
-from fprnn.implicit import FixedPointFault, RuleBackward
-from fprnn.model import FixedPointRNN
+from fprnn.core import implicit, rules
+from fprnn.core.implicit import FixedPointFault, RuleBackward
+from fprnn.models.dense import FixedPointRNN
 from stack_reference import bptt_step, rule_step
 
 TIGHT = {"tol": 1e-13, "max_iter": 500}

@@ -1,4 +1,4 @@
-"""Mazes (fprnn.mazes) and the conv layer on maps of any size (issue 37): the generator against an
+"""Mazes (fprnn.data.mazes) and the conv layer on maps of any size (issue 37): the generator against an
 independent breadth-first search, the size-agnostic layer against the fixed-size one, the norm
 bound against the conv matrix's singular values, recorded faults, and `python -m fprnn.mazes`."""
 import json
@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from fprnn import mazes, operators
-from fprnn.conv import ConvFixedPointLayer
-from fprnn.maze_net import MazeNet
-from fprnn.run import train
+from fprnn.core import operators
+
+from fprnn.data import mazes
+from fprnn.models.conv import ConvFixedPointLayer
+from fprnn.models.maze_net import MazeNet
+from fprnn.training.run import train
 from helpers import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from fprnn import rules
-from fprnn.model import FixedPointRNN
+from fprnn.core import rules
+from fprnn.models.dense import FixedPointRNN
 
 
 def test_init_scales_and_seed_reproducibility():

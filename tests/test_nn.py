@@ -1,6 +1,6 @@
-"""fprnn.nn.FixedPointLayer in a user's own model: the README's two examples run as written (on a
+"""fprnn.models.layer.FixedPointLayer in a user's own model: the README's two examples run as written (on a
 few MNIST images), the loss falls, and one step's W.grad is the rule's −ΔW computed by
-fprnn.rules on per-sample errors that autograd gives independently."""
+fprnn.core.rules on per-sample errors that autograd gives independently."""
 import re
 from pathlib import Path
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fprnn import rules
-from fprnn.nn import FixedPointLayer
+from fprnn.core import rules
+from fprnn.models.layer import FixedPointLayer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

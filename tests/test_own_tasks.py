@@ -1,4 +1,4 @@
-"""Every task a neuroscientist trains (fprnn.tasks, fprnn.trial_module, fprnn.ctrnn): continuous
+"""Every task a neuroscientist trains (fprnn.data.tasks, fprnn.training.trial_module, fprnn.models.ctrnn): continuous
 targets under a masked MSE, a TrialEnv of the user's own and trials from a .npz file — the
 README's examples run as written — NeuroGym tasks that cannot be trained refused in one line, and
 trial starts checked for stability at every call, against independent references."""
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from fprnn.ctrnn import TrialRNN
-from fprnn.run import train
-from fprnn.tasks import NeuroGymDataModule, TrialFileDataModule, collate, draw_trial, make_env
-from fprnn.trial_module import WeightedR2, step_losses
+from fprnn.models.ctrnn import TrialRNN
+from fprnn.training.run import train
+from fprnn.data.tasks import NeuroGymDataModule, TrialFileDataModule, collate, draw_trial, make_env
+from fprnn.training.trial_module import WeightedR2, step_losses
 
 from helpers import make_cfg
 
@@ -163,7 +163,7 @@ def test_the_readme_trials_file_example_trains(trials_file, tmp_path):
     assert res["status"] == "finished" and res["targets"] == "continuous" and res["data"] == "my_trials.npz"
     assert res["test_r2"] > 0.5, res["test_r2"]          # a constant output has R² ≤ 0
     assert res["start_stability_max"] < 1
-    from fprnn.figures import make_figures
+    from fprnn.analysis.figures import make_figures
     files = {p.name for p in make_figures(run)}
     assert {"example_trials.png", "trajectories_pca.png", "fixed_points.png", "loss.png", "performance.png"} <= files
     fp = json.loads((run / "fixed_points.json").read_text())
@@ -329,7 +329,7 @@ def test_stable_starts_are_kept_and_the_power_estimate_matches_a_real_dominant_e
 def test_every_neurogym_task_gives_trials_a_network_takes_or_a_reason():
     """All registered ids with their own defaults: a data module whose batch a network in time maps to
     a finite loss of the task's kind, or a ValueError with the reason (five of them)."""
-    from fprnn.tasks import task_names
+    from fprnn.data.tasks import task_names
     refused = {}
     for task in task_names():
         try:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fprnn import rules
+from fprnn.core import rules
 from stack_reference import loss_and_grad
-from fprnn.run import build, train
+from fprnn.training.run import build, train
 
 from helpers import QUICK_MNIST, make_cfg, wandb_offline_config, wandb_offline_history
 
@@ -83,7 +83,7 @@ def test_multirun_then_the_landscape_of_a_run(tmp_path):
     res = {lr: json.loads((tmp_path / lr / "results.json").read_text()) for lr in ("0.1", "0.3")}
     assert all(r["status"] == "finished" and r["steps"] == 20 for r in res.values())
     assert res["0.1"]["lr"] == 0.1 and res["0.3"]["loss_W"] < res["0.1"]["loss_W"]   # larger η, further
-    land = subprocess.run([sys.executable, "-m", "fprnn.landscape", str(tmp_path / "0.3"), "--n-line", "5",
+    land = subprocess.run([sys.executable, "-m", "fprnn.analysis.landscape", str(tmp_path / "0.3"), "--n-line", "5",
                            "--n-plane", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert land.returncode == 0, land.stderr[-2000:]
     files = [Path(f) for f in land.stdout.split()]

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fprnn import rules, vision
-from fprnn.data import VisionDataModule
-from fprnn.run import build, train
+from fprnn.core import rules
+
+from fprnn.data import vision
+from fprnn.data.datamodules import VisionDataModule
+from fprnn.training.run import build, train
 
 from helpers import QUICK_MNIST, loss_rows, make_cfg
 

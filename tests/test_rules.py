@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from fprnn import reference as ref
-from fprnn import rules
-from fprnn.activations import get_activation
-from fprnn.dynamics import get_dynamics
-from fprnn.solvers import anderson
+from fprnn.core import reference as ref
+from fprnn.core import rules
+from fprnn.core.activations import get_activation
+from fprnn.core.dynamics import get_dynamics
+from fprnn.core.solvers import anderson
 
 D64 = torch.float64
 
@@ -229,7 +229,7 @@ def _spread_batch(seed=10, N=6):
 
 def test_w3_batch_metric_against_per_sample_factors():
     """ΔW = −η L̄ ∇L R̄ with L̄, R̄ the means of the explicit per-sample factors and ∇L from the
-    explicit-inverse w1 of fprnn.reference; and each sample's w3 step is −η L_i ∇L_i R_i."""
+    explicit-inverse w1 of fprnn.core.reference; and each sample's w3 step is −η L_i ∇L_i R_i."""
     W, r, gain, delta = _spread_batch()
     I = torch.eye(len(W), dtype=W.dtype)
     Ls = [(I - W @ torch.diag(gi)) @ (I - W @ torch.diag(gi)).T for gi in gain]

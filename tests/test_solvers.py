@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from fprnn import solvers
-from fprnn.activations import ACTIVATIONS, get_activation
-from fprnn.dynamics import get_dynamics
-from fprnn.model import FixedPointRNN
+from fprnn.core import solvers
+from fprnn.core.activations import ACTIVATIONS, get_activation
+from fprnn.core.dynamics import get_dynamics
+from fprnn.models.dense import FixedPointRNN
 
 D64 = torch.float64
 TANH, RATE = get_activation("tanh"), get_dynamics("rate")

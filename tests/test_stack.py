@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fprnn import rules
-from fprnn.model import FixedPointRNN
-from fprnn.run import build
+from fprnn.core import rules
+from fprnn.models.dense import FixedPointRNN
+from fprnn.training.run import build
 from stack_reference import rule_step
 
 from helpers import make_cfg
@@ -190,7 +190,7 @@ def test_a_stack_logs_and_reports_every_layer(tmp_path, mnist_dir):
     import csv
     import json
 
-    from fprnn.run import train
+    from fprnn.training.run import train
     over = [o for o in STACK_CFG if not o.startswith("trainer.max_steps")]
     train(make_cfg([*over, "rule=w3", "lr=0.05", "trainer.max_steps=2", "callbacks.stability.every_n_steps=1",
                     "callbacks.angles.every_n_steps=1"], tmp_path, mnist_dir))

@@ -5,9 +5,9 @@ import pytest
 import torch
 from hydra.errors import HydraException
 
-from fprnn import rules
+from fprnn.core import rules
 from stack_reference import loss_and_grad
-from fprnn.run import build, train
+from fprnn.training.run import build, train
 
 from helpers import QUICK_MNIST, make_cfg
 
@@ -144,7 +144,7 @@ def test_bad_config_values_give_clear_errors(tmp_path, mnist_dir):
 
 
 def test_a_finished_run_loads_back_in_one_call(tmp_path, mnist_dir):
-    from fprnn.model import FixedPointRNN
+    from fprnn.models.dense import FixedPointRNN
     cfg = make_cfg([*QUICK_MNIST, "rule=w3", "lr=0.25", "model.layers=[64]", "model.activation=softplus"],
                    tmp_path, mnist_dir)
     res = train(cfg)

@@ -1,4 +1,4 @@
-"""Tasks in time (fprnn.tasks, fprnn.ctrnn, fprnn.trial_module), float64: the start's rule plus
+"""Tasks in time (fprnn.data.tasks, fprnn.models.ctrnn, fprnn.training.trial_module), float64: the start's rule plus
 BPTT against independent references — autograd through a long settling from rest (w1), the
 explicit per-sample w3 step — padding that leaves no trace, and trials that are the same in every
 run with one seed."""
@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from fprnn.ctrnn import TrialRNN
-from fprnn.run import train
-from fprnn.tasks import NeuroGymDataModule, collate, draw_trial, make_env
-from fprnn.trial_module import step_losses
+from fprnn.models.ctrnn import TrialRNN
+from fprnn.training.run import train
+from fprnn.data.tasks import NeuroGymDataModule, collate, draw_trial, make_env
+from fprnn.training.trial_module import step_losses
 
 from helpers import make_cfg
 
@@ -234,8 +234,8 @@ def test_cdm_dale_run_keeps_signs_and_reports(tmp_path):
 
 
 def test_fixed_point_finder_on_a_linear_network():
-    from fprnn.activations import get_activation
-    from fprnn.analysis import find_fixed_points
+    from fprnn.core.activations import get_activation
+    from fprnn.analysis.fixed_points import find_fixed_points
     g = torch.Generator().manual_seed(5)
     n = 10
     W = 0.6 * torch.randn(n, n, generator=g, dtype=torch.float64) / n ** 0.5
@@ -255,8 +255,8 @@ def test_fixed_point_finder_on_a_linear_network():
 def test_fixed_point_finder_finds_saddles_and_unstable_points():
     """r = tanh(2r) per unit (W = 2I, x = 0): in two units, 3 × 3 fixed points — 0 and ±r* per
     unit, r* = tanh(2 r*) — four stable, four saddles, one unstable (the origin)."""
-    from fprnn.activations import get_activation
-    from fprnn.analysis import find_fixed_points
+    from fprnn.core.activations import get_activation
+    from fprnn.analysis.fixed_points import find_fixed_points
     r_star = 1.0
     for _ in range(100):
         r_star = float(torch.tanh(torch.tensor(2 * r_star, dtype=torch.float64)))
@@ -292,7 +292,7 @@ def test_two_devices_equal_one_device_for_a_network_in_time(tmp_path):
 
 
 def test_figures_and_fixed_points_of_a_trained_network_in_time(tmp_path):
-    from fprnn.figures import make_figures
+    from fprnn.analysis.figures import make_figures
     res = train(quick(tmp_path, "model.N=48"))
     files = {p.name for p in make_figures(tmp_path)}
     assert {"psychometric.png", "example_trials.png", "trajectories_pca.png", "fixed_points.png",

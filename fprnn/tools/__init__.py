@@ -1,0 +1,1 @@
+"""Sweeps of ``train.py`` (``sweep``) and benchmarks of the rules and solvers (``bench``)."""
