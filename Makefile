@@ -12,7 +12,7 @@ $(BIN)/fprnn-ready: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install train test bench
+.PHONY: install train test bench docs
 install: $(BIN)/fprnn-ready
 
 train: install
@@ -23,3 +23,6 @@ test: install
 
 bench: install
 	FPRNN_DATA=$(DATA) $(BIN)/python -m fprnn.bench $(ARGS)
+
+docs: install
+	$(BIN)/mkdocs build --strict

@@ -1,4 +1,4 @@
-"""Train a fixed-point RNN: `python train.py rule=w3 lr=0.25` (see conf/ and README)."""
+"""Train a fixed-point RNN: `python train.py rule=w3 lr=0.25` (see conf/ and docs/)."""
 import os
 import sys
 

@@ -1,5 +1,5 @@
-"""fprnn.models.layer.FixedPointLayer in a user's own model: the README's two examples run as written (on a
-few MNIST images), the loss falls, and one step's W.grad is the rule's −ΔW computed by
+"""fprnn.models.layer.FixedPointLayer in a user's own model: the two examples of docs/guides/own-model.md
+run as written (on a few MNIST images), the loss falls, and one step's W.grad is the rule's −ΔW computed by
 fprnn.core.rules on per-sample errors that autograd gives independently."""
 import re
 from pathlib import Path
@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from fprnn.core import rules
 from fprnn.models.layer import FixedPointLayer
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "guides" / "own-model.md"
 
 
 def readme_block(first_line: str) -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    blocks = re.findall(r"```(?:python|\{\.python[^}]*\})\n(.*?)```", README.read_text(), re.S)
     (code,) = [b for b in blocks if b.startswith(first_line)]
     return code
 
@@ -27,11 +27,11 @@ def trained(request):
     if root is None:
         pytest.skip("MNIST raw files not found (set FPRNN_DATA)")
     code = readme_block("# your own model, plain PyTorch")
-    setting = 'root, n_images, epochs = "data", 60_000, 1'
+    setting = 'root, n_images, epochs = "data", 2_560, 1'
     assert setting in code
     torch.manual_seed(0)
     ns: dict = {"__name__": "readme_example"}
-    exec(code.replace(setting, f'root, n_images, epochs = "{root}", 2560, 1'), ns)
+    exec(code.replace(setting, f'root, n_images, epochs = "{root}", 2_560, 1'), ns)
     return ns
 
 

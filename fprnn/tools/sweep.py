@@ -246,7 +246,7 @@ def default_out(preset: str, rules, overrides: list[str]) -> Path:
     # '=' and ',' would break Hydra's override grammar in hydra.run.dir
     tag = "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", o).strip("_") for o in extra)[:80]
     name = preset if preset != "custom" else f"custom-{'_'.join(rules)}"
-    return ROOT / "sweeps" / (name + (f"-{tag}" if tag else ""))
+    return Path("sweeps") / (name + (f"-{tag}" if tag else ""))     # in the folder the sweep runs from
 
 
 def read_result(run_dir: Path) -> dict:
@@ -275,8 +275,9 @@ def run_point(point: Point, group: str, wandb_group: bool, threads: int, stop: t
                WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
     t0 = time.perf_counter()
     with open(point.run_dir / "sweep_point.log", "a") as log:
-        proc = subprocess.run(command(point, group, wandb_group), cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+        # from the sweep's own folder: relative paths in the overrides (data.root, data.path) mean there what they
+        # mean to the user who typed them
+        proc = subprocess.run(command(point, group, wandb_group), env=env, stdout=log, stderr=subprocess.STDOUT)
     res = read_result(point.run_dir)
     if not res:
         res = {"status": "failed", "error": f"train.py exited with code {proc.returncode} before "
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="points run at once on this machine")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     ap.add_argument("--no-figures", action="store_true")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)     # overrides may follow the options: --out DIR rule=w1,w3
     if a.jobs < 1:
         raise SystemExit(f"--jobs must be ≥ 1, got {a.jobs}")
     preset, rules, lrs, overrides = parse(a.words)
