@@ -18,17 +18,16 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fprnn.data.mazes import draw, evaluate
+from fprnn.data.mazes import collate, draw, evaluate
 from fprnn.models.maze_net import MazeNet
 
 
 def mazes(seed: int, split: str, cells: int, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = zip(*(draw(seed, split, cells, k) for k in range(start, start + n)))
-    return torch.from_numpy(np.stack(x)), torch.from_numpy(np.stack(y))
+    """Mazes start … start+n−1 of a split, as data=mazes draws them: inputs (n, 3, H, W), paths (n, H, W)."""
+    return collate([(k, draw(seed, split, cells, k)) for k in range(start, start + n)])
 
 
 def main(argv=None) -> dict:
