@@ -50,6 +50,9 @@ def workdir(page: Path) -> Path:
             (d / name).symlink_to(ROOT / name)
         if data_root():
             (d / "data").symlink_to(data_root())
+        for _, lang, code, kind, name in blocks(page):     # the page's files, as its reader saved them
+            if lang == "python" and kind == "file":
+                (d / name).write_text(code)
         _workdirs[page] = d
     return _workdirs[page]
 
@@ -76,7 +79,7 @@ def small(code: str, overrides: str) -> str:
     """The block with the marker's overrides appended to each command that trains."""
     lines = []
     for line in code.splitlines():
-        command, hash_, comment = line.partition(" #")
+        command = line.partition(" #")[0]
         if overrides and RUNS.match(command):
             line = f"{command.rstrip()} {overrides}"
         lines.append(line)
@@ -91,9 +94,6 @@ class ShellBlock(pytest.Item):
     def runtest(self):
         page = self.path
         cwd = workdir(page)
-        for _, lang, code, kind, name in blocks(page):     # the page's files, as its reader saved them
-            if lang == "python" and kind == "file":
-                (cwd / name).write_text(code)
         env = dict(os.environ, WANDB_MODE="disabled", WANDB_SILENT="true",      # W&B: a second a run, nothing to check
                    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", self.code], cwd=cwd, env=env,

@@ -14,7 +14,7 @@ import torch
 
 from fprnn.models.ctrnn import TrialRNN
 from fprnn.training.run import train
-from fprnn.data.tasks import NeuroGymDataModule, TrialFileDataModule, collate, draw_trial, make_env
+from fprnn.data.tasks import NeuroGymDataModule, TrialFileDataModule, draw_trial, make_env
 from fprnn.training.trial_module import WeightedR2, step_losses
 
 from helpers import make_cfg

@@ -92,3 +92,24 @@ def test_sweep_points_share_a_wandb_group_and_job_type(tmp_path):
           "--out", out, "--no-figures", check=0)
     (run,) = [r.run for r in wandb_offline_records(out / "w3_lr0.5") if r.WhichOneof("record_type") == "run"]
     assert run.run_group == "grouped" and run.job_type == "sweep"
+
+
+def test_a_sweep_works_in_the_folder_it_is_started_from(tmp_path, monkeypatch, capsys):
+    """The default out is ./sweeps/… of that folder, and each point's train.py runs there, so relative
+    paths in the overrides (data.root, data.path) mean what the user typed."""
+    import threading
+    from fprnn.tools import sweep as sw
+    monkeypatch.chdir(tmp_path)
+    assert sw.main(["experiment=paper_linear", "rule=w3", "lr=0.3", "--dry-run"]) == 0
+    assert f"hydra.run.dir='{tmp_path.resolve()}/sweeps/" in capsys.readouterr().out
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen["cwd"] = Path(kw.get("cwd") or Path.cwd()).resolve()
+        (point.run_dir / "results.json").write_text(json.dumps({"status": "finished"}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(sw.subprocess, "run", fake_run)
+    point = sw.Point("w3_lr0.3", "w3", "0.3", ["data.path=mine.npz"], tmp_path / "out" / "w3_lr0.3")
+    assert sw.run_point(point, "g", False, 1, threading.Event()).result["status"] == "finished"
+    assert seen["cwd"] == tmp_path.resolve()

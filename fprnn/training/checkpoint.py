@@ -45,7 +45,7 @@ def upgrade_targets(node) -> None:
     """Rename, in place, every ``_target_: fprnn.<module>.<Class>`` of the flat layout to the
     module's place now (:data:`MOVED`), so that a run directory written before the move loads."""
     if isinstance(node, DictConfig):
-        target = node.get("_target_") if "_target_" in node else None
+        target = node.get("_target_")
         parts = target.split(".") if isinstance(target, str) else []
         if len(parts) == 3 and parts[0] == "fprnn" and parts[1] in MOVED:
             node._target_ = f"fprnn.{MOVED[parts[1]]}.{parts[2]}"
