@@ -188,3 +188,55 @@ def test_the_solve_budget_grows_with_the_longer_side():
     big = layer.budget((9, 33))
     assert big["solver"]["max_iter"] == 132 and big["fallback"]["steps"] == 132
     assert ConvFixedPointLayer(2, None).budget((99, 99))["solver"] == {}     # no iters_per_side: as configured
+
+
+def _one_step(net, x, y, **options):
+    """One training step of a FixedPointModule (SGD with lr 1: W ← W − its gradient) on batch (x, y)."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+    from fprnn.training.module import FixedPointModule
+    module = FixedPointModule(net, rule="bptt", lr=1.0, eta=1.0, readin="gradient", **options)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=len(x)))
+    return module
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_bptt_trains_on_unsettled_mazes_through_their_iteration_with_clipped_gradients(clip):
+    """fault.unsettled=train: no maze settles in 5 iterations, yet the step is taken, and it is SGD on
+    autograd's gradient of the mean loss over every maze (clipped to a total norm, as torch clips)."""
+    import copy
+    import torch.nn.functional as F
+    x, y = mazes.collate([(k, mazes.draw(0, "train", 3, k)) for k in range(6)])
+    net = MazeNet(channels=4, head_channels=4, rule="bptt", sigma_W=1.0, max_norm=None, solver="iterate",
+                  solver_kwargs={"max_iter": 5, "tol": 1e-9}, fallback=None, dtype="float64", bptt_steps=4)
+    ref = copy.deepcopy(net)
+    F.cross_entropy(ref(x.double()), y).backward()        # every maze, every pixel: the mean loss
+    if clip is not None:
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+        assert norm > 2 * clip                                # the clipping had something to do
+    module = _one_step(net, x, y, unsettled="train", clip_grad_norm=clip)
+    step = module.last_step
+    assert not step.skipped and step.n_used == 0 and int(step.trained.sum()) == 6
+    assert module.record.unconverged == 6 and module.record.faults == 0
+    for (name, after), before in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(after.detach(), (before - before.grad).detach(), atol=1e-12, rtol=0, msg=name)
+
+    left_out = MazeNet(channels=4, head_channels=4, rule="bptt", sigma_W=1.0, max_norm=None, solver="iterate",
+                       solver_kwargs={"max_iter": 5, "tol": 1e-9}, fallback=None, dtype="float64", bptt_steps=4)
+    W0 = left_out.layer.W.detach().clone()
+    module = _one_step(left_out, x, y)                   # the default: unsettled mazes are left out
+    assert module.last_step.skipped and "not converged for 6/6" in module.record.fault_log[0]
+    assert torch.equal(left_out.layer.W.detach(), W0)
+
+
+def test_unsettled_and_clip_options_name_what_is_allowed():
+    from fprnn.training.module import FixedPointModule
+    net = MazeNet(channels=2, head_channels=2)
+    with pytest.raises(ValueError, match="unsettled='train' needs rule=bptt, got rule='w3'"):
+        FixedPointModule(net, rule="w3", unsettled="train")
+    with pytest.raises(ValueError, match=r"unsettled must be one of \['leave_out', 'train'\], got 'keep'"):
+        FixedPointModule(net, rule="bptt", unsettled="keep")
+    with pytest.raises(ValueError, match="clip_grad_norm must be a positive finite number or null .* got 0"):
+        FixedPointModule(net, rule="bptt", clip_grad_norm=0)

@@ -87,7 +87,8 @@ def summary(results: dict) -> list[str]:
             faults += (f" · trials started from rest {results['start_from_rest']} unconverged, "
                        f"{results.get('start_unstable', 0)} unstable")
         elif results.get("unconverged") is not None:
-            faults += f" · unconverged samples left out {results['unconverged']}"
+            done = "trained on" if results.get("unsettled") == "train" else "left out"
+            faults += f" · unconverged samples {done} {results['unconverged']}"
         stability = results.get("start_stability_max", results.get("peak_max_re_eig"))
         if stability is not None:
             faults += f" · peak stability {_fmt(stability)} (< 1 stable)"

@@ -22,10 +22,12 @@ from fprnn.training.update import RunRecord, Step, backtrack, per_sample_loss, s
 Tensor = torch.Tensor
 ALL_RULES = sorted([*rules.RULES, "bptt"])
 TASKS = ("classification", "regression")
+#: what a step does with samples whose solve did not settle (missed the solver's tolerance)
+UNSETTLED = ("leave_out", "train")
 
 
 def _check_options(model, rule, lr, lr_readin, lr_readout, task, on_fault, max_faults, max_skipped,
-                   backtrack) -> None:
+                   backtrack, unsettled, clip_grad_norm) -> None:
     """FixedPointModule's arguments, each bad one named with what is allowed."""
     if rule not in ALL_RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {ALL_RULES}")
@@ -46,6 +48,14 @@ def _check_options(model, rule, lr, lr_readin, lr_readout, task, on_fault, max_f
         raise ValueError(f"max_skipped must be a fraction in [0, 1), got {max_skipped!r}")
     if isinstance(backtrack, bool) or not isinstance(backtrack, int) or backtrack < 0:
         raise ValueError(f"backtrack must be a count of halvings ≥ 0 (0 = off), got {backtrack!r}")
+    if unsettled not in UNSETTLED:
+        raise ValueError(f"unsettled must be one of {list(UNSETTLED)}, got {unsettled!r}")
+    if unsettled == "train" and rule != "bptt":
+        raise ValueError(f"unsettled='train' needs rule=bptt, got rule={rule!r}: {rule}'s step is derived at a "
+                         f"fixed point, and an unsettled sample has none (use unsettled='leave_out')")
+    if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
+                                       or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0):
+        raise ValueError(f"clip_grad_norm must be a positive finite number or null (off), got {clip_grad_norm!r}")
     if not any(True for _ in model.parameters()):
         raise ValueError("nothing to train: model.train_W, train_readin and train_readout are all false")
     if task == "classification" and model.W_out is None:
@@ -73,6 +83,14 @@ class FixedPointModule(pl.LightningModule):
     "diverged". ``on_fault="stop"`` ends it at the first fault. A run that skipped more than
     ``max_skipped`` of its steps (all of them, say, when no fixed point converges at the start)
     has not trained: it ends with status "no_progress".
+
+    ``unsettled="train"`` (rule=bptt only) keeps unsettled samples in the loss instead: BPTT's
+    gradient is the exact gradient of the unrolled iteration that produced the output, settled or
+    not — which is how a network whose solves do not settle at the start (mazes, docs/results.md)
+    learns until they do. They are counted (``train/unsettled``), not faults. ``clip_grad_norm``
+    scales the step's gradients (the rules' −ΔW included) to that total norm at most before the
+    optimizer's step (Lightning's ``clip_gradients``; the trainer's own clipping does not run under
+    manual optimization).
     """
 
     def __init__(self, model: FixedPointRNN, rule: str = "w3", lr: float = 0.25, task: str = "classification",
@@ -80,10 +98,11 @@ class FixedPointModule(pl.LightningModule):
                  scheduler: Callable | None = None, lr_readin: float | None = None,
                  lr_readout: float | None = None, readin: str = "reparam",
                  units=None, on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
-                 max_skipped: float = 0.5, backtrack: int = 0, check_every: int = 50, eta: float | None = None):
+                 max_skipped: float = 0.5, backtrack: int = 0, check_every: int = 50, eta: float | None = None,
+                 unsettled: str = "leave_out", clip_grad_norm: float | None = None):
         super().__init__()
         _check_options(model, rule, lr, lr_readin, lr_readout, task, on_fault, max_faults, max_skipped,
-                       backtrack)
+                       backtrack, unsettled, clip_grad_norm)
         self.automatic_optimization = False
         self.model, self.rule_name, self.lr, self.task = model, rule, float(lr), task
         self.lr_readin, self.lr_readout, self.readin = lr_readin, lr_readout, readin
@@ -93,6 +112,7 @@ class FixedPointModule(pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
         self.max_skipped, self.backtrack = float(max_skipped), backtrack
+        self.unsettled, self.clip_grad_norm = unsettled, clip_grad_norm
         # the recorded units whose rates the loss is on (fitting responses; None: a read-out)
         self.register_buffer("units", None if units is None else torch.as_tensor(units, dtype=torch.long),
                              persistent=False)
@@ -170,18 +190,20 @@ class FixedPointModule(pl.LightningModule):
         pred = out if self.units is None else out[:, self.units]
         fps = [layer.report.fixed_point for layer in self.model.layers]
         used = self.model.used
+        trained = torch.ones_like(used) if self.unsettled == "train" else used
         losses = per_sample_loss(self.task, pred, y)
-        step = Step(fps, losses.detach(), pred.detach(), used, weights_before)
-        fault = "non-finite input" if not all_finite(p) else solution_fault(fps, self.max_nonconverged)
-        if fault is None and not all_finite(losses[used]):
+        step = Step(fps, losses.detach(), pred.detach(), used, weights_before, trained=trained)
+        fault = "non-finite input" if not all_finite(p) else \
+            solution_fault(fps, None if self.unsettled == "train" else self.max_nonconverged)
+        if fault is None and not all_finite(losses[trained]):
             fault = "non-finite loss"
         step.fault = ddp.sync_fault(self.trainer.strategy, self.world, fault, self.device)
         if step.fault is not None:
             return step
         # DDP averages gradients over devices: each device's loss is its share of the global mean
-        n = ddp.global_count(self.trainer.strategy, self.world, step.n_used, self.device)
+        n = ddp.global_count(self.trainer.strategy, self.world, int(trained.sum()), self.device)
         self.model.set_loss_norm(n / self.world)
-        self.manual_backward(losses[used].sum() * (self.world / n))
+        self.manual_backward(losses[trained].sum() * (self.world / n))
         step.deltas = [None if layer.report.delta is None else layer.report.delta[used] for layer in self.model.layers]
         fault = next((layer.report.fault for layer in reversed(self.model.layers) if layer.report.fault), None)
         bad = [name for name, t in self.model.named_parameters() if t.grad is not None and not all_finite(t.grad)]
@@ -215,7 +237,8 @@ class FixedPointModule(pl.LightningModule):
         bs = len(step.losses)
         if torch.isfinite(step.losses).all():
             self.train_loss(step.losses.float().mean())
-        logs = {"train/loss": self.train_loss, "train/left_out": float(bs - step.n_used)}
+        logs = {"train/loss": self.train_loss, "train/left_out": float(bs - int(step.trained.sum())),
+                "train/unsettled": float(bs - step.n_used)}
         if self.task == "classification":
             logs.update(self._accuracy("train", step.logits, batch[1]))
         self.log_dict(logs, on_step=True, on_epoch=True, prog_bar=False, batch_size=bs,
@@ -229,13 +252,17 @@ class FixedPointModule(pl.LightningModule):
         return None
 
     def apply(self, step: Step) -> None:
-        """The optimizer's step on the gradients backward left (no momentum off a W's mask); then
-        every constrained W back on its constraints (fprnn.core.constraints)."""
+        """The optimizer's step on the gradients backward left (no momentum off a W's mask; their
+        total norm clipped to ``clip_grad_norm``); then every constrained W back on its
+        constraints (fprnn.core.constraints)."""
         layers = self.model.layers
         for layer in layers:
             if layer.mask is not None and layer.W.grad is not None:
                 layer.W.grad.mul_(layer.mask)
-        self.optimizers().step()
+        opt = self.optimizers()
+        if self.clip_grad_norm is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.clip_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
         with torch.no_grad():
             for l, layer in enumerate(layers):
                 if layer.constrained and isinstance(layer.W, torch.nn.Parameter):

@@ -302,7 +302,7 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
     failed = results.get("error") is not None and module.record.status != "interrupted"
     out: dict[str, Any] = {"status": "failed" if failed else module.record.status,
                            "steps": int(trainer.global_step) if trainer is not None else 0}
-    out.update(module.record.summary())
+    out.update(module.record.summary(), unsettled=module.unsettled)
     if getattr(data, "validation", None) is not None:
         out["validation"] = data.validation
     metrics = getattr(module, "fit_metrics", None) or (trainer.callback_metrics if trainer is not None else {})

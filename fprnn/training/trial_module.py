@@ -101,13 +101,16 @@ class TrialModule(FixedPointModule):
                  rule_kwargs: dict | None = None, optimizer=None, scheduler=None, lr_readin: float | None = None,
                  lr_readout: float | None = None, readin: str = "gradient", on_fault: str = "skip",
                  max_faults: int = 10, max_nonconverged: float = 0.0, max_skipped: float = 0.5, backtrack: int = 0,
-                 check_every: int = 50):
+                 check_every: int = 50, unsettled: str = "leave_out", clip_grad_norm: float | None = None):
         if backtrack:
             raise ValueError(f"backtrack={backtrack!r}: step control re-solves a static network's batch; a "
                              f"network in time has none (set fault.backtrack=0)")
         if max_nonconverged:
             raise ValueError(f"max_nonconverged={max_nonconverged!r} does not apply to a network in time: a trial "
                              f"whose start does not converge starts from rest (set fault.max_nonconverged=0)")
+        if unsettled != "leave_out":
+            raise ValueError(f"unsettled={unsettled!r} does not apply to a network in time: a trial whose start "
+                             f"does not converge starts from rest (set fault.unsettled=leave_out)")
         if targets not in ("actions", "continuous"):
             raise ValueError(f"targets must be 'actions' or 'continuous', got {targets!r}")
         # the static module's own metrics: accuracy over classes for actions, none for continuous targets
@@ -115,7 +118,7 @@ class TrialModule(FixedPointModule):
                          task="classification" if targets == "actions" else "regression",
                          optimizer=optimizer, scheduler=scheduler, lr_readin=lr_readin, lr_readout=lr_readout,
                          readin=readin, on_fault=on_fault, max_faults=max_faults, max_skipped=max_skipped,
-                         check_every=check_every)
+                         check_every=check_every, clip_grad_norm=clip_grad_norm)
         self.continuous = targets == "continuous"
         for split in ("train", "val", "test"):
             setattr(self, f"{split}_perf" if not self.continuous else f"{split}_r2",

@@ -30,16 +30,17 @@ def per_sample_loss(task: str, out: Tensor, y: Tensor) -> Tensor:
     return F.mse_loss(out, y, reduction="none").sum(1)
 
 
-def solution_fault(fps: list[FixedPoint], max_nonconverged: float) -> str | None:
+def solution_fault(fps: list[FixedPoint], max_nonconverged: float | None) -> str | None:
     """The first fault of a batch's fixed points: non-finite values, or more than
     ``max_nonconverged`` of the batch missing the tolerance in some layer (fewer are left out of
-    the step), or no sample converged in every layer."""
+    the step), or no sample converged in every layer. ``max_nonconverged=None``: unsettled
+    samples are trained on (bptt through the iteration), and only non-finite values are a fault."""
     used = None
     for l, fp in enumerate(fps):
         sol, where = fp.solution, f" in layer {l}" if len(fps) > 1 else ""
         if not (all_finite(fp.r) and all_finite(sol.residual)):
             return f"non-finite fixed point{where}"
-        if sol.tol is not None:
+        if sol.tol is not None and max_nonconverged is not None:
             if sol.n_nonconverged > max_nonconverged * len(fp.r):
                 return (f"fixed point not converged{where} for {sol.n_nonconverged}/{len(fp.r)} "
                         f"samples: {sol.failures()} (max residual {sol.max_residual:.3g})")
@@ -93,7 +94,8 @@ def backtrack(model: FixedPointRNN, p: Tensor, apply: Callable[[], None], halvin
 @dataclass
 class Step:
     """One training step, for the monitors: every layer's fixed point, the per-sample losses and
-    predictions, the samples used (converged in every layer), each layer's per-sample errors
+    predictions, the samples used (converged in every layer), those in the loss (``trained``: the
+    used ones, or all with ``unsettled="train"``), each layer's per-sample errors
     δ_ℓ = ∂L_i/∂r_ℓ on those samples (None where autograd computed none: bptt below the top), the
     W's the step started from, and its fault."""
     fps: list[FixedPoint]
@@ -104,6 +106,11 @@ class Step:
     deltas: list[Tensor | None] = field(default_factory=list)
     fault: str | None = None
     skipped: bool = False
+    trained: Tensor | None = None
+
+    def __post_init__(self):
+        if self.trained is None:
+            self.trained = self.used
 
     @property
     def n_used(self) -> int:
@@ -115,7 +122,8 @@ class RunRecord:
     """What a run has done so far, kept in its checkpoints so that a resumed run reports the whole
     run. A fault skips its step, so ``faults`` counts skipped steps; ``clipped`` counts entries the
     constraints set back, ``backtracks`` halvings of a step, ``fallback_*`` the samples handed to
-    the solver's fallback and its steps, ``unconverged`` the samples left out of a step unconverged."""
+    the solver's fallback and its steps, ``unconverged`` the samples of a step that did not settle
+    (left out of it, or trained on with ``unsettled="train"``)."""
     status: str = "running"
     faults: int = 0
     consecutive_faults: int = 0
