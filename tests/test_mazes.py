@@ -16,7 +16,7 @@ from fprnn.core import operators
 from fprnn.data import mazes
 from fprnn.models.conv import ConvFixedPointLayer
 from fprnn.models.maze_net import MazeNet
-from fprnn.training.run import train
+from fprnn.training.run import build, train
 from helpers import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +180,17 @@ def test_a_trained_run_answers_mazes_from_a_file(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "inputs has shape (10, 2, 13, 13)" in bad.stderr
 
+    # init_weights: the trained network, built again from a config (here to go on with w3), holds its weights
+    small = ["experiment=mazes", "logger=csv", "model.channels=4", "model.head_channels=4"]
+    _, again, _, _ = build(make_cfg([*small, "rule=w3", "fault.unsettled=leave_out", f"init_weights={run}"]),
+                           tmp_path / "w3")
+    for name, t in net.state_dict().items():
+        assert torch.equal(again.state_dict()[name], t), name
+    with pytest.raises(ValueError, match=r"init_weights=.*layers\.0\.W"):
+        build(make_cfg([*small, "model.channels=2", f"init_weights={run}"]), tmp_path / "c2")
+    with pytest.raises(FileNotFoundError, match="no weights.pt in that run directory"):
+        build(make_cfg([*small, f"init_weights={tmp_path}"]), tmp_path / "none")
+
 
 def test_the_solve_budget_grows_with_the_longer_side():
     layer = ConvFixedPointLayer(2, None, iters_per_side=4, solver_kwargs={"max_iter": 50},
@@ -202,36 +213,51 @@ def _one_step(net, x, y, **options):
     return module
 
 
-@pytest.mark.parametrize("clip", [None, 0.05])
-def test_bptt_trains_on_unsettled_mazes_through_their_iteration_with_clipped_gradients(clip):
-    """fault.unsettled=train: no maze settles in 5 iterations, yet the step is taken, and it is SGD on
-    autograd's gradient of the mean loss over every maze (clipped to a total norm, as torch clips)."""
-    import copy
+def _bptt_reference_loss(net, x, y, mu, steps=4):
+    """The loss bptt differentiates, written out on maps with torch's conv2d: the solve (no graph), then
+    `steps` damped steps u ← u + ½(tanh(K ⋆ u + x) − u) with graph; the per-pixel cross-entropy of the head's
+    logits, plus mu · mean (tanh(K ⋆ u + x) − u)² per maze; the mean over mazes."""
     import torch.nn.functional as F
+    X, L = net.features(x.double()), net.layer
+    with torch.no_grad():
+        u = L.maps(L.fixed_point(L.rows(X), size=tuple(X.shape[2:])).solution.u, tuple(X.shape[2:])).clone()
+    g = lambda u: torch.tanh(F.conv2d(u, L.W, padding=L.kernel // 2) + X)     # noqa: E731
+    for _ in range(steps):
+        u = u + 0.5 * (g(u) - u)
+    ce = F.cross_entropy(net.head(u), y, reduction="none").flatten(1).mean(1)
+    return (ce + mu * (g(u) - u).pow(2).flatten(1).mean(1)).mean()
+
+
+@pytest.mark.parametrize("clip, mu", [(None, 0.0), (0.05, 0.0), (None, 0.7)])
+def test_bptt_trains_on_unsettled_mazes_through_their_iteration(clip, mu):
+    """fault.unsettled=train: no maze settles in 5 iterations, yet the step is taken, and it is SGD on
+    the gradient of the mean loss over every maze (clipped to a total norm, as torch clips; with the
+    settling penalty mu), against the unrolled iteration written out with conv2d."""
+    import copy
     x, y = mazes.collate([(k, mazes.draw(0, "train", 3, k)) for k in range(6)])
-    net = MazeNet(channels=4, head_channels=4, rule="bptt", sigma_W=1.0, max_norm=None, solver="iterate",
-                  solver_kwargs={"max_iter": 5, "tol": 1e-9}, fallback=None, dtype="float64", bptt_steps=4)
+    options = dict(channels=4, head_channels=4, rule="bptt", sigma_W=1.0, max_norm=None, solver="iterate",
+                   solver_kwargs={"max_iter": 5, "tol": 1e-9}, fallback=None, dtype="float64", bptt_steps=4)
+    net = MazeNet(**options)
     ref = copy.deepcopy(net)
-    F.cross_entropy(ref(x.double()), y).backward()        # every maze, every pixel: the mean loss
+    _bptt_reference_loss(ref, x, y, mu).backward()
     if clip is not None:
         norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
         assert norm > 2 * clip                                # the clipping had something to do
-    module = _one_step(net, x, y, unsettled="train", clip_grad_norm=clip)
+    module = _one_step(net, x, y, unsettled="train", clip_grad_norm=clip, settle_penalty=mu)
     step = module.last_step
     assert not step.skipped and step.n_used == 0 and int(step.trained.sum()) == 6
     assert module.record.unconverged == 6 and module.record.faults == 0
     for (name, after), before in zip(net.named_parameters(), ref.parameters()):
         torch.testing.assert_close(after.detach(), (before - before.grad).detach(), atol=1e-12, rtol=0, msg=name)
 
-    left_out = MazeNet(channels=4, head_channels=4, rule="bptt", sigma_W=1.0, max_norm=None, solver="iterate",
-                       solver_kwargs={"max_iter": 5, "tol": 1e-9}, fallback=None, dtype="float64", bptt_steps=4)
+    left_out = MazeNet(**options)
     W0 = left_out.layer.W.detach().clone()
     module = _one_step(left_out, x, y)                   # the default: unsettled mazes are left out
     assert module.last_step.skipped and "not converged for 6/6" in module.record.fault_log[0]
     assert torch.equal(left_out.layer.W.detach(), W0)
 
 
-def test_unsettled_and_clip_options_name_what_is_allowed():
+def test_unsettled_clip_and_settle_options_name_what_is_allowed():
     from fprnn.training.module import FixedPointModule
     net = MazeNet(channels=2, head_channels=2)
     with pytest.raises(ValueError, match="unsettled='train' needs rule=bptt, got rule='w3'"):
@@ -240,3 +266,7 @@ def test_unsettled_and_clip_options_name_what_is_allowed():
         FixedPointModule(net, rule="bptt", unsettled="keep")
     with pytest.raises(ValueError, match="clip_grad_norm must be a positive finite number or null .* got 0"):
         FixedPointModule(net, rule="bptt", clip_grad_norm=0)
+    with pytest.raises(ValueError, match="settle_penalty=0.5 needs rule=bptt .* got rule='w3'"):
+        FixedPointModule(net, rule="w3", settle_penalty=0.5)
+    with pytest.raises(ValueError, match="settle_penalty must be a non-negative finite number .* got -1"):
+        FixedPointModule(net, rule="bptt", settle_penalty=-1)

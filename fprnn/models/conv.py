@@ -41,7 +41,8 @@ from torch import nn
 from fprnn.core import implicit, solvers
 from fprnn.core.activations import get_activation
 from fprnn.core.dynamics import get_dynamics, power_radius, row_gatherer
-from fprnn.models.dense import FixedPoint, get_dtype, load_network
+from fprnn.models.dense import FixedPoint, get_dtype
+from fprnn.models.saved import load_network
 from fprnn.core.operators import LAYOUTS, PADDINGS, Conv2d, to_maps, to_rows
 
 Tensor = torch.Tensor
@@ -274,6 +275,7 @@ class ConvFixedPointLayer(nn.Module):
             u = fp.solution.u
             for _ in range(self.bptt_steps):
                 u = u + self.bptt_damping * (g(u) - u)
+            self.report.unrolled_residual = (g(u) - u).pow(2).mean(1)
             u.register_hook(partial(implicit.record_delta, self.report, spec))
             return self.maps(u, size)
         r = implicit.attach(fp.r, fp.gain, self.W, None, None, s, spec, self.report,

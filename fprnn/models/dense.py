@@ -7,15 +7,17 @@ import inspect
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from fprnn.core import constraints, implicit, solvers
-from fprnn.core.activations import Activation, get_activation
-from fprnn.core.dynamics import Dynamics, get_dynamics
+from fprnn.core import implicit, solvers
+from fprnn.core.activations import get_activation
+from fprnn.core.dynamics import get_dynamics
 from fprnn.models.encoders import build_encoder
+from fprnn.models.saved import load_network
+from fprnn.models.wiring import constrained_init, time_constants, wiring
 from fprnn.core.solvers import Solution
 
 Tensor = torch.Tensor
@@ -129,13 +131,13 @@ class Layer(nn.Module):
         # one layer draws exactly the paper's network as fprnn always drew it
         Z = torch.randn(N, N, generator=gen, dtype=torch.float64)
         mask_gen = gen if mask_seed is None else torch.Generator().manual_seed(int(mask_seed))
-        sign, mask = self._wiring(N, mask_gen, n_exc, p_connect, mask_path, self_connections, constraint)
+        sign, mask = wiring(N, mask_gen, n_exc, p_connect, mask_path, self_connections, constraint)
         self.register_buffer("sign", None if sign is None else sign.to(dt))
         self.register_buffer("mask", mask)
         self.constraint = constraint
         W = sigma_W * Z.to(dt) / math.sqrt(N) if sign is None and mask is None else \
-            _constrained_init(Z, sign, mask, sigma_W if blocks is None else blocks).to(dt)
-        self.register_buffer("tau", _time_constants(N, tau, tau_I, sign, self.dyn, dt))
+            constrained_init(Z, sign, mask, sigma_W if blocks is None else blocks).to(dt)
+        self.register_buffer("tau", time_constants(N, tau, tau_I, sign, self.dyn, dt))
         if train_W:
             self.W = nn.Parameter(W)
         else:
@@ -170,23 +172,6 @@ class Layer(nn.Module):
         """The n of the loss Σ L_i / n that the next backward differentiates (w2 depends on it:
         :mod:`fprnn.core.implicit`); read at backward, so it may be set after the forward call."""
         self.backward_rule.set_loss_norm(n)
-
-    @staticmethod
-    def _wiring(N, gen, n_exc, p_connect, mask_path, self_connections, constraint):
-        if constraint not in constraints.METHODS:
-            raise ValueError(f"unknown constraint {constraint!r}; choose one of {list(constraints.METHODS)}")
-        if p_connect is not None and mask_path is not None:
-            raise ValueError(f"give p_connect or mask_path, not both (got {p_connect!r} and {mask_path!r})")
-        sign = None if n_exc is None else constraints.cell_types(N, n_exc)
-        if mask_path is not None:
-            mask = constraints.load_mask(mask_path, N)
-            if not self_connections:
-                mask.fill_diagonal_(False)
-        elif p_connect is not None or not self_connections:
-            mask = constraints.random_mask(N, 1.0 if p_connect is None else p_connect, gen, self_connections)
-        else:
-            mask = None
-        return sign, mask
 
     @property
     def constrained(self) -> bool:
@@ -287,93 +272,6 @@ class Layer(nn.Module):
         """Per-sample stability value (max Re λ(G_i W) or ρ(G_i W), with time constants
         1 + τ_min max Re λ(T⁻¹(−I + G_i W))); stable iff < 1."""
         return self.dyn.stability(self.W.detach(), fp.gain, self.tau)
-
-
-def _constrained_init(Z: Tensor, sign: Tensor | None, mask: Tensor | None, blocks) -> Tensor:
-    """|Z| with each column's sign and the mask; a unit's mean total weight from each population is
-    the block's magnitude (a number: the same for all four blocks)."""
-    N = Z.shape[0]
-    s = torch.ones(N, dtype=Z.dtype) if sign is None else sign.to(Z.dtype)
-    M = torch.ones(N, N, dtype=torch.bool) if mask is None else mask
-    J = torch.as_tensor(blocks, dtype=Z.dtype)
-    if J.dim() == 0:
-        J = J.expand(2, 2)
-    if tuple(J.shape) != (2, 2) or not bool(torch.isfinite(J).all() and (J >= 0).all()):
-        raise ValueError(f"blocks must be a non-negative number or [[J_EE, J_EI], [J_IE, J_II]], got {blocks!r}")
-    exc = s > 0
-    pop = [exc, ~exc]
-    W = torch.zeros(N, N, dtype=Z.dtype)
-    half_normal_mean = math.sqrt(2 / math.pi)
-    for a in range(2):
-        for b in range(2):
-            rows, cols = pop[a], pop[b]
-            if not (rows.any() and cols.any()):
-                continue
-            blk = M[rows][:, cols]
-            fan = blk.sum(1, keepdim=True).clamp_min(1).to(Z.dtype)      # each unit's inputs from b
-            ri, ci = rows.nonzero().squeeze(1), cols.nonzero().squeeze(1)
-            W[ri[:, None], ci[None, :]] = J[a, b] * Z[ri[:, None], ci[None, :]].abs() * blk / (half_normal_mean * fan)
-    return W * s * M
-
-
-def _time_constants(N: int, tau, tau_I, sign: Tensor | None, dyn, dt: torch.dtype) -> Tensor | None:
-    """Per-unit τ: ``tau`` for every unit (or the excitatory ones) and ``tau_I`` for inhibitory ones."""
-    if tau is None and tau_I is None:
-        return None
-    if not dyn.continuous:
-        raise ValueError(f"time constants (tau={tau!r}, tau_I={tau_I!r}) need continuous dynamics, "
-                         f"not {dyn.name!r}")
-    for name, v in (("tau", tau), ("tau_I", tau_I)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
-                              or not math.isfinite(v) or v <= 0):
-            raise ValueError(f"{name} must be a positive number, got {v!r}")
-    if tau_I is not None and sign is None:
-        raise ValueError("tau_I is the inhibitory units' time constant: set n_exc too")
-    t = torch.full((N,), 1.0 if tau is None else float(tau), dtype=dt)
-    if tau_I is not None:
-        t[sign < 0] = float(tau_I)
-    return t
-
-
-def network_state(checkpoint: dict) -> dict:
-    """The network's state dict inside a training checkpoint (the module holds it as ``model``)."""
-    return {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
-
-
-def load_network(cls, path, map_location="cpu"):
-    """``cls`` built from ``run_dir/model.json`` (its constructor's arguments) with the state dict
-    of ``run_dir/weights.pt``, or of a checkpoint ``run_dir/checkpoints/*.ckpt`` given as ``path``."""
-    import json
-    from pathlib import Path
-    path = Path(path)
-    ckpt = path.suffix == ".ckpt"
-    run_dir = path.parent.parent if ckpt else path
-    source = path if ckpt else run_dir / "weights.pt"
-    for f in (run_dir / "model.json", source):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: not found; {cls.__name__}.load needs a run directory with "
-                                    f"model.json and weights.pt, or a checkpoint in its checkpoints/")
-    net = cls(**json.loads((run_dir / "model.json").read_text()))
-    if ckpt:
-        weights = network_state(torch.load(source, map_location=map_location, weights_only=False))
-    else:
-        weights = torch.load(source, map_location=map_location)
-    wrong = state_mismatch(net.state_dict(), weights)
-    if wrong:
-        raise ValueError(f"{source}: {wrong} (built from model.json)")
-    net.load_state_dict(weights)
-    return net
-
-
-def state_mismatch(mine: dict, weights: dict) -> str | None:
-    """How saved ``weights`` (a state dict) fail to fit the state dict ``mine``, or None."""
-    names = sorted(mine, key=lambda k: not k.startswith("layers."))    # the layers first, in order
-    for name in [*names, *(k for k in weights if k not in mine)]:
-        a, b = weights.get(name), mine.get(name)
-        if a is None or b is None or a.shape != b.shape:
-            return (f"has {name} of shape {None if a is None else tuple(a.shape)}, the model "
-                    f"{None if b is None else tuple(b.shape)}")
-    return None
 
 
 class FixedPointRNN(nn.Module):

@@ -7,7 +7,7 @@
     python sweep.py conv                       # conv front end on Fashion-MNIST: rules vs W ≡ 0
     python sweep.py timescales --jobs 2        # tasks in time: fixed-point start vs BPTT from rest
     python sweep.py neurogym                   # every NeuroGym task: fixed-point start vs rest, 2 seeds
-    python sweep.py mazes                      # mazes: w3, w1, jfb, bptt and K ≡ 0, extrapolation
+    python sweep.py mazes                      # mazes: bptt (the preset), K ≡ 0, w3, w1, jfb; extrapolation
 
 Each point runs as its own process (its own W&B run, memory and, with trainer=ddp, its own
 devices) in ``OUT/<rule>_lr<lr>/``. ``OUT/summary.csv`` and ``OUT/summary.md`` get one row per

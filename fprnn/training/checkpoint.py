@@ -23,7 +23,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger
 
-from fprnn.models.dense import network_state, state_mismatch
+from fprnn.models.saved import network_state, state_mismatch
 
 
 #: Where each module of the flat layout (fprnn 0.1: every module at the package root) lives now.
@@ -188,6 +188,27 @@ def checkpoint_weights(path: str | Path) -> tuple[dict, dict]:
     and the checkpoint's ``epoch`` and ``global_step``."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     return network_state(ckpt), {"epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}
+
+
+def load_init_weights(model, path) -> None:
+    """``init_weights``: fill the network the config built with a trained network's weights — a
+    run directory's ``weights.pt`` or a checkpoint file — to go on training it, with another rule
+    say (the optimizer, step count and data start afresh; ``resume`` continues a run instead)."""
+    p = Path(path)
+    source = p / "weights.pt" if p.is_dir() else p
+    if not source.is_file():
+        raise FileNotFoundError(f"init_weights={path}: " + ("no weights.pt in that run directory" if p.is_dir()
+                                                           else "no such run directory or file"))
+    try:
+        weights = checkpoint_weights(source)[0] if source.suffix == ".ckpt" else \
+            torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"init_weights={path}: {source.name} cannot be read ({type(e).__name__}: "
+                         f"{str(e)[:120]})") from None
+    wrong = state_mismatch(model.state_dict(), weights)
+    if wrong:
+        raise ValueError(f"init_weights={path}: {wrong} (the network built from this config)")
+    model.load_state_dict(weights)
 
 
 def check_checkpoint(path, model) -> int:

@@ -27,7 +27,7 @@ UNSETTLED = ("leave_out", "train")
 
 
 def _check_options(model, rule, lr, lr_readin, lr_readout, task, on_fault, max_faults, max_skipped,
-                   backtrack, unsettled, clip_grad_norm) -> None:
+                   backtrack, unsettled, clip_grad_norm, settle_penalty) -> None:
     """FixedPointModule's arguments, each bad one named with what is allowed."""
     if rule not in ALL_RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {ALL_RULES}")
@@ -56,6 +56,12 @@ def _check_options(model, rule, lr, lr_readin, lr_readout, task, on_fault, max_f
     if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
                                        or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0):
         raise ValueError(f"clip_grad_norm must be a positive finite number or null (off), got {clip_grad_norm!r}")
+    if isinstance(settle_penalty, bool) or not isinstance(settle_penalty, (int, float)) \
+            or not math.isfinite(settle_penalty) or settle_penalty < 0:
+        raise ValueError(f"settle_penalty must be a non-negative finite number (0: off), got {settle_penalty!r}")
+    if settle_penalty and rule != "bptt":
+        raise ValueError(f"settle_penalty={settle_penalty!r} needs rule=bptt (it penalizes the unrolled state's "
+                         f"distance from a fixed point), got rule={rule!r}")
     if not any(True for _ in model.parameters()):
         raise ValueError("nothing to train: model.train_W, train_readin and train_readout are all false")
     if task == "classification" and model.W_out is None:
@@ -90,7 +96,9 @@ class FixedPointModule(pl.LightningModule):
     learns until they do. They are counted (``train/unsettled``), not faults. ``clip_grad_norm``
     scales the step's gradients (the rules' −ΔW included) to that total norm at most before the
     optimizer's step (Lightning's ``clip_gradients``; the trainer's own clipping does not run under
-    manual optimization).
+    manual optimization). ``settle_penalty`` μ > 0 (bptt, layers that report it: the conv layer)
+    adds μ · mean ‖g(u) − u‖² at the unrolled state u to each sample's loss, so that the answer the
+    network learns to give is read from a fixed point rather than from an iteration still moving.
     """
 
     def __init__(self, model: FixedPointRNN, rule: str = "w3", lr: float = 0.25, task: str = "classification",
@@ -99,10 +107,10 @@ class FixedPointModule(pl.LightningModule):
                  lr_readout: float | None = None, readin: str = "reparam",
                  units=None, on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
                  max_skipped: float = 0.5, backtrack: int = 0, check_every: int = 50, eta: float | None = None,
-                 unsettled: str = "leave_out", clip_grad_norm: float | None = None):
+                 unsettled: str = "leave_out", clip_grad_norm: float | None = None, settle_penalty: float = 0.0):
         super().__init__()
         _check_options(model, rule, lr, lr_readin, lr_readout, task, on_fault, max_faults, max_skipped,
-                       backtrack, unsettled, clip_grad_norm)
+                       backtrack, unsettled, clip_grad_norm, settle_penalty)
         self.automatic_optimization = False
         self.model, self.rule_name, self.lr, self.task = model, rule, float(lr), task
         self.lr_readin, self.lr_readout, self.readin = lr_readin, lr_readout, readin
@@ -112,7 +120,7 @@ class FixedPointModule(pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
         self.max_skipped, self.backtrack = float(max_skipped), backtrack
-        self.unsettled, self.clip_grad_norm = unsettled, clip_grad_norm
+        self.unsettled, self.clip_grad_norm, self.settle_penalty = unsettled, clip_grad_norm, float(settle_penalty)
         # the recorded units whose rates the loss is on (fitting responses; None: a read-out)
         self.register_buffer("units", None if units is None else torch.as_tensor(units, dtype=torch.long),
                              persistent=False)
@@ -122,6 +130,8 @@ class FixedPointModule(pl.LightningModule):
         for split in ("train", "val", "test"):
             setattr(self, f"{split}_loss", torchmetrics.MeanMetric())
             setattr(self, f"{split}_max_residual", torchmetrics.MaxMetric())
+            if split != "train":    # (a step's unsettled samples are logged as counts)
+                setattr(self, f"{split}_settled", torchmetrics.MeanMetric())
             if task == "classification":
                 setattr(self, f"{split}_acc", torchmetrics.Accuracy("multiclass", num_classes=model.n_out))
                 # maps of classes (a maze's pixels): the share of maps with every pixel right
@@ -192,6 +202,8 @@ class FixedPointModule(pl.LightningModule):
         used = self.model.used
         trained = torch.ones_like(used) if self.unsettled == "train" else used
         losses = per_sample_loss(self.task, pred, y)
+        if self.settle_penalty:
+            losses = losses + self.settle_penalty * self._unrolled_residual()
         step = Step(fps, losses.detach(), pred.detach(), used, weights_before, trained=trained)
         fault = "non-finite input" if not all_finite(p) else \
             solution_fault(fps, None if self.unsettled == "train" else self.max_nonconverged)
@@ -210,6 +222,15 @@ class FixedPointModule(pl.LightningModule):
         step.fault = ddp.sync_fault(self.trainer.strategy, self.world,
                                     fault or (f"non-finite gradient of {', '.join(bad)}" if bad else None), self.device)
         return step
+
+    def _unrolled_residual(self) -> Tensor:
+        """Σ over layers of each sample's mean ‖g(u) − u‖² at its unrolled state (with its graph)."""
+        res = [layer.report.unrolled_residual for layer in self.model.layers]
+        if any(r is None for r in res):
+            raise ValueError(f"settle_penalty needs layers that report their unrolled state's residual "
+                             f"(ConvFixedPointLayer under bptt); {type(self.model.layers[0]).__name__} does not: "
+                             f"set module.settle_penalty=0")
+        return sum(res)
 
     def on_train_batch_start(self, batch, batch_idx):
         # Ctrl-C is turned into a flag by run.py and raised here, between steps, so that the
@@ -295,6 +316,10 @@ class FixedPointModule(pl.LightningModule):
         mr = getattr(self, f"{split}_max_residual")
         mr(max(fp.solution.residual.max() for fp in fps))
         logs[f"{split}/max_residual"] = mr
+        # the share whose answer comes from a fixed point (an unsettled one's from where the solve stopped)
+        settled = getattr(self, f"{split}_settled")
+        settled(self.model.used.float())
+        logs[f"{split}/settled"] = settled
         self.log_dict(logs, on_step=False, on_epoch=True, prog_bar=(split == "val"), batch_size=len(p))
 
     def _accuracy(self, split: str, out: Tensor, y: Tensor) -> dict:

@@ -146,7 +146,8 @@ def build(cfg: DictConfig, run_dir: Path | str):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
-    from fprnn.training.checkpoint import AtomicCheckpointIO, RunCheckpoint, best_callbacks, best_metric
+    from fprnn.training.checkpoint import (AtomicCheckpointIO, RunCheckpoint, best_callbacks, best_metric,
+                                           load_init_weights)
     from fprnn.models.ctrnn import TrialRNN
     from fprnn.training.module import FixedPointModule
     from fprnn.training.trial_module import TrialModule
@@ -158,6 +159,8 @@ def build(cfg: DictConfig, run_dir: Path | str):
     if getattr(data, "note", None):
         log.warning(data.note)
     in_time = isinstance(model, TrialRNN)
+    if cfg.get("init_weights") is not None:
+        load_init_weights(model, cfg.init_weights)
     if cfg.get("stable_init") is not None and in_time:
         raise ValueError("stable_init scales a static network's W; a network in time (model=ctrnn) has no "
                          "probe inputs to scale it on: set stable_init=null")

@@ -101,13 +101,17 @@ class TrialModule(FixedPointModule):
                  rule_kwargs: dict | None = None, optimizer=None, scheduler=None, lr_readin: float | None = None,
                  lr_readout: float | None = None, readin: str = "gradient", on_fault: str = "skip",
                  max_faults: int = 10, max_nonconverged: float = 0.0, max_skipped: float = 0.5, backtrack: int = 0,
-                 check_every: int = 50, unsettled: str = "leave_out", clip_grad_norm: float | None = None):
+                 check_every: int = 50, unsettled: str = "leave_out", clip_grad_norm: float | None = None,
+                 settle_penalty: float = 0.0):
         if backtrack:
             raise ValueError(f"backtrack={backtrack!r}: step control re-solves a static network's batch; a "
                              f"network in time has none (set fault.backtrack=0)")
         if max_nonconverged:
             raise ValueError(f"max_nonconverged={max_nonconverged!r} does not apply to a network in time: a trial "
                              f"whose start does not converge starts from rest (set fault.max_nonconverged=0)")
+        if settle_penalty:
+            raise ValueError(f"settle_penalty={settle_penalty!r} does not apply to a network in time (its trials are "
+                             f"unrolled in time, not to a fixed point): set module.settle_penalty=0")
         if unsettled != "leave_out":
             raise ValueError(f"unsettled={unsettled!r} does not apply to a network in time: a trial whose start "
                              f"does not converge starts from rest (set fault.unsettled=leave_out)")
@@ -165,7 +169,7 @@ class TrialModule(FixedPointModule):
     def training_step(self, batch, batch_idx):
         if self.record.status == "diverged":
             return None
-        t0, index = time.perf_counter(), self.global_step     # (the optimizer's step counts one more)
+        t0 = time.perf_counter()
         step = self.compute_update(batch)
         if step.fault is None:
             self.apply(step)
