@@ -211,7 +211,7 @@ def _best(trainer):
 def _test(trainer, module, data) -> dict[str, Any]:
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     out = {"test_loss": tested.get("test/loss"), "test_acc": tested.get("test/acc")}
-    for k in ("r2", "perf", "maze_acc"):
+    for k in ("r2", "perf", "maze_acc", "settled"):
         if f"test/{k}" in tested:
             out[f"test_{k}"] = tested[f"test/{k}"]
     if getattr(module, "continuous", False):    # a network in time's loss on continuous targets is the MSE
@@ -312,7 +312,7 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
     out["train_loss"] = _finite(metrics.get("train/loss_epoch"))
     if "train/acc_epoch" in metrics:
         out["train_acc"] = _finite(metrics.get("train/acc_epoch"))
-    for k in ("acc", "r2", "perf", "maze_acc"):
+    for k in ("acc", "r2", "perf", "maze_acc", "settled"):
         if f"val/{k}" in metrics:
             out[f"val_{k}"] = _finite(metrics.get(f"val/{k}"))     # the last validation (what tuning reads)
     out["epochs"] = int(trainer.current_epoch) if trainer is not None else 0
