@@ -35,7 +35,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_W(tmp_pat
     env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"), WANDB_MODE="offline")
     saved = 0
     for i, step in enumerate(steps):
-        cut = [f"+callbacks.kill._target_=ddp_callbacks.KillAt", f"+callbacks.kill.step={step}",
+        cut = ["+callbacks.kill._target_=ddp_callbacks.KillAt", f"+callbacks.kill.step={step}",
                f"+callbacks.kill.during_write={i == write_kill}"]
         proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *over, f"hydra.run.dir={run_dir}",
                                "resume=true", *cut], cwd=ROOT, env=env, capture_output=True, text=True,

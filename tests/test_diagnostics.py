@@ -11,7 +11,6 @@ from PIL import Image
 
 from fprnn.core import reference as ref
 from fprnn.core import rules
-from fprnn.data.datamodules import LinearRegressionDataModule
 from fprnn.analysis.figures import make_figures, read_metrics
 from fprnn.analysis.landscape import linear_landscape, plot
 from fprnn.training.run import build, train

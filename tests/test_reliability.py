@@ -1,7 +1,6 @@
 """Bad input, divergence, NaN and interruption: clear errors, recorded results, nothing lost."""
 import importlib.util
 import json
-import math
 import os
 import re
 import subprocess

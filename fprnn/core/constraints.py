@@ -13,7 +13,6 @@ docs/constraints.md). Columns are presynaptic: unit j's outgoing weights are col
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
