@@ -13,6 +13,13 @@ def network_state(checkpoint: dict) -> dict:
     return {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
 
 
+def read_weights(source: Path, map_location="cpu") -> dict:
+    """The state dict in ``source``: a ``weights.pt``, or a training checkpoint (``.ckpt``)."""
+    if source.suffix == ".ckpt":
+        return network_state(torch.load(source, map_location=map_location, weights_only=False))
+    return torch.load(source, map_location=map_location)
+
+
 def load_network(cls, path, map_location="cpu"):
     """``cls`` built from ``run_dir/model.json`` (its constructor's arguments) with the state dict
     of ``run_dir/weights.pt``, or of a checkpoint ``run_dir/checkpoints/*.ckpt`` given as ``path``."""
@@ -25,10 +32,7 @@ def load_network(cls, path, map_location="cpu"):
             raise FileNotFoundError(f"{f}: not found; {cls.__name__}.load needs a run directory with "
                                     f"model.json and weights.pt, or a checkpoint in its checkpoints/")
     net = cls(**json.loads((run_dir / "model.json").read_text()))
-    if ckpt:
-        weights = network_state(torch.load(source, map_location=map_location, weights_only=False))
-    else:
-        weights = torch.load(source, map_location=map_location)
+    weights = read_weights(source, map_location)
     wrong = state_mismatch(net.state_dict(), weights)
     if wrong:
         raise ValueError(f"{source}: {wrong} (built from model.json)")

@@ -23,7 +23,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger
 
-from fprnn.models.saved import network_state, state_mismatch
+from fprnn.models.saved import network_state, read_weights, state_mismatch
 
 
 #: Where each module of the flat layout (fprnn 0.1: every module at the package root) lives now.
@@ -200,8 +200,7 @@ def load_init_weights(model, path) -> None:
         raise FileNotFoundError(f"init_weights={path}: " + ("no weights.pt in that run directory" if p.is_dir()
                                                            else "no such run directory or file"))
     try:
-        weights = checkpoint_weights(source)[0] if source.suffix == ".ckpt" else \
-            torch.load(source, map_location="cpu", weights_only=True)
+        weights = read_weights(source)
     except Exception as e:
         raise ValueError(f"init_weights={path}: {source.name} cannot be read ({type(e).__name__}: "
                          f"{str(e)[:120]})") from None
