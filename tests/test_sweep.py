@@ -113,3 +113,27 @@ def test_a_sweep_works_in_the_folder_it_is_started_from(tmp_path, monkeypatch, c
     point = sw.Point("w3_lr0.3", "w3", "0.3", ["data.path=mine.npz"], tmp_path / "out" / "w3_lr0.3")
     assert sw.run_point(point, "g", False, 1, threading.Event()).result["status"] == "finished"
     assert seen["cwd"] == tmp_path.resolve()
+
+
+def test_every_point_of_every_preset_composes_and_the_maze_points_build(tmp_path):
+    """Each point's overrides compose and build (data, network, module): a typo in a point, or an option
+    a point's rule refuses (fault.unsettled=train with a rule), fails here rather than in its process.
+    The mazes rules get the settings they were measured with (the first mazes preset)."""
+    from fprnn.tools.sweep import PRESETS, make_points
+    from fprnn.training.run import build
+    from helpers import make_cfg
+    built = {}
+    for preset, spec in PRESETS.items():
+        if callable(spec.get("points")):      # neurogym: a point per task, asked of NeuroGym
+            continue
+        points = make_points(preset, spec.get("rule") or ["w1"], [str(lr) for lr in spec.get("lr") or [0.1]],
+                             spec["base"], tmp_path / preset)
+        for p in points:
+            cfg = make_cfg([*p.overrides, f"rule={p.rule}", f"lr={p.lr}"])
+            if preset == "mazes":
+                built[p.name] = (cfg, build(cfg, tmp_path / preset / p.name)[2])
+    rule_cfg, module = built["w3"]
+    assert rule_cfg.solver.name == "anderson" and rule_cfg.model.sigma_W == 0.5 and rule_cfg.get("scheduler") is None
+    assert module.unsettled == "leave_out" and module.max_nonconverged == 0.25 and module.clip_grad_norm is None
+    assert rule_cfg.data.train_mazes // rule_cfg.data.batch_size * rule_cfg.trainer.max_epochs == 2500
+    assert built["bptt"][1].unsettled == "train" and built["ff"][1].unsettled == "train"
