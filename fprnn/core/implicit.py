@@ -98,15 +98,15 @@ class Report:
     """One call's record: the fixed point (with its solver stats), the samples fit to learn from,
     and after backward the per-sample errors δ_i = n·∂loss/∂r_i (rows; zero for samples not used)
     and the fault (None: none). ``log``: a list that every recorded fault is appended to as well
-    (a layer's running record of them). ``unrolled_residual``: under bptt, where a layer reports
-    it, each sample's mean squared ‖g(u) − u‖ at the unrolled state u, with its graph (how far the
-    state the loss reads is from a fixed point)."""
+    (a layer's running record of them). ``unrolled_residual``: under bptt, where a layer offers
+    it, a function giving each sample's mean squared ‖g(u) − u‖ at the unrolled state u, with its
+    graph (how far the state the loss reads is from a fixed point; computed only when asked)."""
     fixed_point: object
     used: Tensor
     delta: Tensor | None = None
     fault: str | None = None
     log: list | None = None
-    unrolled_residual: Tensor | None = None
+    unrolled_residual: Callable[[], Tensor] | None = None
 
 
 def resolve_rule_kwargs(rule: str, kwargs: dict | None, layer) -> dict:

@@ -275,7 +275,7 @@ class ConvFixedPointLayer(nn.Module):
             u = fp.solution.u
             for _ in range(self.bptt_steps):
                 u = u + self.bptt_damping * (g(u) - u)
-            self.report.unrolled_residual = (g(u) - u).pow(2).mean(1)
+            self.report.unrolled_residual = lambda u=u: (g(u) - u).pow(2).mean(1)     # noqa: E731
             u.register_hook(partial(implicit.record_delta, self.report, spec))
             return self.maps(u, size)
         r = implicit.attach(fp.r, fp.gain, self.W, None, None, s, spec, self.report,

@@ -230,7 +230,7 @@ class FixedPointModule(pl.LightningModule):
             raise ValueError(f"settle_penalty needs layers that report their unrolled state's residual "
                              f"(ConvFixedPointLayer under bptt); {type(self.model.layers[0]).__name__} does not: "
                              f"set module.settle_penalty=0")
-        return sum(res)
+        return sum(r() for r in res)
 
     def on_train_batch_start(self, batch, batch_idx):
         # Ctrl-C is turned into a flag by run.py and raised here, between steps, so that the
