@@ -1,19 +1,20 @@
 """A rate network in time: τ dr/dt = −r + f(W r + V u(t) + b), simulated by Euler steps of dt,
 read out at every step as W_out r + b_out — the continuous-time RNN of the cognitive-task
-literature (Song et al. 2016, Yang et al. 2019), built from fprnn's :class:`~fprnn.models.dense.Layer`
+literature (Song et al. 2016, Yang et al. 2019), built from fprnn's [`Layer`][fprnn.models.dense.Layer]
 (W, V, b, activation, Dale's law, masks, τ_E/τ_I).
 
 How a trial starts (``start``), for a batch whose first ``static`` steps have a constant input s:
+
 - ``fixed_point``: at the fixed point r₀ = f(W r₀ + V s + b) of the static input, solved by the
   layer's solver (and fallback) as the static network is. The network sits there until the
   static part ends (every step of it is read out at r₀), then the dynamics run. r₀'s backward is
-  the rule (:mod:`fprnn.core.implicit`: w1 its exact gradient, w3 the reparameterized step…), the rest
+  the rule ([`fprnn.core.implicit`][fprnn.core.implicit]: w1 its exact gradient, w3 the reparameterized step…), the rest
   is BPTT by autograd; W is used by both, so W.grad is the sum. The static period costs a solve
   rather than one unrolled step each, and its memory nothing.
   A trial whose start does not converge (its static input has no fixed point the solver or the
   dynamics reach), or converges to a fixed point the dynamics would leave, starts from rest instead
   and runs through its static period (both counted in ``report``); a trial without a static part
-  starts from rest too. Every start is checked, at every call: see :meth:`TrialRNN.start_stability`.
+  starts from rest too. Every start is checked, at every call: see [`TrialRNN.start_stability`][fprnn.models.ctrnn.TrialRNN.start_stability].
 - ``rest``: r = 0 and BPTT through the whole trial, static period included (the standard way).
 - ``learned``: a trained initial state r = h₀ and BPTT through the whole trial.
 
@@ -33,13 +34,15 @@ from torch import nn
 
 from fprnn.core import implicit
 from fprnn.core.dynamics import power_radius
+from fprnn.core.stability import stability_bound
 from fprnn.models.dense import FixedPoint, Layer, _per_layer, get_dtype
 from fprnn.core.solvers import DEFAULT_FALLBACK
 
 Tensor = torch.Tensor
 STARTS = ("fixed_point", "rest", "learned")
 STABILITY = ("auto", "exact", "power")
-#: above this many units ``stability="auto"`` estimates by power iteration instead of eigenvalues
+#: above this many units ``stability="auto"`` estimates the starts its certificate leaves open by power
+#: iteration instead of taking their eigenvalues
 EXACT_MAX_N = 512
 
 
@@ -48,16 +51,20 @@ class StartReport:
     """How the last call's trials started: the fixed point of their static inputs and which trials
     start there (None: no trial started at a fixed point); how many trials that should have started
     at their fixed point started from rest because it did not converge (``from_rest``) or was
-    unstable (``unstable``); and each trial's stability value (NaN where none was computed)."""
+    unstable (``unstable``); each trial's stability value (NaN where none was computed; an upper
+    bound where a certificate decided it, [`TrialRNN.start_stability`][fprnn.models.ctrnn.TrialRNN.start_stability]), and how many starts
+    that certificate decided (``certified``)."""
     fixed_point: FixedPoint | None
     at_fixed_point: Tensor | None
     from_rest: int = 0
     unstable: int = 0
     stability: Tensor | None = None
+    certified: int = 0
 
     @property
     def stability_max(self) -> float | None:
-        """The largest stability value over the starts used (< 1 by construction), or None."""
+        """The largest stability value over the starts used (< 1 by construction; an upper bound on
+        the exact largest where certified starts are among them), or None."""
         if self.stability is None or self.at_fixed_point is None or not bool(self.at_fixed_point.any()):
             return None
         return float(self.stability[self.at_fixed_point].max())
@@ -66,7 +73,7 @@ class StartReport:
 class TrialRNN(nn.Module):
     """See the module docstring. ``N`` units; ``n_in`` inputs and ``n_out`` outputs per step; ``dt``
     and ``tau`` (``tau_I`` for inhibitory units) in the same unit (ms), α = dt/τ per unit. W
-    starts as σ_W Z/√N (or E/I with ``n_exc``, :class:`~fprnn.models.dense.Layer`), V as Z/√n_in, W_out
+    starts as σ_W Z/√N (or E/I with ``n_exc``, [`Layer`][fprnn.models.dense.Layer]), V as Z/√n_in, W_out
     as Z/√N, b and b_out at zero; all of them train (W by the rule at the start and by BPTT after)."""
 
     def __init__(self, N: int = 128, n_in: int | None = None, n_out: int | None = None, *, start: str = "fixed_point",
@@ -108,7 +115,7 @@ class TrialRNN(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(n_out, dtype=dt_))
         self.h0 = nn.Parameter(torch.zeros(N, dtype=dt_)) if start == "learned" else None
         self.N, self.n_in, self.n_out, self.start, self.dt, self.truncate = N, n_in, n_out, start, float(dt), truncate
-        self.exact_stability = stability == "exact" or (stability == "auto" and N <= EXACT_MAX_N)
+        self.stability_mode = stability
         self.report: StartReport | None = None
         self.config = dict(N=N, n_in=n_in, n_out=n_out, start=start, dt=dt, tau=tau, tau_I=tau_I, truncate=truncate,
                            activation=activation, dynamics=dynamics, solver=solver,
@@ -155,7 +162,7 @@ class TrialRNN(nn.Module):
 
     def set_backward(self, rule: str = "w1", eta: float = 1.0, rule_kwargs: Any = None, **options) -> None:
         """The rule that is the backward of each trial's start (``start=fixed_point``); see
-        :meth:`fprnn.models.dense.FixedPointRNN.set_backward`."""
+        [`fprnn.models.dense.FixedPointRNN.set_backward`][fprnn.models.dense.FixedPointRNN.set_backward]."""
         if rule == "bptt" and self.start == "fixed_point":
             raise ValueError("rule=bptt has no fixed point to act on: for BPTT through the static period use "
                              "model.start=rest (or learned); start=fixed_point takes w1, w2, w3, w4 or jfb")
@@ -186,14 +193,14 @@ class TrialRNN(nn.Module):
         with torch.no_grad():
             fp = layer.fixed_point(x)
             converged = implicit.used_samples(fp.solution, fp.r) & (static > 0)
-            stability = self.start_stability(fp, converged)
+            stability, certified = self.start_stability(fp, converged)
         here = converged & (stability < 1)
         # an unstable start is left out of the rule as an unconverged one is: it is not a state the
         # network holds, so that trial runs from rest through its static period instead
         report = implicit.Report(fp, here)
         layer.report = report
         self.report = StartReport(fp, here, int(((static > 0) & ~converged).sum()), int((converged & ~here).sum()),
-                                  stability)
+                                  stability, int(certified.sum()))
         if not bool(here.any()):
             return rest, torch.zeros_like(static)
         needs_graph = torch.is_grad_enabled() and any(
@@ -210,15 +217,17 @@ class TrialRNN(nn.Module):
         ob = ob.to(self.dtype)
         r, hold = self.initial_state(ob, static.to(ob.device))
         layer, T = self.layer, ob.shape[1]
-        X = layer.input(ob)                    # V u_t + b for every step at once
         W, alpha, f = layer.W, self.alpha, layer.act.f
-        t0 = min(int(hold.min()), T)
+        t0, held_max = min(int(hold.min()), T), int(hold.max())
+        # V u_t + b for every step at once; the steps that run unbound in one op, whose backward
+        # stacks their gradients once (indexing X[:, t] per step would fill a zero tensor of X's size each)
+        X = layer.input(ob)[:, t0:].unbind(1)
         held, out = r, []
         for t in range(t0, T):
             if self.truncate is not None and t > t0 and (t - t0) % self.truncate == 0:
                 r = r.detach()
-            new = r + alpha * (f(r @ W.T + X[:, t]) - r)
-            r = torch.where((t < hold).unsqueeze(1), r, new) if t < int(hold.max()) else new
+            new = r + alpha * (f(r @ W.T + X[t - t0]) - r)
+            r = torch.where((t < hold).unsqueeze(1), r, new) if t < held_max else new
             out.append(r)
         # the steps every trial spends at its start: one tensor, one gradient sum in backward
         return torch.cat([held.unsqueeze(1).expand(-1, t0, -1), *([torch.stack(out, 1)] if out else [])], 1)
@@ -229,31 +238,46 @@ class TrialRNN(nn.Module):
 
     def stability(self, fp: FixedPoint) -> Tensor:
         """Per trial, the stability value of its start (max Re λ of the Jacobian in units of the
-        shortest τ, plus 1: stable iff < 1; :meth:`fprnn.core.dynamics.Dynamics.stability`)."""
+        shortest τ, plus 1: stable iff < 1; [`fprnn.core.dynamics.Dynamics.stability`][fprnn.core.dynamics.Dynamics.stability])."""
         return self.layer.stability(fp)
 
     @torch.no_grad()
-    def start_stability(self, fp: FixedPoint, rows: Tensor) -> Tensor:
-        """The stability value of each start in ``rows`` (B,) bool, NaN elsewhere; stable iff < 1.
+    def start_stability(self, fp: FixedPoint, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """(the stability value of each start in ``rows`` (B,) bool, NaN elsewhere — stable iff < 1;
+        which of them a certificate decided (B,) bool).
 
-        Exact (eigenvalues of T⁻¹(−I + G_i W), :meth:`stability`) for N ≤ ``EXACT_MAX_N`` or with
-        ``stability="exact"``: trials with the same static input share a fixed point, so the
-        eigenvalues are taken once per distinct gain vector in the batch. Above, or with
-        ``stability="power"``, an estimate by power iteration of the network's own linearized Euler step M_i = I + dt T⁻¹(−I + G_i W) — the
-        map the simulated trial applies near its start: ρ(M_i) < 1 is whether the simulation keeps
-        it — reported as 1 + τ_min (ρ(M_i) − 1)/dt, which equals the exact value when the dominant
-        eigenvalue is real (:func:`fprnn.core.dynamics.power_radius`: it can underestimate)."""
+        With ``stability="auto"`` or ``"power"`` every start is decided in two tiers. First a
+        certificate shared by the batch ([`fprnn.core.stability.stability_bound`][fprnn.core.stability.stability_bound]: one symmetric
+        eigendecomposition of W and an (m, N)·(N, N) product): where it is < 1 the start is stable,
+        and its value is that upper bound, not the exact value. The starts it cannot decide get the
+        exact value — eigenvalues of T⁻¹(−I + G_i W) (`stability`), once per distinct gain
+        vector — under ``"auto"`` for N ≤ ``EXACT_MAX_N``: so the decision is the exact one for
+        every start. Above, or with ``"power"``, they get an estimate by power iteration of the
+        network's own linearized Euler step M_i = I + dt T⁻¹(−I + G_i W) — the map the simulated
+        trial applies near its start: ρ(M_i) < 1 is whether the simulation keeps it — reported as
+        1 + τ_min (ρ(M_i) − 1)/dt, which equals the exact value when the dominant eigenvalue is real
+        ([`fprnn.core.dynamics.power_radius`][fprnn.core.dynamics.power_radius]; it can underestimate, so for those starts the
+        decision is an estimate). ``stability="exact"`` takes the exact value of every start (one
+        nonsymmetric eigendecomposition per distinct gain vector: the cost the certificate saves)."""
         out = torch.full(rows.shape, float("nan"), dtype=fp.r.dtype, device=fp.r.device)
+        certified = torch.zeros_like(rows)
         if not bool(rows.any()):
-            return out
-        gain = fp.gain[rows]
-        distinct, which = torch.unique(gain, dim=0, return_inverse=True)
-        if self.exact_stability:
-            sub = FixedPoint(fp.r[:0], fp.z[:0], distinct, fp.x[:0], fp.solution)
-            values = self.stability(sub)
-        else:
-            W, alpha = self.layer.W.detach(), (self.dt / self.layer.tau).to(distinct.dtype)
-            rho = power_radius(lambda v: v + alpha * (distinct * (v @ W.T) - v), distinct, iters=200)
-            values = 1 + (rho - 1) / alpha.max()
-        out[rows] = values.to(out.dtype)[which]
-        return out
+            return out, certified
+        W, gain = self.layer.W.detach(), fp.gain[rows]
+        values = torch.full((len(gain),), float("nan"), dtype=out.dtype, device=out.device)
+        if self.stability_mode != "exact":
+            bound = stability_bound(W, gain, self.layer.tau)
+            values = bound.to(out.dtype)
+            certified[rows] = bound < 1
+        open_ = ~certified[rows]
+        if bool(open_.any()):
+            distinct, which = torch.unique(gain[open_], dim=0, return_inverse=True)
+            if self.stability_mode == "exact" or (self.stability_mode == "auto" and self.N <= EXACT_MAX_N):
+                exact = self.stability(FixedPoint(fp.r[:0], fp.z[:0], distinct, fp.x[:0], fp.solution))
+            else:
+                alpha = (self.dt / self.layer.tau).to(distinct.dtype)
+                rho = power_radius(lambda v: v + alpha * (distinct * (v @ W.T) - v), distinct, iters=200)
+                exact = 1 + (rho - 1) / alpha.max()
+            values[open_] = exact.to(out.dtype)[which]
+        out[rows] = values
+        return out, certified

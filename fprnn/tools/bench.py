@@ -1,7 +1,7 @@
 """Benchmark of the core: ``python -m fprnn.bench`` prints tables of
 
 1. each rule at m=512, N=300, tanh, float32, against per-sample Python loops (the authors'
-   approach, :mod:`fprnn.core.reference`) and one (m×N)·(N×N) matmul, as ratios in the same run;
+   approach, [`fprnn.core.reference`][fprnn.core.reference]) and one (m×N)·(N×N) matmul, as ratios in the same run;
 2. each solver's iterations and milliseconds to residual 1e-5 from r = 0, for Gaussian and MNIST
    inputs, at W = 0.5 Z/√N and W = 0.95 Z/√N and at W scaled to ρ(W) = 0.95, plus the residual
    the paper's forward pass (Euler, dt/τ 0.01 × 500) leaves;
@@ -9,6 +9,8 @@
 4. one step with trained read-in and read-out against the paper's fixed ones, per rule (same W);
 5. a training step of a network in time (experiment=cdm) starting at the fixed point of its static
    input against BPTT from rest, as the static period grows (``--only trials``);
+5b. a training step with a distinct static input per trial against the tutorials' plain CTRNN loop:
+   the start's stability check at its cost (``--only starts``);
 6. (``--only memory``) resident memory along a 2000-step w3 run;
 7. (``--only fallback --run <run dir>``) at a finished run's weights, over every MNIST image: the
    samples the solver leaves, how many the fallback settles (and whether at the fixed point a
@@ -407,6 +409,20 @@ def bench_fallback(run_dir: str, data_root: str, batch: int, repeats: int) -> st
             f"fixed point other than the one the dynamics reach from rest (FixedPointRNN.multistable).")
 
 
+def _interleaved(steps: dict, repeats: int) -> dict[str, list[float]]:
+    """Milliseconds of each step per round, after one warm-up round; the order reverses every
+    round, so that neither step always runs after the same one."""
+    ts = {label: [] for label in steps}
+    for k in range(repeats + 1):
+        order = list(steps.items())
+        for label, fn in order if k % 2 else order[::-1]:
+            t = time.perf_counter()
+            fn()
+            if k:
+                ts[label].append(1e3 * (time.perf_counter() - t))
+    return ts
+
+
 def bench_trials(repeats: int, statics=(300, 2000, 5000), batch: int = 64, N: int = 128) -> str:
     """A training step of experiment=cdm's network in time (N=128, batch 64, w3, Adam) per static
     period: the trial starting at the fixed point of its static input against BPTT from rest
@@ -436,14 +452,7 @@ def bench_trials(repeats: int, statics=(300, 2000, 5000), batch: int = 64, N: in
                 net.load_state_dict(state)
                 saved[start] = sb.bytes / 2**20
             steps[start] = step
-        ts = {"fixed_point": [], "rest": []}
-        for k in range(repeats + 1):
-            pair = list(steps.items())
-            for label, fn in pair if k % 2 else pair[::-1]:
-                t = time.perf_counter()
-                fn()
-                if k:
-                    ts[label].append(1e3 * (time.perf_counter() - t))
+        ts = _interleaved(steps, repeats)
         ratios = sorted(r / f for f, r in zip(ts["fixed_point"], ts["rest"]))
         q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
         rows.append([static_ms, int(b["static"].min()), b["ob"].shape[1], statistics.median(ts["fixed_point"]),
@@ -453,6 +462,77 @@ def bench_trials(repeats: int, statics=(300, 2000, 5000), batch: int = 64, N: in
                  f"rest, {repeats} paired rounds",
                  ["static ms", "static steps", "trial steps", "fixed_point ms", "rest ms", "rest / fixed_point",
                   "quartiles", "fixed_point graph MB", "rest graph MB"], rows)
+
+
+class _TutorialCTRNN(torch.nn.Module):
+    """The cognitive-task tutorials' continuous-time RNN (Yang & Molano-Mazón's NeuroGym tutorial):
+    h ← (1 − α) h + α tanh(W_in u_t + W h), read out at every step; BPTT from rest."""
+
+    def __init__(self, n_in: int, N: int, n_out: int, alpha: float):
+        super().__init__()
+        self.input2h, self.h2h = torch.nn.Linear(n_in, N), torch.nn.Linear(N, N)
+        self.fc, self.alpha, self.N = torch.nn.Linear(N, n_out), alpha, N
+
+    def forward(self, ob: torch.Tensor) -> torch.Tensor:
+        h, out = ob.new_zeros(ob.shape[0], self.N), []
+        for t in range(ob.shape[1]):
+            h = (1 - self.alpha) * h + self.alpha * torch.tanh(self.input2h(ob[:, t]) + self.h2h(h))
+            out.append(h)
+        return self.fc(torch.stack(out, 1))
+
+
+def _distinct_static_batch(batch: int, static: int, steps: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Trials whose static input differs in every trial, as a continuous condition makes it: fixation
+    and two stimulus channels 1 ± c with c ~ U(−½, ½) for ``static`` steps, then noisy stimuli;
+    a random action to report at every step."""
+    c = torch.rand(batch, 1, 1, generator=g) - 0.5
+    clean = torch.cat([torch.ones(batch, steps, 1), (1 + c).expand(-1, steps, 1), (1 - c).expand(-1, steps, 1)], 2)
+    noise = 0.1 * torch.randn(batch, steps, 3, generator=g)
+    noise[:, :static] = 0
+    ob = clean + noise
+    return {"ob": ob, "static": torch.full((batch,), static), "gt": torch.randint(0, 3, (batch, steps), generator=g),
+            "weight": torch.ones(batch, steps)}
+
+
+def bench_starts(repeats: int, shapes=((15, 72), (250, 307)), batch: int = 64, N: int = 128) -> str:
+    """A training step (N=128, batch 64, Adam) with a distinct static input in every trial, as a
+    multiple of the tutorials' plain CTRNN loop at the same shape: fprnn from rest, and the start at
+    the fixed point with w3 under the default check (a certificate shared by the batch, exact
+    eigenvalues for the starts it leaves open) and under ``stability="exact"`` (one nonsymmetric
+    eigendecomposition per trial). Each network steps from the same weights every round."""
+    from fprnn.models.ctrnn import TrialRNN
+    from fprnn.training.trial_module import step_losses
+    rows, certified = [], {}
+    for static, steps_n in shapes:
+        b = _distinct_static_batch(batch, static, steps_n, torch.Generator().manual_seed(static))
+        loss = lambda out: step_losses(out, b["gt"], b["weight"]).sum() / b["weight"].sum()
+        nets = {"loop": _TutorialCTRNN(3, N, 3, 0.2)}
+        for label, start, stability in (("rest", "rest", "auto"), ("fixed_point", "fixed_point", "auto"),
+                                        ("fixed_point exact", "fixed_point", "exact")):
+            nets[label] = TrialRNN(N, 3, 3, start=start, dt=20.0, tau=100.0, seed=0, stability=stability)
+            nets[label].set_backward("w3", 1.0)
+        fns = {}
+        for label, net in nets.items():
+            opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+            state = {k: v.clone() for k, v in net.state_dict().items()}
+
+            def step(label=label, net=net, opt=opt, state=state):
+                opt.zero_grad()
+                loss(net(b["ob"]) if label == "loop" else net(b["ob"], b["static"])).backward()
+                opt.step()
+                net.load_state_dict(state)
+                if label == "fixed_point":
+                    certified[static] = net.report.certified
+            fns[label] = step
+        ts = _interleaved(fns, repeats)
+        loop = statistics.median(ts["loop"])
+        rows.append([f"{static} / {steps_n}", loop] + [statistics.median(ts[k]) / loop
+                                                       for k in ("rest", "fixed_point", "fixed_point exact")]
+                    + [f"{certified[static]} / {batch}"])
+    return table(f"A step with a distinct static input per trial (N={N}, batch {batch}, Adam; w3 at the fixed-point "
+                 f"start), as a multiple of the plain CTRNN loop's, {repeats} interleaved rounds",
+                 ["static / trial steps", "plain loop ms", "fprnn from rest", "fixed-point start",
+                  "fixed-point start, stability=exact", "starts certified"], rows)
 
 
 CONV_RULES = ("w3", "w2", "w4", "jfb", "w1")
@@ -523,8 +603,8 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default=os.environ.get("FPRNN_DATA", "data"),
                     help="folder holding MNIST/raw (default $FPRNN_DATA or data/)")
     ap.add_argument("--only", choices=["rules", "solvers", "monitors", "step", "readin", "memory", "fallback",
-                                       "trials", "conv"],
-                    default=None, help="one table (default: rules, solvers, monitors, step, readin and trials; memory "
+                                       "trials", "starts", "conv"],
+                    default=None, help="one table (default: rules, solvers, monitors, step, readin, trials and starts; memory "
                                        "and fallback only when asked)")
     ap.add_argument("--run", default=None, help="run directory whose weights --only fallback measures at")
     ap.add_argument("--steps", type=int, default=None,
@@ -544,6 +624,8 @@ def main(argv=None) -> None:
         print(bench_readin(a.data, a.m, a.N, a.repeats), flush=True)
     if a.only in (None, "trials"):
         print(bench_trials(a.repeats), flush=True)
+    if a.only in (None, "starts"):
+        print(bench_starts(a.repeats), flush=True)
     if a.only == "conv":
         print(bench_conv(a.repeats), flush=True)
     if a.only == "memory":
