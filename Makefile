@@ -12,7 +12,7 @@ $(BIN)/fprnn-ready: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install train test bench docs
+.PHONY: install train test test-fast bench docs docs-figures
 install: $(BIN)/fprnn-ready
 
 train: install
@@ -21,8 +21,26 @@ train: install
 test: install
 	FPRNN_DATA=$(DATA) $(BIN)/python -m pytest -q $(ARGS)
 
+# the unit tests alone, for the edit–run loop (the docs' examples and the tests that train are left out)
+test-fast: install
+	FPRNN_DATA=$(DATA) $(BIN)/python -m pytest -q -m "not integration" tests $(ARGS)
+
 bench: install
 	FPRNN_DATA=$(DATA) $(BIN)/python -m fprnn.bench $(ARGS)
 
 docs: install
 	$(BIN)/mkdocs build --strict
+
+# The docs' figures, drawn from real runs and committed under docs/assets/ (small PNGs):
+# make docs-figures CDM=<experiment=cdm run> TRIALS=<experiment=trials run> PAPER=<make train run> MAZES=<experiment=mazes run>
+docs-figures: install
+	for run in $(CDM) $(TRIALS) $(PAPER); do $(BIN)/python -m fprnn.figures $$run || exit 1; done
+	cp $(CDM)/figures/psychometric.png docs/assets/cdm_psychometric.png
+	cp $(CDM)/figures/fixed_points.png docs/assets/cdm_fixed_points.png
+	cp $(TRIALS)/figures/example_trials.png docs/assets/trials_example.png
+	cp $(PAPER)/figures/loss.png docs/assets/paper_loss.png
+	cp $(PAPER)/figures/angles.png docs/assets/paper_angles.png
+	$(BIN)/python -c "from pathlib import Path; from fprnn.models.maze_net import MazeNet; \
+	from fprnn.data.mazes import draw, collate, figure; \
+	figure(MazeNet.load('$(MAZES)'), {c: collate([(k, draw(0, 'test', c, k)) for k in range(2)]) for c in (4, 9)}, \
+	       Path('docs/assets/mazes.png'))"

@@ -124,12 +124,42 @@ def pytest_collect_file(file_path: Path, parent):
     return None
 
 
+#: what a test does that makes it an integration test: it trains, draws a run's figures, starts
+#: processes or devices; ``make test-fast`` (``-m "not integration"``) leaves these out
+INTEGRATION = re.compile(r"\b(train|make_figures|plot_trials|run_ddp|maze_report|fit)\(|subprocess|"
+                         r"\bTrainer\(|mkdocs|sweep\.py|train\.py")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "integration: trains, draws a run's figures or starts processes "
+                                       "(left out by make test-fast)")
+
+
 def pytest_collection_modifyitems(items):
-    """A page's python and shell blocks run in the page's order (two collectors find them)."""
+    """A page's python and shell blocks run in the page's order (two collectors find them); the
+    docs' blocks and the tests that train or start processes are marked ``integration``."""
     slots = [i for i, item in enumerate(items) if item.path.suffix == ".md"]
     ordered = sorted((items[i] for i in slots), key=lambda it: (str(it.path), _line(it)))
     for i, item in zip(slots, ordered):
         items[i] = item
+    for item in items:
+        fn = getattr(item, "function", None)
+        source = _source(fn) if fn is not None else ""
+        if item.path.suffix == ".md" or INTEGRATION.search(source):
+            item.add_marker(pytest.mark.integration)
+
+
+def _source(fn) -> str:
+    """The test's source and that of the module-level helpers it calls by name (one level)."""
+    import inspect
+    try:
+        own = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
+    module = sys.modules.get(fn.__module__)
+    helpers = [getattr(module, n, None) for n in re.findall(r"\b(\w+)\(", own)]
+    return own + "".join(inspect.getsource(h) for h in helpers
+                         if inspect.isfunction(h) and h is not fn and h.__module__ == fn.__module__)
 
 
 def _line(item) -> int:

@@ -1,4 +1,4 @@
-"""``python -m fprnn.mazes``: the command of :mod:`fprnn.data.mazes`, kept at the package root."""
+"""``python -m fprnn.mazes``: the command of [`fprnn.data.mazes`][fprnn.data.mazes], kept at the package root."""
 from fprnn.data.mazes import main
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def test_figure_titles_fit_and_coinciding_lines_stay_distinguishable(tmp_path, m
     train(make_cfg(["experiment=paper_linear", "progress_bar=false", "logger=csv", "rule=w2", "lr=0.3",
                     "trainer.max_steps=12", "callbacks.angles.every_n_steps=2"], tmp_path / "linear"))
     drawn, curves = {}, {}
-    save = figures._save
+    save = figures.save_figure
 
     def check(fig, out, name, written):
         fig.canvas.draw()
@@ -144,7 +144,7 @@ def test_figure_titles_fit_and_coinciding_lines_stay_distinguishable(tmp_path, m
                                             for ax in fig.axes for ln in ax.get_lines()])
         save(fig, out, name, written)
 
-    monkeypatch.setattr(figures, "_save", check)
+    monkeypatch.setattr(figures, "save_figure", check)
     for run in ("mnist", "linear"):
         figures.make_figures(tmp_path / run)
     assert {"loss", "accuracy", "stability", "stability_W", "angles", "eig_W"} <= set(drawn)

@@ -334,3 +334,45 @@ def test_every_neurogym_task_gives_trials_a_network_takes_or_a_reason():
         assert torch.isfinite(loss).all() and (b["gt"].is_floating_point() == (d.targets == "continuous")), task
     assert set(refused) == {"AnnubesEnv-v0", "Bandit-v0", "DawTwoStep-v0", "EconomicDecisionMaking-v0", "Null-v0"}
     assert all("\n" not in why for why in refused.values())
+
+
+def _flip_flop_file(path, n=400, T=40, bits=3, seed=0):
+    """Sussillo & Barak's 3-bit flip-flop as a trials file: a ±1 pulse on a bit's input channel sets
+    that bit's output until the next pulse; every bit is pulsed at the start; the conditions are the
+    bits' final states, named bit0, bit1, bit2."""
+    rng = np.random.default_rng(seed)
+    inputs = np.zeros((n, T, bits), np.float32)
+    inputs[:, 0] = rng.choice([-1.0, 1.0], (n, bits))
+    later = rng.random((n, T, bits)) < 0.05
+    inputs[:, 1:][later[:, 1:]] = rng.choice([-1.0, 1.0], int(later[:, 1:].sum()))
+    state, targets = inputs[:, 0].copy(), np.zeros((n, T, bits), np.float32)
+    for t in range(T):
+        state = np.where(inputs[:, t] != 0, inputs[:, t], state)
+        targets[:, t] = state
+    np.savez(path, inputs=inputs, targets=targets, static=np.zeros(n, int), conditions=state,
+             condition_names=np.array(["bit0", "bit1", "bit2"]))
+
+
+def test_figures_of_a_multi_bit_task_are_labelled_with_its_own_condition_names(tmp_path, monkeypatch):
+    import matplotlib.text
+    from fprnn.analysis.trial_figures import plot_trials
+    monkeypatch.chdir(tmp_path)
+    _flip_flop_file(tmp_path / "flipflop.npz")
+    run = tmp_path / "run"
+    res = train(make_cfg(["experiment=trials", "data.path=flipflop.npz", "model.N=32", "progress_bar=false",
+                          "logger=csv", "trainer.max_epochs=2"], run))
+    assert res["status"] == "finished" and res["targets"] == "continuous"
+    texts, axes3d = {}, {}
+
+    def save(fig, out, name, written):
+        texts[name] = " ".join(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+        axes3d[name] = [ax.name for ax in fig.axes]
+    plot_trials(run, tmp_path / "figures", [], save)
+    fp = json.loads((run / "fixed_points.json").read_text())
+    assert fp["level_names"] == ["bit0", "bit1", "bit2"]
+    assert len(fp["conditions"]) == 8 and all(len(c["level"]) == 3 for c in fp["conditions"])
+    for name in ("fixed_points", "trajectories_pca"):
+        assert all(f"bit{k}" in texts[name] for k in range(3)), (name, texts[name])
+        assert "coherence" not in texts[name] and "context" not in texts[name]
+    assert "3d" in axes3d["fixed_points"]                  # the conditions' fixed points in 3-D PCA
+    assert "output 2" in texts["example_trials"]

@@ -124,3 +124,12 @@ def test_a_run_directory_of_the_flat_layout_still_loads(tmp_path):
     assert type(data).__module__ == "fprnn.data.datamodules"
     # every module of the flat layout has a place, and every place exists
     assert len(MOVED) == 33 and all((PKG / (new.replace(".", "/") + ".py")).exists() for new in MOVED.values())
+
+
+def test_no_private_name_is_imported_from_another_module(tmp_path):
+    import doclint
+    assert doclint.private_imports() == []
+    planted = tmp_path / "fprnn" / "planted.py"
+    planted.parent.mkdir()
+    planted.write_text("from fprnn.models.dense import _hidden, public\nfrom os import _exit\n")
+    assert doclint.private_imports(tmp_path / "fprnn") == ["fprnn/planted.py:1 _hidden"]

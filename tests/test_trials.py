@@ -231,6 +231,16 @@ def test_cdm_dale_run_keeps_signs_and_reports(tmp_path):
     assert len(records) == 64
     assert abs(sum(r["choice"] == r["target"] for r in records) / 64 - res["test_perf"]) < 1e-6
     assert set(res["test_perf_by_condition"]) == {f"context={c} coh={h}" for c in (0, 1) for h in (5, 15, 50)}
+    # the same loader as every network's: a checkpoint's network, and a weights file that does not fit named
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    from_ckpt = TrialRNN.load(ckpt)
+    assert all(torch.equal(v, state[f"model.{k}"]) for k, v in from_ckpt.state_dict().items())
+    weights = torch.load(tmp_path / "weights.pt")
+    weights["W_out"] = weights["W_out"][:, :5]
+    torch.save(weights, tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match=r"has W_out of shape \(3, 5\), the model \(3, 128\)"):
+        TrialRNN.load(tmp_path)
 
 
 def test_fixed_point_finder_on_a_linear_network():

@@ -6,7 +6,7 @@ panel per rule (the paper's Figures 2, 4, 5); the angles between rules against s
 the angle of the applied update to −∇L and the spread of per-sample step norms;
 the stability of the probed fixed points and max Re λ(W) against step; and the eigenvalues of each final W.
 For a network in time (model=ctrnn): loss and performance against step, and for one run the
-psychometric curves, example trials, trajectories and fixed points (:mod:`fprnn.analysis.trial_figures`).
+psychometric curves, example trials, trajectories and fixed points ([`fprnn.analysis.trial_figures`][fprnn.analysis.trial_figures]).
 """
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def _panels(groups, title):
     return fig, axes[0]
 
 
-def _save(fig, out: Path, name: str, written: list[Path]) -> None:
+def save_figure(fig, out: Path, name: str, written: list[Path]) -> None:
+    """Write ``fig`` as ``out/name.png`` and ``.pdf``, add both paths to ``written``, and close it."""
     for ext in ("png", "pdf"):
         p = out / f"{name}.{ext}"
         fig.savefig(p, dpi=120)
@@ -132,7 +133,7 @@ def plot_curves(items, key: str, ylabel: str, name: str, out: Path, written: lis
         ax.legend(fontsize=7)
     axes[0].set_ylabel(ylabel)
     fig.tight_layout()
-    _save(fig, out, name, written)
+    save_figure(fig, out, name, written)
 
 
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
@@ -161,7 +162,7 @@ def plot_angles(items, out: Path, written: list) -> None:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("angle (degrees)")
     fig.tight_layout()
-    _save(fig, out, "angles", written)
+    save_figure(fig, out, "angles", written)
 
 
 def plot_eigs(items, out: Path, written: list) -> None:
@@ -187,7 +188,7 @@ def plot_eigs(items, out: Path, written: list) -> None:
         ax.set_title(f"{it['res'].get('rule')} η={it['res'].get('lr')}{layer}", fontsize=9)
     fig.suptitle("eigenvalues of the final W" if n > 1 else "eig(final W)")
     fig.tight_layout()
-    _save(fig, out, "eig_W", written)
+    save_figure(fig, out, "eig_W", written)
 
 
 def plot_responses(items, out: Path, written: list, n_units: int = 4) -> None:
@@ -247,7 +248,7 @@ def plot_responses(items, out: Path, written: list, n_units: int = 4) -> None:
         for ax in axes[1:, 0]:
             ax.axis("off")
         fig.tight_layout()
-        _save(fig, out, f"responses_{d.name}" if len(items) > 1 else "responses", written)
+        save_figure(fig, out, f"responses_{d.name}" if len(items) > 1 else "responses", written)
 
 
 def make_figures(root: str | Path, wandb: bool = False) -> list[Path]:
@@ -269,7 +270,7 @@ def make_figures(root: str | Path, wandb: bool = False) -> list[Path]:
                     marker="o")
         if len(items) == 1:
             from fprnn.analysis.trial_figures import plot_trials
-            plot_trials(items[0]["dir"], out, written, _save)
+            plot_trials(items[0]["dir"], out, written, save_figure)
         return written
     task = next((it["res"].get("task") for it in items if it["res"].get("task")), None)
     regression = task == "regression"

@@ -146,8 +146,8 @@ def find_fixed_points(W: Tensor, x: Tensor, starts: Tensor, act, tau: Tensor | N
 
 @torch.no_grad()
 def trial_fixed_points(model, inputs: Tensor, starts: Tensor, **kw) -> list[list[dict]]:
-    """The fixed points of a network in time (:class:`fprnn.models.ctrnn.TrialRNN`) for each constant
-    input u (rows of ``inputs``, (K, n_in)): :func:`find_fixed_points` with x = V u + b and the
+    """The fixed points of a network in time ([`fprnn.models.ctrnn.TrialRNN`][fprnn.models.ctrnn.TrialRNN]) for each constant
+    input u (rows of ``inputs``, (K, n_in)): [`find_fixed_points`][fprnn.analysis.fixed_points.find_fixed_points] with x = V u + b and the
     network's τ in its unit (eigenvalues per ms when τ is in ms), from ``starts`` (states the
     trials visit)."""
     layer = model.layer

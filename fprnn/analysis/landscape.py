@@ -1,8 +1,8 @@
 """Loss landscapes around a weight matrix (the paper's Figure 1).
 
 ``python -m fprnn.analysis.landscape linear [--out DIR]``: the linear task of section 3.1 around the
-minimum-norm minimiser W* (eq 3.3), along W(t) = W* + c t Z/√N (eq 3.5, five random lines) and on
-the plane W(t1, t2) = W* + c (t1 Z1 + t2 Z2)/√N (eq 3.6), c = 2.5, with the paper's approximate
+minimum-norm minimiser W∗ (eq 3.3), along W(t) = W∗ + c t Z/√N (eq 3.5, five random lines) and on
+the plane W(t1, t2) = W∗ + c (t1 Z1 + t2 Z2)/√N (eq 3.6), c = 2.5, with the paper's approximate
 stability boundary |t| = √(1 − σw²)/c (dashed) and, on the plane, the exact one, max Re λ(W) = 1
 (white).
 
@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fprnn.analysis.figures import _save  # noqa: E402
+from fprnn.analysis.figures import save_figure  # noqa: E402
 
 Tensor = torch.Tensor
 
@@ -43,7 +43,7 @@ def plane(J: Callable[[Tensor], float], W0: Tensor, Z1: Tensor, Z2: Tensor, c: f
 
 def linear_landscape(N: int = 200, m: int = 100, sigma_w: float = 0.5, c: float = 2.5, n_line: int = 201,
                      n_plane: int = 61, lines: int = 5, seed: int = 0) -> dict:
-    """Both slices of the linear task's J (eq 3.1) around W* (eq 3.3), float64."""
+    """Both slices of the linear task's J (eq 3.1) around W∗ (eq 3.3), float64."""
     from fprnn.data.datamodules import LinearRegressionDataModule
     data = LinearRegressionDataModule(N=N, m=m, sigma_w=sigma_w, seed=seed)
     W_star = data.W_star()
@@ -74,7 +74,7 @@ def plot(land: dict, out: Path, title: str, cut: float = 1000.0) -> list[Path]:
     ax.set_ylabel(f"J(W(t)) (cut at {cut:g})")
     ax.set_title(f"{title}: random lines", fontsize=9)
     fig.tight_layout()
-    _save(fig, out, "landscape_line", written)
+    save_figure(fig, out, "landscape_line", written)
     fig, ax = plt.subplots(figsize=(5, 4.2))
     ts = land["ts_plane"]
     im = ax.pcolormesh(ts, ts, np.minimum(land["plane"], cut), shading="auto", cmap="magma")
@@ -89,7 +89,7 @@ def plot(land: dict, out: Path, title: str, cut: float = 1000.0) -> list[Path]:
     ax.set_aspect("equal")
     ax.set_title(f"{title}: a random plane", fontsize=9)
     fig.tight_layout()
-    _save(fig, out, "landscape_plane", written)
+    save_figure(fig, out, "landscape_plane", written)
     return written
 
 

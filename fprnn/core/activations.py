@@ -88,7 +88,7 @@ FACTORIES: dict[str, Callable[..., Activation]] = {"powerlaw": powerlaw}
 def get_activation(spec) -> Activation:
     """Look up an activation by name (``"tanh"``, ``"powerlaw"`` with its defaults), build one
     with parameters from a dict (``{"name": "powerlaw", "k": 0.04, "n": 2, "r_max": 200}``), pass
-    an :class:`Activation` through, or wrap a callable (its derivative then comes from autograd)."""
+    an [`Activation`][fprnn.core.activations.Activation] through, or wrap a callable (its derivative then comes from autograd)."""
     if isinstance(spec, Activation):
         return spec
     if isinstance(spec, dict):

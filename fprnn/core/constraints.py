@@ -2,7 +2,7 @@
 
 The rules compute a step ΔW in their own metric, not a gradient, so a constraint cannot be left
 to autograd: it is a map from (W, the optimizer's proposed W + ΔW) to the next W (derivation in
-docs/constraints.md). Columns are presynaptic: unit j's outgoing weights are column j of W.
+docs/concepts/constraints.md). Columns are presynaptic: unit j's outgoing weights are column j of W.
 
 - ``project``: W ← Π(W + M ⊙ ΔW): masked entries stay 0, an excitatory column's entries are
   clipped at 0 from below, an inhibitory column's from above. The clipped entries are counted.

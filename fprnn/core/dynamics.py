@@ -1,6 +1,6 @@
 """Network dynamics that share the fixed points r = f(W r + x) (eq 2.2).
 
-Each dynamics is written as a fixed-point map on its own state u, u* = g(u*), so that one
+Each dynamics is written as a fixed-point map on its own state u, u∗ = g(u∗), so that one
 forward-Euler step with step size dt/τ is u ← u + (dt/τ)(g(u) − u):
 
 - ``rate``     τ dr/dt = −r + f(W r + x)          (eq 2.1), state r, g(r) = f(W r + x)
@@ -55,7 +55,7 @@ class Dynamics:
         return g
 
     def state_jacobian(self, W: Tensor, x: Tensor, act: Activation) -> Callable[[Tensor, "Tensor | None"], Tensor]:
-        """u, rows ↦ the per-sample Jacobians ∂g/∂u (a, N, N) of :meth:`state_map` at the states u
+        """u, rows ↦ the per-sample Jacobians ∂g/∂u (a, N, N) of `state_map` at the states u
         of the samples ``rows``: G W with G = diag f'(W r + x) for rate and discrete dynamics, W G
         with G = diag f'(v) for voltage dynamics — the matrices of eq 2.3."""
         rows_of = row_gatherer(x)

@@ -1,17 +1,18 @@
 """The paper's rules as the backward pass of a fixed point: autograd does the chain rule around
 the recurrent layer, a custom ``torch.autograd.Function`` supplies the rule at it.
 
-A layer r = f(W r + x), x = V s + b, is solved without a graph; :func:`attach` then returns its
-fixed point r* as the output of :class:`_FixedPoint`, whose backward receives g_i = ∂loss/∂r_i
+A layer r = f(W r + x), x = V s + b, is solved without a graph; [`attach`][fprnn.core.implicit.attach] then returns its
+fixed point r∗ as the output of `_FixedPoint`, whose backward receives g_i = ∂loss/∂r_i
 (rows) and hands back
-- W: the rule's −ΔW (:mod:`fprnn.core.rules`) for the per-sample errors δ_i = n·g_i — for w1 that is
-  η ∂loss/∂W, the implicit gradient. A hook on r* (TorchDEQ, locuslab/deq) can only produce
+
+- W: the rule's −ΔW ([`fprnn.core.rules`][fprnn.core.rules]) for the per-sample errors δ_i = n·g_i — for w1 that is
+  η ∂loss/∂W, the implicit gradient. A hook on r∗ (TorchDEQ, locuslab/deq) can only produce
   updates Σ (G_i u_i) r_iᵀ; w2/w3 are Σ a_i b_iᵀ with b_i = (I − G_i W)ᵀ(I − G_i W) r_i, which is
   why W is an explicit input here;
 - s: the implicit adjoint, p_i Vᵀ with p_i = G_i (I − G_i W)^{−T} g_i (the exact gradient: the
   layers before it — linear, conv, anything — train by plain autograd);
 - V, b: p_i s_iᵀ and p_i (their gradient), or with ``readin="reparam"`` the reparameterized
-  direction a_i = (I − W G_i) G_i g_i in place of p_i (docs/stack.md). Behind an encoder this moves
+  direction a_i = (I − W G_i) G_i g_i in place of p_i (docs/concepts/stacks.md). Behind an encoder this moves
   the layer's own read-in V only; the encoder still gets the exact gradient.
 
 Scale: a rule is a mean over samples of per-sample steps; W's is returned summed, −ΔW·m/n, so that
@@ -23,8 +24,8 @@ normalisation, the n in loss = Σ L_i / n (None: the batch's row count, a mean-r
 Samples the solver left unconverged are dropped from every formula (their r is not a fixed point:
 no formula holds; zeroing would keep NaN·0 = NaN): their rows of s get no gradient, and they
 should be left out of the loss too (``Report.used``). A fault in backward (w2 out of its domain,
-a singular I − G W, non-finite values) raises :class:`FixedPointFault` with ``on_fault="raise"``;
-with ``"record"`` it is written to the :class:`Report` and every gradient of the call is zero —
+a singular I − G W, non-finite values) raises [`FixedPointFault`][fprnn.core.implicit.FixedPointFault] with ``on_fault="raise"``;
+with ``"record"`` it is written to the [`Report`][fprnn.core.implicit.Report] and every gradient of the call is zero —
 several devices must not raise inside backward, where the other ranks wait in their all-reduce;
 the caller reads the report after backward and skips the step everywhere.
 """
@@ -129,7 +130,7 @@ def finite_rows(t: Tensor) -> Tensor:
 
 
 def all_finite(t: Tensor) -> bool:
-    """Every entry of t finite (see :func:`finite_rows`: the sum first)."""
+    """Every entry of t finite (see [`finite_rows`][fprnn.core.implicit.finite_rows]: the sum first)."""
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
@@ -157,7 +158,7 @@ def attach(r: Tensor, gain: Tensor, W: Tensor, V: Tensor | None, b: Tensor | Non
            spec: RuleBackward, report: Report, operator: Callable[[Tensor], object] | None = None) -> Tensor:
     """r (solved, no graph) as a function of (W, V, b, s) whose backward is ``spec``'s rule.
     ``operator``: how W's parameter becomes the operator the rules see in this call
-    (:mod:`fprnn.core.operators`, e.g. a kernel → its convolution on this call's maps; None: W is the
+    ([`fprnn.core.operators`][fprnn.core.operators], e.g. a kernel → its convolution on this call's maps; None: W is the
     dense matrix)."""
     return _FixedPoint.apply(W, V, b, s, r, gain, spec, report, operator)
 

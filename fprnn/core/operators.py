@@ -1,4 +1,4 @@
-"""The recurrent weights W as an operator: what the rules of :mod:`fprnn.core.rules` use of W.
+"""The recurrent weights W as an operator: what the rules of [`fprnn.core.rules`][fprnn.core.rules] use of W.
 
 Every rule's per-sample step is rank one, ΔW_i = u_i v_iᵀ, and its factors need W only through
 products W r_i and Wᵀ p_i. So a rule needs three things of W (rows = samples):
@@ -7,10 +7,10 @@ products W r_i and Wᵀ p_i. So a rule needs three things of W (rows = samples):
 - ``op.T(P)``: the rows Wᵀ p_i;
 - ``op.outer(U, V)``: the step on W's *parameters* that Σ_i u_i v_iᵀ is — for a dense W the matrix
   itself; for a structured W = M(θ) (M linear) the adjoint Mᵀ(Σ u_i v_iᵀ), i.e. the gradient of
-  Σ_i u_iᵀ M(θ) v_i in θ (docs/rules.md, "Rules on a structured W").
+  Σ_i u_iᵀ M(θ) v_i in θ (docs/concepts/rules.md, "Rules on a structured W").
 
-:class:`Dense` is the paper's N×N matrix (the products the rules always took, bit for bit);
-:class:`Conv2d` a convolution on C×H×W maps, never forming its N×N matrix (N = C·H·W).
+[`Dense`][fprnn.core.operators.Dense] is the paper's N×N matrix (the products the rules always took, bit for bit);
+[`Conv2d`][fprnn.core.operators.Conv2d] a convolution on C×H×W maps, never forming its N×N matrix (N = C·H·W).
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class Conv2d:
     block-circulant). Wᵀ is the correlation with the kernel transposed in its channels and flipped
     in space, with the same padding; the step on K of Σ u_i v_iᵀ is one
     ``torch.nn.grad.conv2d_weight`` over the whole batch — no N×N matrix, no per-sample loop.
-    ``layout`` (:data:`LAYOUTS`) is the order of a map's entries in a row; W is the same operator
+    ``layout`` (`LAYOUTS`) is the order of a map's entries in a row; W is the same operator
     in either, its matrix permuted."""
 
     def __init__(self, K: Tensor, size, padding: str = "zeros", layout: str = "chw"):
@@ -142,5 +142,5 @@ def kernel_norm_bound(K: Tensor, grid: int = 64) -> Tensor:
 
 
 def as_operator(W) -> Dense | Conv2d:
-    """W as an operator: a tensor is :class:`Dense`; an operator is itself."""
+    """W as an operator: a tensor is [`Dense`][fprnn.core.operators.Dense]; an operator is itself."""
     return W if isinstance(W, (Dense, Conv2d)) else Dense(W)

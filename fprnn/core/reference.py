@@ -2,7 +2,7 @@
 matrices and inverses, one sample at a time in a Python loop (like the authors' code).
 
 They are slow on purpose: tests compare the batched rules against them and the benchmark
-times them. Same conventions as :mod:`fprnn.core.rules` (rows = samples, mean over samples)."""
+times them. Same conventions as [`fprnn.core.rules`][fprnn.core.rules] (rows = samples, mean over samples)."""
 from __future__ import annotations
 
 import torch

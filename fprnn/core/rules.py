@@ -1,7 +1,7 @@
 """The weight-update rules of Zhu & Rosenbaum (2024) as batched tensor algebra.
 
 Common signature ``rule(W, r, gain, grad_r, lr) -> dW``:
-W (N, N) — or an operator (:mod:`fprnn.core.operators`: W through W r, Wᵀ p and the step on its
+W (N, N) — or an operator ([`fprnn.core.operators`][fprnn.core.operators]: W through W r, Wᵀ p and the step on its
 parameters, e.g. a convolution), whose dW is then the step on its parameters; r, gain = f'(z), grad_r = ∇_r L per sample are (m, N), rows = samples, with
 z = r Wᵀ + x. The result is the mean over samples of the per-sample update, to be *added*:
 W ← W + dW. Only w1 forms per-sample N×N matrices (``method="exact"``, or the samples
@@ -63,11 +63,11 @@ def _out(dW: Tensor, info: dict, return_info: bool):
     return (dW, info) if return_info else dW
 
 
-# --- the factors of the reparameterized rules (derived in docs/rules.md) -------------------
+# --- the factors of the reparameterized rules (derived in docs/concepts/rules.md) -------------------
 
 def input_factor(W, gain: Tensor, grad_r: Tensor) -> Tensor:
     """Rows a_i = (I − W G_i) G_i δ_i: w2/w3's left factor, and the read-in's reparameterized
-    step −η a_i s_iᵀ for an input s_i (gradient descent on the input map, pulled back: docs/stack.md)."""
+    step −η a_i s_iᵀ for an input s_i (gradient descent on the input map, pulled back: docs/concepts/stacks.md)."""
     gd = gain * grad_r
     return gd - as_operator(W)(gain * gd)
 
@@ -96,7 +96,7 @@ def w3(W, r, gain, grad_r, lr, *, metric: str = "sample", return_info: bool = Fa
 
     Each sample's step is steepest descent under that sample's metric: ΔW3_i = −η L_i ∇L_i R_i with
     L_i = (I − W G_i)(I − W G_i)ᵀ and R_i = (I − G_i W)ᵀ(I − G_i W), both positive definite
-    (docs/rules.md). Their mean need not descend the batch loss (the cross terms ⟨∇L_j, L_i ∇L_i R_i⟩
+    (docs/concepts/rules.md). Their mean need not descend the batch loss (the cross terms ⟨∇L_j, L_i ∇L_i R_i⟩
     can be negative). ``metric="batch"`` takes steepest descent under the batch-averaged factors
     instead: ΔW = −η L̄ ∇L R̄, L̄ = mean L_i, R̄ = mean R_i, ∇L = mean ∇L_i — a descent direction
     for every batch, ⟨∇L, ΔW⟩ = −η ‖L̄^½ ∇L R̄^½‖² < 0; with one gain for all samples (the linear
@@ -131,7 +131,7 @@ def w2(W, r, gain, grad_r, lr, *, shared_gain: bool = False, return_info: bool =
     batch-averaged ΔA, by Woodbury: ΔW2 = −(η/m) Aᵀ (I_m − (η/m) B Dᵀ)⁻¹ B (an m×m solve).
 
     A step that leaves the domain (1 − η κ_i ≤ 0, or a singular I_m − (η/m) B Dᵀ) raises
-    :class:`DomainError`; with ``return_info=True`` it is reported as ``info["out_of_domain"]``
+    [`DomainError`][fprnn.core.rules.DomainError]; with ``return_info=True`` it is reported as ``info["out_of_domain"]``
     instead and the returned dW is zero (never inf/NaN)."""
     op = _check(W, r, gain, grad_r, lr)
     m = r.shape[0]
@@ -183,7 +183,7 @@ def _w4_factors(op, r, gain, grad_r):
 def w1(W, r, gain, grad_r, lr, *, method: str = "auto", tol: float | None = None,
        max_iter: int | None = None, chunk: int = 32, return_info: bool = False):
     """Euclidean gradient descent, eq 2.6: ΔW1_i = −η G_i (I − G_i W)^{−T} δ_i r_iᵀ = −η p_i r_iᵀ,
-    with p_i from :func:`implicit_adjoint` (its ``method``, ``tol``, ``max_iter`` and ``chunk``);
+    with p_i from [`implicit_adjoint`][fprnn.core.rules.implicit_adjoint] (its ``method``, ``tol``, ``max_iter`` and ``chunk``);
     ``info["adjoint"]`` holds the rows p_i (a stack reuses them for its read-in and credit).
 
     Without ``return_info`` a singular I − G_i W raises ValueError and an adjoint iteration that
@@ -209,6 +209,7 @@ def implicit_adjoint(W, gain: Tensor, grad_r: Tensor, *, method: str = "auto",
     the read-in's gradient and the credit passed down a stack of layers. Returns (P, info).
 
     p_i = g_i ⊙ u_i with (I − G_i W)ᵀ u_i = δ_i.
+
     - ``method="exact"``: batched LU solves, ``chunk`` samples at a time (O(m N³)); one solve
       when every sample has the same gains (the linear model);
     - ``method="adjoint"``: the iteration P ← G ⊙ (D + P W) (recurrent backprop), O(k m N²);
@@ -222,7 +223,7 @@ def implicit_adjoint(W, gain: Tensor, grad_r: Tensor, *, method: str = "auto",
       counts those. With shared gains it is the single exact solve.
     ``info["singular"]`` counts samples whose I − G_i W is singular.
 
-    W an operator (no matrix to factor): see :func:`operator_adjoint`."""
+    W an operator (no matrix to factor): see [`operator_adjoint`][fprnn.core.rules.operator_adjoint]."""
     if method not in ("auto", "exact", "adjoint"):
         raise ValueError(f"unknown w1 method {method!r}; choose 'auto', 'exact' or 'adjoint'")
     op = as_operator(W)
@@ -277,7 +278,7 @@ def operator_adjoint(op, gain: Tensor, grad_r: Tensor, *, tol: float | None = No
     """p_i = G_i (I − G_i W)^{−T} δ_i for W an operator, matrix-free: (I − G_i W)ᵀ has no LU here.
     First the adjoint iteration p ← g ⊙ (δ + Wᵀ p) per sample (cheap where the map contracts);
     the samples it does not settle within ``max_iter`` (default 50) go to Anderson acceleration
-    of the same linear fixed point (:func:`fprnn.core.solvers.anderson`: secant steps, GMRES-like on a
+    of the same linear fixed point ([`fprnn.core.solvers.anderson`][fprnn.core.solvers.anderson]: secant steps, GMRES-like on a
     linear map; a memory of 10, as Anderson's usual 5 stalls on non-contracting cases such as
     ρ(G_i W) ≈ 1.1), which also solves slowly contracting and many non-contracting ones — each row
     scaled to max |g ⊙ δ| = 1 so that one tolerance is relative for all.

@@ -1,15 +1,15 @@
 """Batched fixed-point solvers with per-sample stopping.
 
-Every solver takes a map ``g(u, rows)`` (see :mod:`fprnn.core.dynamics`) and a start ``u0`` (m, N),
-and returns a :class:`Solution`: the states and per-sample stats. The residual of sample i is
+Every solver takes a map ``g(u, rows)`` (see [`fprnn.core.dynamics`][fprnn.core.dynamics]) and a start ``u0`` (m, N),
+and returns a [`Solution`][fprnn.core.solvers.Solution]: the states and per-sample stats. The residual of sample i is
 ‖g(u_i) − u_i‖∞ at the returned u_i (for rate dynamics: ‖f(W r + x) − r‖∞). A sample stops
 costing compute once its residual is ≤ ``tol``; a sample that does not get there within the
 budget, or whose state stops being finite, is reported in ``converged`` and ``status`` — never
 hidden.
 
-:func:`settle` is the fallback of continuous-time networks: the samples an accelerated solver
+[`settle`][fprnn.core.solvers.settle] is the fallback of continuous-time networks: the samples an accelerated solver
 leaves unconverged are solved again from their start by following the network's own dynamics
-(:func:`ptc`), so that a solver's failure is not mistaken for the network's.
+([`ptc`][fprnn.core.solvers.ptc]), so that a solver's failure is not mistaken for the network's.
 """
 from __future__ import annotations
 
@@ -372,9 +372,9 @@ def ptc(g: StateMap, u0: Tensor, *, tol: float = 1e-5, max_iter: int = 300, dt: 
     Newton's method converges to unstable equilibria too, which the dynamics never reach: a
     sample that lands on one (max Re λ(T⁻¹ J) ≥ 0) is reported ``UNSTABLE``, not converged.
     ``jac(u, rows)``: the Jacobians ∂g/∂u (a, N, N) (``Dynamics.state_jacobian``, O(N²) a sample);
-    without it they come from autograd (:func:`jacobian`, O(N³)). Each try costs a Jacobian, an
+    without it they come from autograd ([`jacobian`][fprnn.core.solvers.jacobian], O(N³)). Each try costs a Jacobian, an
     LU and an evaluation of g per sample, O(N³): this is a solver for the few samples the
-    accelerated ones leave (:func:`settle`), not for whole batches of large networks. ``iters``
+    accelerated ones leave ([`settle`][fprnn.core.solvers.settle]), not for whole batches of large networks. ``iters``
     counts tries, rejected ones included."""
     _check_positive("tol", tol)
     _check_positive("max_iter", max_iter, integer=True)
@@ -424,7 +424,7 @@ def follow_euler(g: StateMap, u0: Tensor, *, tol: float = 1e-5, dt: float = 0.05
                  tau: Tensor | None = None) -> Solution:
     """Forward Euler of T du/dt = −u + g(u) with step ``dt`` in units of the fastest τ, stopping
     each sample at ``tol``: the dynamics themselves, slowly (a sample with max Re λ(G W) = 0.97
-    needs thousands of steps). The reference :func:`ptc` is checked against."""
+    needs thousands of steps). The reference [`ptc`][fprnn.core.solvers.ptc] is checked against."""
     return euler(g, u0, dt=dt / _time_scale(tau, u0) if tau is not None else dt, steps=steps, tol=tol)
 
 
@@ -442,9 +442,9 @@ def follow_rk23(g: StateMap, u0: Tensor, *, tol: float = 1e-5, dt: float = 0.5, 
     While the state moves, the error bounds h and the steps follow the trajectory, so a sample
     ends at the equilibrium its dynamics reach from ``u0``. Near rest the relative error keeps h
     where the fastest modes are still resolved (and damped), so a weakly attracting equilibrium
-    (max Re λ(G W) near 1) takes time ∝ 1/(1 − max Re λ): slower than :func:`ptc`'s Newton steps
+    (max Re λ(G W) near 1) takes time ∝ 1/(1 − max Re λ): slower than [`ptc`][fprnn.core.solvers.ptc]'s Newton steps
     there, but matrix-free — three evaluations of g a try (the last one is the next
-    try's first), no Jacobian, no N×N system: the fallback for networks too large for :func:`ptc`
+    try's first), no Jacobian, no N×N system: the fallback for networks too large for [`ptc`][fprnn.core.solvers.ptc]
     (a conv layer, fprnn.models.conv). Like the dynamics it never settles on an unstable equilibrium:
     such a sample, or a limit cycle, runs out of ``steps`` (tries) and is reported so. ``iters``
     counts evaluations of g."""
@@ -490,9 +490,22 @@ def follow_rk23(g: StateMap, u0: Tensor, *, tol: float = 1e-5, dt: float = 0.5, 
 
 #: The fallback a network gets unless told otherwise (model.fallback).
 DEFAULT_FALLBACK = {"method": "ptc", "max_iter": 300, "dt": 0.5, "accuracy": 0.1, "max_share": 0.05}
+#: the default where W is only ever applied, never formed (a conv layer): the rate dynamics by
+#: error-controlled Runge–Kutta steps (up to 500 tries, 1,501 evaluations a sample) for at most a
+#: tenth of a batch; ptc's per-sample N×N Jacobians are not to be had there
+MATRIX_FREE_DEFAULT_FALLBACK = {"method": "rk23", "dt": 0.5, "steps": 500, "accuracy": 0.01, "max_share": 0.1}
 
-#: How :func:`settle` follows the dynamics: method name → function(g, u0, tol=, tau=, **options).
+#: How [`settle`][fprnn.core.solvers.settle] follows the dynamics: method name → function(g, u0, tol=, tau=, **options).
 FALLBACKS: dict[str, Callable[..., Solution]] = {"ptc": ptc, "euler": follow_euler, "rk23": follow_rk23}
+
+
+def resolve_fallback(spec, *, matrix_free: bool = False) -> dict | None:
+    """What a layer's ``fallback`` argument means: ``"default"`` → the default for its kind of W
+    (``DEFAULT_FALLBACK``, or ``MATRIX_FREE_DEFAULT_FALLBACK`` where W is never formed), None → off,
+    a dict → itself; checked ([`check_fallback`][fprnn.core.solvers.check_fallback])."""
+    if isinstance(spec, str) and spec == "default":
+        spec = dict(MATRIX_FREE_DEFAULT_FALLBACK if matrix_free else DEFAULT_FALLBACK)
+    return check_fallback(spec)
 
 
 def check_fallback(spec) -> dict | None:
@@ -518,8 +531,8 @@ def check_fallback(spec) -> dict | None:
 
 def follow(g: StateMap, u0: Tensor, *, tol: float, method: str = "ptc", tau: Tensor | None = None,
            jac: Callable | None = None, **options) -> Solution:
-    """The fixed point the dynamics reach from ``u0``, by ``method`` (:data:`FALLBACKS`) with its
-    ``options``; ``jac`` (the map's Jacobians) goes to the methods that take it (:func:`ptc`)."""
+    """The fixed point the dynamics reach from ``u0``, by ``method`` (`FALLBACKS`) with its
+    ``options``; ``jac`` (the map's Jacobians) goes to the methods that take it ([`ptc`][fprnn.core.solvers.ptc])."""
     fn = FALLBACKS[method]
     if jac is not None and "jac" in inspect.signature(fn).parameters:
         options["jac"] = jac
@@ -527,14 +540,14 @@ def follow(g: StateMap, u0: Tensor, *, tol: float, method: str = "ptc", tau: Ten
 
 
 def how_to_follow(fallback: dict) -> dict:
-    """The :func:`follow` options in a fallback setting: all but :func:`settle`'s ``max_share``."""
+    """The [`follow`][fprnn.core.solvers.follow] options in a fallback setting: all but [`settle`][fprnn.core.solvers.settle]'s ``max_share``."""
     return {k: v for k, v in fallback.items() if k != "max_share"}
 
 
 def settle(g: StateMap, u0: Tensor, first: Solution, *, jac: Callable | None = None, max_share: float = 1.0,
            **how) -> Solution:
     """``first`` with the samples it left unconverged solved again from their start ``u0`` by
-    :func:`follow` (``how``: method, tau, options) to ``first``'s tolerance. From the start, not
+    [`follow`][fprnn.core.solvers.follow] (``how``: method, tau, options) to ``first``'s tolerance. From the start, not
     from where ``first`` gave up: an input can have several attracting fixed points, and the
     network's is the one its dynamics reach from where they start. ``fallback`` marks the samples
     handed over, ``fallback_iters`` their steps (also added to ``iters``); ``status`` says why a

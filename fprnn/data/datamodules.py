@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from fprnn.core.checks import positive_int
 from fprnn.data import vision
 from fprnn.models.dense import get_dtype
 
@@ -48,8 +49,8 @@ class EpochShuffle(Sampler[int]):
         return self.used // self.world
 
 
-def _dist(module: pl.LightningDataModule) -> tuple[int, int]:
-    """(rank, world size) of the attached trainer; (0, 1) without one."""
+def dist_info(module: pl.LightningDataModule) -> tuple[int, int]:
+    """(rank, world size) of the trainer a data module is attached to; (0, 1) without one."""
     t = getattr(module, "trainer", None)
     return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
@@ -81,18 +82,12 @@ class ResumableData(pl.LightningDataModule):
         return (epoch, done * per_device_batch)
 
 
-def _per_device(batch_size: int, world: int) -> int:
+def per_device(batch_size: int, world: int) -> int:
+    """Each device's share of the global ``batch_size`` over ``world`` devices; it must divide evenly."""
     if batch_size % world:
         raise ValueError(f"batch_size={batch_size} is the global batch and must divide evenly over "
                          f"{world} devices")
     return batch_size // world
-
-
-def _positive_int(name, v, allow_none=False):
-    if v is None and allow_none:
-        return
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive integer{' or null' if allow_none else ''}, got {v!r}")
 
 
 def _check_split(name: str, v) -> None:
@@ -132,8 +127,8 @@ class TensorData(ResumableData):
     def __init__(self, batch_size: int = 512, eval_batch_size: int = 2000, val_size=0,
                  val_on_test: bool = False, seed: int = 0, shuffle: bool = True, num_workers: int = 0):
         super().__init__()
-        _positive_int("batch_size", batch_size)
-        _positive_int("eval_batch_size", eval_batch_size)
+        positive_int("batch_size", batch_size)
+        positive_int("eval_batch_size", eval_batch_size)
         _check_split("val_size", val_size)   # its size is checked once n is known
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.val_on_test = val_size, bool(val_on_test)
@@ -153,8 +148,8 @@ class TensorData(ResumableData):
         return self.train_set.tensors[0][:k], self.train_set.tensors[1][:k]
 
     def train_dataloader(self):
-        rank, world = _dist(self)
-        bs = _per_device(self.batch_size, world)
+        rank, world = dist_info(self)
+        bs = per_device(self.batch_size, world)
         sampler = EpochShuffle(len(self.train_set), self.seed, self.shuffle, rank, world, self.batch_size,
                                skip=self._skip(bs))
         return DataLoader(self._training_samples(sampler), batch_size=bs, sampler=sampler,
@@ -165,7 +160,7 @@ class TensorData(ResumableData):
         return self.train_set
 
     def _eval_loader(self, ds):
-        rank, world = _dist(self)
+        rank, world = dist_info(self)
         return DataLoader(ds, batch_size=max(self.eval_batch_size // world, 1),
                           sampler=EpochShuffle(len(ds), shuffle=False, rank=rank, world=world,
                                                batch=self.eval_batch_size),
@@ -238,8 +233,8 @@ class VisionDataModule(TensorData):
                  grayscale: bool = False, train_subset: int | None = None, test_subset: int | None = None,
                  flip: bool = False, shift: int = 0, **split):
         super().__init__(**split)
-        _positive_int("train_subset", train_subset, allow_none=True)
-        _positive_int("test_subset", test_subset, allow_none=True)
+        positive_int("train_subset", train_subset, allow_none=True)
+        positive_int("test_subset", test_subset, allow_none=True)
         if not isinstance(flip, bool):
             raise ValueError(f"flip must be true or false, got {flip!r}")
         self.spec = vision.get_set(dataset)
@@ -296,9 +291,9 @@ class LinearRegressionDataModule(ResumableData):
     def __init__(self, N: int = 200, m: int = 100, sigma_x: float = 0.1, sigma_y: float = 0.01,
                  sigma_w: float = 0.5, seed: int = 0, dtype: str = "float64", steps_per_epoch: int = 100):
         super().__init__()
-        _positive_int("N", N)
-        _positive_int("m", m)
-        _positive_int("steps_per_epoch", steps_per_epoch)
+        positive_int("N", N)
+        positive_int("m", m)
+        positive_int("steps_per_epoch", steps_per_epoch)
         for name, v in (("sigma_x", sigma_x), ("sigma_y", sigma_y), ("sigma_w", sigma_w)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {v!r}")
@@ -313,7 +308,7 @@ class LinearRegressionDataModule(ResumableData):
         self.X, self.Y = X.T.contiguous().to(dt), Y.T.contiguous().to(dt)   # rows = samples
 
     def W_star(self) -> torch.Tensor:
-        """The minimum-norm minimiser, eq 3.3: W* = (Y − X) Y⁺ (columns = samples)."""
+        """The minimum-norm minimiser, eq 3.3: W∗ = (Y − X) Y⁺ (columns = samples)."""
         X, Y = self.X.T, self.Y.T
         return (Y - X) @ torch.linalg.pinv(Y)
 
@@ -330,8 +325,8 @@ class LinearRegressionDataModule(ResumableData):
         pass
 
     def _shard(self):
-        rank, world = _dist(self)
-        _per_device(self.m, world)
+        rank, world = dist_info(self)
+        per_device(self.m, world)
         return self.X[rank::world], self.Y[rank::world]
 
     def train_dataloader(self):
@@ -360,7 +355,7 @@ class ArraysDataModule(TensorData):
                  batch_size: int = 256, val_size=0.1, **split):
         super().__init__(batch_size=batch_size, val_size=val_size, **split)
         _check_split("test_size", test_size)
-        _positive_int("n_classes", n_classes, allow_none=True)
+        positive_int("n_classes", n_classes, allow_none=True)
         self.path, self.name = Path(path).expanduser(), "arrays"
         self.test_size, self.normalize = test_size, bool(normalize)
         arrays = self._read()

@@ -8,7 +8,7 @@ between any two cells. Start and goal are two distinct cells drawn at random; th
 channels (open, start, goal), the target marks the path's pixels (start and goal included).
 
 Maze k of a split is drawn by a generator seeded with (seed, split, c, k) alone, as trials are
-(:mod:`fprnn.data.tasks`): validation and test mazes are the same in every run with one seed, and a
+([`fprnn.data.tasks`][fprnn.data.tasks]): validation and test mazes are the same in every run with one seed, and a
 resumed run draws the training mazes it had not seen.
 
     python -m fprnn.mazes RUN_DIR FILE.npz     # a trained run on mazes from a file (any size)
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fprnn.data.datamodules import ResumableData, _dist, _per_device, _positive_int
+from fprnn.core.checks import positive_int
+from fprnn.data.datamodules import ResumableData, dist_info, per_device
 from fprnn.data.tasks import SPLITS, EpochTrials, TrialSet
 
 Tensor = torch.Tensor
@@ -125,7 +126,7 @@ class MazeDataModule(ResumableData):
     """Mazes of ``cells`` per side: ``train_mazes`` fresh ones every epoch (epoch e draws mazes
     e·n … e·n + n − 1 of the training stream), ``val_mazes`` and ``test_mazes`` drawn once;
     ``test_cells``: the larger sizes tested without retraining (``test_mazes_large`` each), after
-    training (:func:`extrapolate`). ``batch_size`` is the global batch."""
+    training (`extrapolate`). ``batch_size`` is the global batch."""
 
     task = "classification"
     n_in = None
@@ -143,7 +144,7 @@ class MazeDataModule(ResumableData):
         for name, v in (("train_mazes", train_mazes), ("val_mazes", val_mazes), ("test_mazes", test_mazes),
                         ("test_mazes_large", test_mazes_large), ("batch_size", batch_size),
                         ("eval_batch_size", eval_batch_size)):
-            _positive_int(name, v)
+            positive_int(name, v)
         if train_mazes < batch_size:
             raise ValueError(f"train_mazes={train_mazes} is less than one batch (batch_size={batch_size})")
         self.train_mazes, self.val_mazes, self.test_mazes = train_mazes, val_mazes, test_mazes
@@ -170,8 +171,8 @@ class MazeDataModule(ResumableData):
             self.test_set = self.mazes("test", n=self.test_mazes)
 
     def train_dataloader(self):
-        rank, world = _dist(self)
-        per = _per_device(self.batch_size, world)
+        rank, world = dist_info(self)
+        per = per_device(self.batch_size, world)
         n = (self.train_mazes // self.batch_size) * self.batch_size
         train = TrialSet(lambda sp, k: draw(self.seed, sp, self.cells, k), n, "train", keep=False)
         return DataLoader(train, batch_size=per, sampler=EpochTrials(n, self.batch_size, rank, world, self._skip(per)),
@@ -279,8 +280,9 @@ def maze_report(net, data: MazeDataModule, run_dir: Path | None = None, log=prin
 
 @torch.no_grad()
 def figure(net, shown: dict, path: Path, channels: int = 3) -> Path:
-    """Mazes (open pixels grey, start green, goal red), their path, the prediction and the first
-    ``channels`` channels of the fixed point r*, a row per maze, for each size in ``shown``."""
+    """Mazes (open pixels grey, start green, goal red), their path, the prediction and the
+    ``channels`` channels of the fixed point r∗ that vary most across the maze's pixels (a saturated
+    channel is one colour and shows nothing), a row per maze, for each size in ``shown``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -293,7 +295,8 @@ def figure(net, shown: dict, path: Path, channels: int = 3) -> Path:
         img = np.stack([x[0, 0] * 0.6 + x[0, 2] * 0.4, x[0, 0] * 0.6 + x[0, 1] * 0.4, x[0, 0] * 0.6], -1)
         panels = [(img, None, f"{c} cells"), (y, "gray", "path"),
                   (pred, "gray", "prediction" + (" ✓" if bool((pred == y).all()) else " ✗"))]
-        panels += [(r[k], "RdBu_r", f"r* channel {k}") for k in range(min(channels, len(r)))]
+        varied = r.flatten(1).var(1).argsort(descending=True)[:channels].tolist()
+        panels += [(r[k], "RdBu_r", f"r∗ channel {k}") for k in varied]
         for ax, (a, cmap, title) in zip(ax_row, panels):
             ax.imshow(np.asarray(a, dtype=float), cmap=cmap, vmin=None if cmap != "RdBu_r" else -1,
                       vmax=None if cmap != "RdBu_r" else 1, interpolation="nearest")

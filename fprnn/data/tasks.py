@@ -1,12 +1,12 @@
 """Tasks in time: trials with inputs, targets and loss weights per step, and what a network in time
 needs to know of each — where its static start ends, which steps count and how much, and when it
-answers. Three sources, one trial format (:class:`Trial`) and one batch format (:func:`collate`):
+answers. Three sources, one trial format (`Trial`) and one batch format ([`collate`][fprnn.data.tasks.collate]):
 
 - a NeuroGym task (``neurogym`` on PyPI) by its id, ``ContextDecisionMaking-v0``;
 - a user's own NeuroGym ``TrialEnv`` subclass, ``task="my_tasks:MyTask"`` (imported from the
   working directory or ``PYTHONPATH``), seeded exactly as the registered ids;
 - trials a user generated (PsychRNN's and nn4n's convention: inputs, targets and a mask per step),
-  from a ``.npz`` file (:class:`TrialFileDataModule`).
+  from a ``.npz`` file ([`TrialFileDataModule`][fprnn.data.tasks.TrialFileDataModule]).
 
 Targets are either **actions** (one integer per step, cross-entropy) or **continuous** (a vector per
 step, masked mean squared error): NeuroGym's ``Box`` action spaces, and tasks whose ground truth is
@@ -20,13 +20,12 @@ The static part of a trial (``static``): the leading periods over which the inpu
 fixation, a context cue — found from the data (``auto``: periods are taken in order while the input
 stays equal to its first value), or named (the static part ends with that period, whose input must
 then be constant), or ``none``. A network starting at the fixed point of that constant input
-(:mod:`fprnn.models.ctrnn`) replaces simulating it.
+([`fprnn.models.ctrnn`][fprnn.models.ctrnn]) replaces simulating it.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
-import math
 import sys
 import warnings
 from collections.abc import Mapping
@@ -38,7 +37,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fprnn.data.datamodules import ResumableData, _dist, _per_device, _positive_int
+from fprnn.core.checks import number, positive_int
+from fprnn.data.datamodules import ResumableData, dist_info, per_device
 
 Tensor = torch.Tensor
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -201,7 +201,7 @@ def no_trials(env) -> str | None:
 def draw_trial(env, seed: int, split: str, k: int, static: str, decision_period: str,
                targets: tuple[str, int] | None = None) -> Trial:
     """Trial k of ``split``, from a generator seeded by (seed, split, k) alone. ``targets``: the
-    task's (kind, size) from :func:`target_kind` (None: this trial's own)."""
+    task's (kind, size) from [`target_kind`][fprnn.data.tasks.target_kind] (None: this trial's own)."""
     env.seed(int(np.random.SeedSequence([int(seed), SPLITS[split], int(k)]).generate_state(1)[0]))
     try:
         info = env.new_trial()
@@ -241,7 +241,7 @@ def draw_trial(env, seed: int, split: str, k: int, static: str, decision_period:
 
 class TrialSet(Dataset):
     """The trials of a split: n drawn once and kept (validation, test), or drawn on demand by index
-    (training: n trials an epoch, epoch e asks for trials e·n … e·n + n − 1, :class:`EpochTrials`).
+    (training: n trials an epoch, epoch e asks for trials e·n … e·n + n − 1, [`EpochTrials`][fprnn.data.tasks.EpochTrials]).
     ``draw(split, k)`` makes trial k of the split."""
 
     def __init__(self, draw: Callable[[str, int], Trial], n: int, split: str, keep: bool):
@@ -301,12 +301,6 @@ def collate(items: list[tuple[int, Trial]], decision_weight: float) -> dict[str,
             "index": torch.tensor([k for k, _ in items])}
 
 
-def _number(name: str, v, minimum: float = 0.0, strict: bool = False) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-            or (v <= minimum if strict else v < minimum):
-        raise ValueError(f"{name} must be a number {'>' if strict else '≥'} {minimum:g}, got {v!r}")
-
-
 class TrialData(ResumableData):
     """Training, validation and test trials of a task in time, whatever makes them: a subclass
     gives ``draw(split, k)``, ``n_in``, ``n_out``, ``targets`` ("actions" | "continuous"), the
@@ -320,7 +314,7 @@ class TrialData(ResumableData):
     def __init__(self, batch_size: int, eval_batch_size: int, seed: int, loss: str):
         super().__init__()
         for name, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            _positive_int(name, v)
+            positive_int(name, v)
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
         self.batch_size, self.eval_batch_size, self.seed, self._loss = batch_size, eval_batch_size, seed, loss
@@ -362,8 +356,8 @@ class TrialData(ResumableData):
         return collate(items, self.decision_weight)
 
     def train_dataloader(self):
-        rank, world = _dist(self)
-        per = _per_device(self.batch_size, world)
+        rank, world = dist_info(self)
+        per = per_device(self.batch_size, world)
         n = (self.train_trials // self.batch_size) * self.batch_size   # whole global batches only
         train = TrialSet(self.draw, n, "train", keep=False)
         sampler = EpochTrials(n, self.batch_size, rank, world, self._skip(per))
@@ -416,9 +410,9 @@ class NeuroGymDataModule(TrialData):
                  conditions: list[str] | None = None, task_kwargs: dict | None = None, loss: str = "auto"):
         super().__init__(batch_size, eval_batch_size, seed, loss)
         for name, v in (("train_trials", train_trials), ("val_trials", val_trials), ("test_trials", test_trials)):
-            _positive_int(name, v)
-        _number("dt", dt, strict=True)
-        _number("decision_weight", decision_weight)
+            positive_int(name, v)
+        number("dt", dt, strict=True)
+        number("decision_weight", decision_weight)
         if not isinstance(static, str):
             raise ValueError(f"static must be 'auto', 'none' or a period name, got {static!r}")
         self.env_id = self.name = task
@@ -465,7 +459,7 @@ class TrialFileDataModule(TrialData):
             raise ValueError("data.path is missing: give the .npz file of your trials (keys inputs, targets and "
                              "optionally mask, static, answer, conditions, condition_names)")
         for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            _number(name, v)
+            number(name, v)
         if val_fraction + test_fraction >= 1:
             raise ValueError(f"val_fraction + test_fraction must leave trials to train on, got "
                              f"{val_fraction} + {test_fraction}")
@@ -514,7 +508,7 @@ def _key(data, name: str, path: Path):
 
 
 def load_trials(path: Path, static: str) -> tuple[list[Trial], list[str]]:
-    """The trials of a ``.npz`` file (:class:`TrialFileDataModule`), each key checked."""
+    """The trials of a ``.npz`` file ([`TrialFileDataModule`][fprnn.data.tasks.TrialFileDataModule]), each key checked."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such trials file")
     try:

@@ -154,7 +154,7 @@ def _check_cifar_batch(path: Path, spec: VisionSet) -> None:
 
 
 def check_files(spec: VisionSet, root: Path) -> None:
-    """Raise :class:`CorruptDataError` for the first raw file that is not what it should be."""
+    """Raise [`CorruptDataError`][fprnn.data.vision.CorruptDataError] for the first raw file that is not what it should be."""
     raw = root / spec.folder
     if spec.files == _IDX_FILES:
         for split in ("train", "t10k"):

@@ -5,27 +5,27 @@
     loss(head(r)).backward()      # K.grad: the rule's −ΔK; x: the exact gradient
 
 The recurrent W is the convolution with the kernel K (C, C, k, k) (stride 1, size-keeping zero
-or circular padding): the rules see it as an operator (:class:`fprnn.core.operators.Conv2d`), so
+or circular padding): the rules see it as an operator ([`fprnn.core.operators.Conv2d`][fprnn.core.operators.Conv2d]), so
 nothing N×N is ever formed (N = C·H·W; 25,088 at C = 32 on 28×28). The backward is
-:mod:`fprnn.core.implicit`'s with that operator: the rule's step on K (the adjoint of K ↦ W applied to
-the dense rule's Σ u_i v_iᵀ, docs/rules.md) and the implicit adjoint for x — by the adjoint
+[`fprnn.core.implicit`][fprnn.core.implicit]'s with that operator: the rule's step on K (the adjoint of K ↦ W applied to
+the dense rule's Σ u_i v_iᵀ, docs/concepts/rules.md) and the implicit adjoint for x — by the adjoint
 iteration and Anderson, as there is no matrix to factor.
 
 Any optimizer: the bare layer bounds ‖W‖₂ ≤ ``max_norm`` (0.95) by rescaling K after any step that
 moved it past (a contraction: one fixed point, reached from any start) and records backward faults
-instead of raising them (:class:`ConvFixedPointLayer`). ``size=None``: maps of any size, one kernel.
+instead of raising them ([`ConvFixedPointLayer`][fprnn.models.conv.ConvFixedPointLayer]). ``size=None``: maps of any size, one kernel.
 
 Forward: fprnn's solvers on the flattened maps (Anderson by default, per-sample stopping); the
 samples it leaves unconverged follow the rate dynamics dr/dt = −r + f(K ⋆ r + x) from rest by
-error-controlled explicit Runge–Kutta steps to the same tolerance (:func:`fprnn.core.solvers.follow_rk23`:
+error-controlled explicit Runge–Kutta steps to the same tolerance ([`fprnn.core.solvers.follow_rk23`][fprnn.core.solvers.follow_rk23]:
 matrix-free, so the trajectory — and which attractor it reaches — is followed to a stated accuracy;
 fixed-step Euler on request; PTC would need per-sample N×N Jacobians and is refused). Stability per sample: ρ(G_i W) by power
-iteration (:func:`spectral_radius`). The exact ρ bounds max Re λ(G_i W) from above, so ρ < 1 would
+iteration ([`spectral_radius`][fprnn.models.conv.spectral_radius]). The exact ρ bounds max Re λ(G_i W) from above, so ρ < 1 would
 certify the fixed point stable; the estimate converges from below (tests: within 2% after 400
 steps on small maps; the layer takes 30), so it is an estimate, not a certificate.
 
-:class:`ConvRecurrentNet` is the image classifier built on it (``model=conv_recurrent``): a conv
-stem → the layer → pooled linear read-out, shaped to train with :class:`fprnn.training.module.FixedPointModule`.
+[`ConvRecurrentNet`][fprnn.models.conv.ConvRecurrentNet] is the image classifier built on it (``model=conv_recurrent``): a conv
+stem → the layer → pooled linear read-out, shaped to train with [`fprnn.training.module.FixedPointModule`][fprnn.training.module.FixedPointModule].
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fprnn.core.checks import positive_int
 from fprnn.core import implicit, solvers
 from fprnn.core.activations import get_activation
 from fprnn.core.dynamics import get_dynamics, power_radius, row_gatherer
@@ -47,9 +48,6 @@ from fprnn.core.operators import LAYOUTS, PADDINGS, Conv2d, to_maps, to_rows
 
 Tensor = torch.Tensor
 
-#: the fallback a conv layer gets unless told otherwise: the rate dynamics by error-controlled
-#: Runge–Kutta steps (up to 500 tries, 1,501 evaluations a sample) for at most a tenth of a batch
-DEFAULT_FALLBACK = {"method": "rk23", "dt": 0.5, "steps": 500, "accuracy": 0.01, "max_share": 0.1}
 #: the fallbacks that need nothing of W but products (fprnn.core.solvers.FALLBACKS)
 MATRIX_FREE_FALLBACKS = ("rk23", "euler")
 STEM_ACTIVATIONS = {"relu": nn.ReLU, "identity": nn.Identity}
@@ -59,12 +57,6 @@ NORM_PROBE_SIZE = 32
 #: rule options that need W as a matrix (fprnn.core.rules): refused here, and why
 _MATRIX_ONLY = {("w3", "metric", "batch"): "w3's batch metric forms N×N factors",
                 ("w2", "shared_gain", True): "w2's batch form (eq 3.8) is the linear dense model's"}
-
-
-def _positive_int(name: str, v, odd: bool = False) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (odd and v % 2 == 0):
-        raise ValueError(f"{name} must be a{'n odd' if odd else ''} positive integer, got {v!r}")
-    return v
 
 
 def conv_rule_kwargs(rule: str, kwargs: dict | None) -> dict:
@@ -83,32 +75,32 @@ def conv_rule_kwargs(rule: str, kwargs: dict | None) -> dict:
 
 
 def spectral_radius(op, gain: Tensor, iters: int = 30, seed: int = 0) -> Tensor:
-    """ρ(G_i W) per sample (m,) by power iteration (:func:`fprnn.core.dynamics.power_radius`)."""
+    """ρ(G_i W) per sample (m,) by power iteration ([`fprnn.core.dynamics.power_radius`][fprnn.core.dynamics.power_radius])."""
     return power_radius(lambda v: gain * op(v), gain, iters, seed)
 
 
 class ConvFixedPointLayer(nn.Module):
-    """r* = f(K ⋆ r* + x) for inputs x (m, C, H, W) → r* (m, C, H, W).
+    """r∗ = f(K ⋆ r∗ + x) for inputs x (m, C, H, W) → r∗ (m, C, H, W).
 
     ``channels`` C, ``size`` (H, W) — or None: each call's maps have their own size, and the same
     kernel runs on any — ``kernel`` k (odd), ``padding`` zeros | circular.
 
     Any optimizer: with ``max_norm`` (default 0.95; None: off) each call first scales K back to
-    ‖W‖₂ ≤ max_norm if the last step moved it past (:meth:`bound_norm`): the map is then a
+    ‖W‖₂ ≤ max_norm if the last step moved it past (`bound_norm`): the map is then a
     contraction, with one fixed point, stable and reached from any start, whatever lr the user's
     optimizer has. With ``on_fault="record"`` (the default) a backward that cannot give a finite
     step leaves the layer's gradients zero for that batch, appends its reason to ``layer.faults``
-    and warns once; the loop goes on (``"raise"``: :class:`fprnn.core.implicit.FixedPointFault`).
-    ``iters_per_side``: the solve's budget grows with the map (:meth:`budget`).
+    and warns once; the loop goes on (``"raise"``: [`fprnn.core.implicit.FixedPointFault`][fprnn.core.implicit.FixedPointFault]).
+    ``iters_per_side``: the solve's budget grows with the map (`budget`).
 
     The kernel is
     the layer's ``W`` parameter (so that training code that moves "each layer's W" moves it),
     shape (C, C, k, k), starting as σ_W Z/√(C k²) (each unit gets C k² weights: spectral radius
     about σ_W, as for the dense σ_W Z/√N). ``rule`` w1, w2, w3, w4, jfb or bptt (autograd
     through ``bptt_steps`` damped steps from the fixed point); ``eta``, ``loss_norm``, ``on_fault``
-    as for :class:`fprnn.models.layer.FixedPointLayer`. ``solver`` (anderson, iterate) with
+    as for [`fprnn.models.layer.FixedPointLayer`][fprnn.models.layer.FixedPointLayer]. ``solver`` (anderson, iterate) with
     ``solver_kwargs``; ``fallback`` {"method": "rk23" or "euler", its options, max_share} or None.
-    ``layout`` (hwc, chw): how the rows the layer solves on hold a map (:data:`fprnn.core.operators.LAYOUTS`;
+    ``layout`` (hwc, chw): how the rows the layer solves on hold a map (`fprnn.core.operators.LAYOUTS`;
     hwc, channels last, is the faster on a CPU); inputs and outputs are (m, C, H, W) maps either way."""
 
     def __init__(self, channels: int, size=None, kernel: int = 3, padding: str = "zeros", *, rule: str = "w3",
@@ -119,10 +111,10 @@ class ConvFixedPointLayer(nn.Module):
                  stability_iters: int = 30, layout: str = "hwc", max_norm: float | None = 0.95,
                  iters_per_side: float | None = None):
         super().__init__()
-        C, k = _positive_int("channels", channels), _positive_int("kernel", kernel, odd=True)
+        C, k = positive_int("channels", channels), positive_int("kernel", kernel, odd=True)
         if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 2):
             raise ValueError(f"size must be the maps' [height, width] or None (any size), got {size!r}")
-        self.size = None if size is None else tuple(_positive_int("size", s) for s in size)
+        self.size = None if size is None else tuple(positive_int("size", s) for s in size)
         for name, v in (("max_norm", max_norm), ("iters_per_side", iters_per_side)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                                   or v <= 0):
@@ -137,18 +129,17 @@ class ConvFixedPointLayer(nn.Module):
             raise ValueError(f"sigma_W must be a non-negative finite number, got {sigma_W!r}")
         if solver not in solvers.SOLVERS or solver == "euler":
             raise ValueError(f"solver {solver!r} is not one for a conv layer; choose 'anderson' or 'iterate'")
-        fallback = dict(DEFAULT_FALLBACK) if fallback == "default" else fallback
         if isinstance(fallback, dict) and fallback.get("method") not in MATRIX_FREE_FALLBACKS:
             raise ValueError(f"a conv layer's fallback must be matrix-free, one of {list(MATRIX_FREE_FALLBACKS)}; "
                              f"{fallback.get('method')!r} would form per-sample N×N Jacobians")
-        self.fallback = solvers.check_fallback(fallback)
+        self.fallback = solvers.resolve_fallback(fallback, matrix_free=True)
         self.channels, self.kernel, self.padding, self.layout = C, k, padding, layout
         self.N = None if self.size is None else C * self.size[0] * self.size[1]
         self.n_in = None
         self.act, self.dyn = get_activation(activation), get_dynamics("rate")
         self.solver_name, self.solver_kwargs = solver, dict(solver_kwargs or {})
-        self.bptt_steps, self.bptt_damping = _positive_int("bptt_steps", bptt_steps), float(bptt_damping)
-        self.stability_iters = _positive_int("stability_iters", stability_iters)
+        self.bptt_steps, self.bptt_damping = positive_int("bptt_steps", bptt_steps), float(bptt_damping)
+        self.stability_iters = positive_int("stability_iters", stability_iters)
         gen = torch.Generator().manual_seed(int(seed))
         Z = torch.randn(C, C, k, k, generator=gen, dtype=torch.float64)
         self.W = nn.Parameter((sigma_W * Z / math.sqrt(C * k * k)).to(get_dtype(dtype)))
@@ -181,7 +172,7 @@ class ConvFixedPointLayer(nn.Module):
         return to_maps(R, self.channels, self._size(size), self.layout)
 
     def set_backward(self, rule: str = "w3", eta: float = 1.0, rule_kwargs: dict | None = None, **options) -> None:
-        """The rule for K, with η and :class:`fprnn.core.implicit.RuleBackward`'s options."""
+        """The rule for K, with η and [`fprnn.core.implicit.RuleBackward`][fprnn.core.implicit.RuleBackward]'s options."""
         kw = conv_rule_kwargs(rule, rule_kwargs)
         self.backward_rule = implicit.RuleBackward(rule, eta, kw, **options)
 
@@ -194,7 +185,7 @@ class ConvFixedPointLayer(nn.Module):
         response at 32² frequencies, the sup over all of which bounds W on every map size and
         padding), continued from the last call's vector: two iterations a call, 30 the first time.
         The estimate is from below (tests: within 2% at the first call), so a max_norm some way under
-        1 (the default 0.95) keeps the map a contraction; :func:`fprnn.core.operators.kernel_norm_bound`
+        1 (the default 0.95) keeps the map a contraction; [`fprnn.core.operators.kernel_norm_bound`][fprnn.core.operators.kernel_norm_bound]
         gives a certain bound."""
         W = self.W
         if self.max_norm is None or self._norm_key == (W.data_ptr(), W._version):
@@ -240,9 +231,9 @@ class ConvFixedPointLayer(nn.Module):
 
     @torch.no_grad()
     def fixed_point(self, x: Tensor, u0: Tensor | None = None, size=None) -> FixedPoint:
-        """Solve r = f(K ⋆ r + x) for inputs x (m, N) as rows in the layer's layout (:meth:`rows`)
+        """Solve r = f(K ⋆ r + x) for inputs x (m, N) as rows in the layer's layout (`rows`)
         of maps of ``size`` (the layer's own by default), from u0 (rest by default); the fixed
-        point's rows are in that layout too (:meth:`maps`)."""
+        point's rows are in that layout too (`maps`)."""
         size = self._size(size)
         op, x = self.operator(size=size), x.detach()
         g = self._state_map(op, x)
@@ -255,7 +246,7 @@ class ConvFixedPointLayer(nn.Module):
         return FixedPoint(sol.u, z, self.act.df(z), x, sol, size)
 
     def forward(self, x: Tensor, u0: Tensor | None = None) -> Tensor:
-        """r* for maps x (m, C, H, W) (of the layer's size, or any with ``size=None``), solved from
+        """r∗ for maps x (m, C, H, W) (of the layer's size, or any with ``size=None``), solved from
         u0 (maps; rest by default)."""
         want = "H, W" if self.size is None else ", ".join(map(str, self.size))
         if x.dim() != 4 or x.shape[1] != self.channels or (self.size is not None and tuple(x.shape[2:]) != self.size):
@@ -283,7 +274,7 @@ class ConvFixedPointLayer(nn.Module):
         return self.maps(r, size)
 
     def stability(self, fp: FixedPoint) -> Tensor:
-        """ρ(G_i W) per sample by power iteration (:func:`spectral_radius`); stable when < 1."""
+        """ρ(G_i W) per sample by power iteration ([`spectral_radius`][fprnn.models.conv.spectral_radius]); stable when < 1."""
         return spectral_radius(self.operator(size=fp.size), fp.gain, self.stability_iters)
 
     def extra_repr(self) -> str:
@@ -292,7 +283,7 @@ class ConvFixedPointLayer(nn.Module):
 
 
 class OneConvLayerNet(nn.Module):
-    """What a network around one :class:`ConvFixedPointLayer` (``self.layers[0]``) shows the
+    """What a network around one [`ConvFixedPointLayer`][fprnn.models.conv.ConvFixedPointLayer] (``self.layers[0]``) shows the
     training module: the layer, its dtype, the samples used, its fixed points and its rule. The
     network gives ``features`` (input → the layer's x maps)."""
 
@@ -330,19 +321,19 @@ class OneConvLayerNet(nn.Module):
 
 
 class ConvRecurrentNet(OneConvLayerNet):
-    """Images → conv stem → r* = f(K ⋆ r* + x) → average-pooled (conv head →) linear read-out.
+    """Images → conv stem → r∗ = f(K ⋆ r∗ + x) → average-pooled (conv head →) linear read-out.
 
     The stem is one ``stem_kernel`` convolution from the image's channels to ``stem_channels``
     (default: ``channels``) with bias, ``stem_activation`` (relu or identity) and
     ``stem_pool``×``stem_pool`` max-pooling (1: none); then, with ``readin_kernel`` (0: none), the
     layer's read-in, a convolution to ``channels`` maps with bias: its output is x. The
-    read-out average-pools r* by ``readout_pool``, with ``head_channels`` (0: none) passes it through
+    read-out average-pools r∗ by ``readout_pool``, with ``head_channels`` (0: none) passes it through
     a head — a ``head_kernel`` convolution to that many maps with bias, then ReLU — and maps the
     result linearly to ``n_out`` classes. Stem and read-out (the head included) train by autograd
-    (the read-in and read-out parameter groups of :class:`fprnn.training.module.FixedPointModule`), K by the
+    (the read-in and read-out parameter groups of [`fprnn.training.module.FixedPointModule`][fprnn.training.module.FixedPointModule]), K by the
     rule. ``recurrent=False`` fixes K ≡ 0: the same network without recurrence, r = f(x), the
     feed-forward baseline. ``max_norm`` (default None: K free, as the presets train it): the layer's bound
-    on ‖W‖₂ (:class:`ConvFixedPointLayer`)."""
+    on ‖W‖₂ ([`ConvFixedPointLayer`][fprnn.models.conv.ConvFixedPointLayer])."""
 
     def __init__(self, in_shape=(1, 28, 28), n_in: int | None = None, n_out: int = 10, *, channels: int = 32,
                  kernel: int = 3, padding: str = "zeros", stem_kernel: int = 3, stem_pool: int = 2,
@@ -354,10 +345,10 @@ class ConvRecurrentNet(OneConvLayerNet):
                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in in_shape)):
             raise ValueError(f"in_shape must be [channels, height, width] of positive integers, got {in_shape!r}")
         self.in_shape = tuple(in_shape)
-        self.n_in, self.n_out = math.prod(in_shape), _positive_int("n_out", n_out)
+        self.n_in, self.n_out = math.prod(in_shape), positive_int("n_out", n_out)
         if n_in is not None and n_in != self.n_in:
             raise ValueError(f"n_in={n_in} does not match in_shape {list(in_shape)} ({self.n_in} pixels)")
-        sp, rp = _positive_int("stem_pool", stem_pool), _positive_int("readout_pool", readout_pool)
+        sp, rp = positive_int("stem_pool", stem_pool), positive_int("readout_pool", readout_pool)
         c, h, w = in_shape
         if h % sp or w % sp or (h // sp) % rp or (w // sp) % rp:
             raise ValueError(f"{h}×{w} images do not divide by stem_pool={sp} and then readout_pool={rp}")
@@ -366,26 +357,26 @@ class ConvRecurrentNet(OneConvLayerNet):
         self.readout_pool = rp
         size = (h // sp, w // sp)
         dt = get_dtype(dtype)
-        stem_channels = channels if stem_channels is None else _positive_int("stem_channels", stem_channels)
+        stem_channels = channels if stem_channels is None else positive_int("stem_channels", stem_channels)
         if not readin_kernel and stem_channels != channels:
             raise ValueError(f"stem_channels={stem_channels} differs from channels={channels}: a read-in "
                              f"(readin_kernel > 0) must map them")
         with torch.random.fork_rng(devices=[]):     # the stem's and read-out's init (torch's defaults), seeded
             torch.manual_seed(int(seed))
-            stem = [nn.Conv2d(c, stem_channels, _positive_int("stem_kernel", stem_kernel, odd=True),
+            stem = [nn.Conv2d(c, stem_channels, positive_int("stem_kernel", stem_kernel, odd=True),
                               padding=stem_kernel // 2), STEM_ACTIVATIONS[stem_activation]()]
             if sp > 1:
                 stem.append(nn.MaxPool2d(sp))
             if readin_kernel:
                 stem.append(nn.Conv2d(stem_channels, channels,
-                                      _positive_int("readin_kernel", readin_kernel, odd=True),
+                                      positive_int("readin_kernel", readin_kernel, odd=True),
                                       padding=readin_kernel // 2))
             self.stem = nn.Sequential(*stem).to(dt)
             self.head = None
             if head_channels:
                 self.head = nn.Sequential(
-                    nn.Conv2d(channels, _positive_int("head_channels", head_channels),
-                              _positive_int("head_kernel", head_kernel, odd=True), padding=head_kernel // 2),
+                    nn.Conv2d(channels, positive_int("head_channels", head_channels),
+                              positive_int("head_kernel", head_kernel, odd=True), padding=head_kernel // 2),
                     nn.ReLU()).to(dt)
             linear = nn.Linear((head_channels or channels) * (size[0] // rp) * (size[1] // rp), n_out).to(dt)
         self.W_out, self.b_out = linear.weight, linear.bias

@@ -23,10 +23,8 @@ How a trial starts (``start``), for a batch whose first ``static`` steps have a 
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,8 +33,8 @@ from torch import nn
 from fprnn.core import implicit
 from fprnn.core.dynamics import power_radius
 from fprnn.core.stability import stability_bound
-from fprnn.models.dense import FixedPoint, Layer, _per_layer, get_dtype
-from fprnn.core.solvers import DEFAULT_FALLBACK
+from fprnn.models.dense import FixedPoint, Layer, per_layer, get_dtype
+from fprnn.models.saved import load_network
 
 Tensor = torch.Tensor
 STARTS = ("fixed_point", "rest", "learned")
@@ -101,7 +99,6 @@ class TrialRNN(nn.Module):
             raise ValueError(f"truncate must be a positive number of steps or null, got {truncate!r}")
         dt_ = get_dtype(dtype)
         gen = torch.Generator().manual_seed(int(seed))
-        fallback = dict(DEFAULT_FALLBACK) if fallback == "default" else fallback
         layer = Layer(N, n_in, gen, dt_, activation=activation, dynamics=dynamics, solver=solver,
                       solver_kwargs=solver_kwargs, sigma_W=sigma_W, train_W=True, train_readin=True, bias=True,
                       bptt_steps=0, bptt_damping=1.0, n_exc=n_exc, p_connect=p_connect, mask_path=mask_path,
@@ -125,16 +122,11 @@ class TrialRNN(nn.Module):
                            dtype=str(dt_).replace("torch.", ""), stability=stability)
 
     @classmethod
-    def load(cls, run_dir, map_location="cpu") -> "TrialRNN":
-        """The trained network of a run: ``run_dir/model.json`` and ``run_dir/weights.pt``."""
-        run_dir = Path(run_dir)
-        for f in (run_dir / "model.json", run_dir / "weights.pt"):
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: not found; TrialRNN.load needs a run directory with model.json "
-                                        f"and weights.pt")
-        net = cls(**json.loads((run_dir / "model.json").read_text()))
-        net.load_state_dict(torch.load(run_dir / "weights.pt", map_location=map_location, weights_only=True))
-        return net
+    def load(cls, path, map_location="cpu") -> "TrialRNN":
+        """The trained network of a run: ``run_dir/model.json`` and ``run_dir/weights.pt``, or a
+        checkpoint ``run_dir/checkpoints/*.ckpt`` ([`load_network`][fprnn.models.saved.load_network]: a
+        tensor that does not fit the network model.json builds is named)."""
+        return load_network(cls, path, map_location)
 
     # -- what the training module asks of a model ----------------------------------------
     @property
@@ -166,7 +158,7 @@ class TrialRNN(nn.Module):
         if rule == "bptt" and self.start == "fixed_point":
             raise ValueError("rule=bptt has no fixed point to act on: for BPTT through the static period use "
                              "model.start=rest (or learned); start=fixed_point takes w1, w2, w3, w4 or jfb")
-        kw = _per_layer("rule_kwargs", rule_kwargs, 1)[0]
+        kw = per_layer("rule_kwargs", rule_kwargs, 1)[0]
         # under start=rest or learned no fixed point is solved and its rule is never called: bptt
         # (autograd through the whole trial) is then what every start does, recorded as w1's spec
         self.layer.backward_rule = implicit.RuleBackward(rule if rule != "bptt" else "w1", eta,

@@ -74,7 +74,7 @@ def _sizes(N, layers) -> list[int]:
     return sizes
 
 
-def _per_layer(name: str, value, L: int) -> list:
+def per_layer(name: str, value, L: int) -> list:
     """A setting shared by every layer, or a list of one value per layer."""
     if isinstance(value, (list, tuple)):
         if len(value) != L:
@@ -89,7 +89,7 @@ class Layer(nn.Module):
     s is fed directly (x = s + b); ``b`` exists only with ``bias``. ``W`` learns unless
     ``train_W=False`` (with σ_W = 0: W ≡ 0, a feed-forward layer r = f(V s + b)).
 
-    Excitatory/inhibitory networks (docs/constraints.md): ``n_exc`` makes the first units
+    Excitatory/inhibitory networks (docs/concepts/constraints.md): ``n_exc`` makes the first units
     excitatory (``sign`` +1: their outgoing weights, columns of W, stay ≥ 0) and the rest
     inhibitory (≤ 0); ``p_connect`` or ``mask_path`` fix a connectivity ``mask`` (zeros stay zero),
     ``self_connections=False`` empties its diagonal; ``constraint`` says how every step keeps them
@@ -98,13 +98,13 @@ class Layer(nn.Module):
     population; default σ_W for all four: balanced). ``tau`` (and ``tau_I`` for inhibitory units)
     are time constants: they move no fixed point, but stability and Euler's steps use them.
 
-    ``fallback`` ({"method": "ptc", options…}, see :func:`fprnn.core.solvers.settle`; None: off): with
+    ``fallback`` ({"method": "ptc", options…}, see [`fprnn.core.solvers.settle`][fprnn.core.solvers.settle]; None: off): with
     continuous dynamics, samples the solver leaves unconverged are solved again from their start
     by following the network's dynamics. The discrete network is its map: a sample the map does
     not settle has no fixed point the network reaches, and stays unconverged.
 
-    Called on s, the layer returns its fixed point r*; while autograd records, r* is a function of
-    (W, V, b, s) whose backward is ``backward_rule`` (:class:`fprnn.core.implicit.RuleBackward`, w1 — the
+    Called on s, the layer returns its fixed point r∗; while autograd records, r∗ is a function of
+    (W, V, b, s) whose backward is ``backward_rule`` ([`fprnn.core.implicit.RuleBackward`][fprnn.core.implicit.RuleBackward], w1 — the
     gradient — unless set): the rule's −ΔW for W, the implicit adjoint for s. ``report`` keeps the
     last call's fixed point, the samples it used and its fault."""
 
@@ -124,7 +124,7 @@ class Layer(nn.Module):
         if solver == "direct" and not self.act.is_identity:
             raise ValueError(f"solver 'direct' solves the linear model only; activation is "
                              f"{self.act.name!r}: use 'anderson', 'iterate' or 'euler'")
-        self.fallback = solvers.check_fallback(fallback)
+        self.fallback = solvers.resolve_fallback(fallback)
         self.bptt_steps, self.bptt_damping = int(bptt_steps), float(bptt_damping)
         self.N, self.n_in = N, n_in
         # float64 normals, drawn in this order (W, then V, then the next layer's, then W_out):
@@ -152,7 +152,7 @@ class Layer(nn.Module):
         self.report: implicit.Report | None = None
 
     def forward(self, s: Tensor) -> Tensor:
-        """r* for the previous layer's rates (or the input) s; see the class docstring. Under
+        """r∗ for the previous layer's rates (or the input) s; see the class docstring. Under
         ``bptt`` the rates come with autograd's graph through the unrolled solver (W's gradient
         times η, so that W.grad = −ΔW as for the rules)."""
         spec = self.backward_rule
@@ -170,7 +170,7 @@ class Layer(nn.Module):
 
     def set_loss_norm(self, n: float | None) -> None:
         """The n of the loss Σ L_i / n that the next backward differentiates (w2 depends on it:
-        :mod:`fprnn.core.implicit`); read at backward, so it may be set after the forward call."""
+        [`fprnn.core.implicit`][fprnn.core.implicit]); read at backward, so it may be set after the forward call."""
         self.backward_rule.set_loss_norm(n)
 
     @property
@@ -285,8 +285,8 @@ class FixedPointRNN(nn.Module):
     the same network as a feed-forward one (the baseline the recurrence is measured against).
     ``activation``, ``dynamics``, ``solver``,
     ``solver_kwargs``, ``sigma_W`` and ``fallback`` are shared by the layers, or lists of one per
-    layer. ``encoder`` (a spec, :mod:`fprnn.models.encoders`; None: none) is a front end between the raw
-    input (n_in values) and the first layer's read-in, trained by autograd. ``fallback`` (default: :data:`fprnn.core.solvers.DEFAULT_FALLBACK`, pseudo-transient
+    layer. ``encoder`` (a spec, [`fprnn.models.encoders`][fprnn.models.encoders]; None: none) is a front end between the raw
+    input (n_in values) and the first layer's read-in, trained by autograd. ``fallback`` (default: `fprnn.core.solvers.DEFAULT_FALLBACK`, pseudo-transient
     continuation) re-solves the samples the solver leaves by following the dynamics (``Layer``).
     """
 
@@ -319,8 +319,8 @@ class FixedPointRNN(nn.Module):
         shared = dict(activation=activation, dynamics=dynamics, solver=solver, solver_kwargs=solver_kwargs,
                       sigma_W=sigma_W, n_exc=n_exc, p_connect=p_connect, mask_path=mask_path, mask_seed=mask_seed,
                       self_connections=self_connections, constraint=constraint, tau=tau, tau_I=tau_I,
-                      fallback=dict(solvers.DEFAULT_FALLBACK) if fallback == "default" else fallback)
-        per = {k: _per_layer(k, v, L) for k, v in shared.items()}
+                      fallback=fallback)
+        per = {k: per_layer(k, v, L) for k, v in shared.items()}
         with torch.random.fork_rng():      # torch's own init, seeded, without drawing from gen
             torch.manual_seed(int(seed))
             self.encoder = build_encoder(encoder)
@@ -454,17 +454,17 @@ class FixedPointRNN(nn.Module):
                          f"fixed points still do not converge below stability {target}")
 
     def set_backward(self, rule: str = "w1", eta: float = 1.0, rule_kwargs: Any = None, **options) -> None:
-        """How autograd's backward treats every layer's fixed point (:class:`fprnn.core.implicit.RuleBackward`):
+        """How autograd's backward treats every layer's fixed point ([`fprnn.core.implicit.RuleBackward`][fprnn.core.implicit.RuleBackward]):
         the ``rule`` for each W (``"bptt"``: through the unrolled solver) with η = ``eta``; ``rule_kwargs``
         a dict, or a list of one per layer; ``options``: readin, loss_norm, on_fault, gather."""
-        per = _per_layer("rule_kwargs", rule_kwargs, len(self.layers))
+        per = per_layer("rule_kwargs", rule_kwargs, len(self.layers))
         for layer, kw in zip(self.layers, per):
             layer.backward_rule = implicit.RuleBackward(rule, eta, implicit.resolve_rule_kwargs(rule, kw, layer),
                                                         **options)
 
     def set_loss_norm(self, n: float | None) -> None:
         """The n of the loss Σ L_i / n that the next backward differentiates (w2 needs it: see
-        :mod:`fprnn.core.implicit`); read at backward, so it may be set after the forward call — e.g. to
+        [`fprnn.core.implicit`][fprnn.core.implicit]); read at backward, so it may be set after the forward call — e.g. to
         the count of ``used`` samples a loss is averaged over."""
         for layer in self.layers:
             layer.set_loss_norm(n)

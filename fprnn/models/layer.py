@@ -20,14 +20,14 @@ forward and backward).
 Unconverged samples (the solver and its fallback left them: ``report.used`` is False) take no part
 in any rule or gradient — their rows of s get zero — and belong out of the loss
 (``loss_fn(out[layer.report.used], y[layer.report.used])``). Faults (w2 out of its domain, a
-singular I − G W, non-finite values) raise :class:`fprnn.core.implicit.FixedPointFault` from
+singular I − G W, non-finite values) raise [`fprnn.core.implicit.FixedPointFault`][fprnn.core.implicit.FixedPointFault] from
 ``backward()`` (``on_fault="raise"``); ``on_fault="record"`` writes them to ``report.fault`` and
 leaves this layer's gradients zero instead, for callers that must not raise there.
 
 Several devices (DDP): DDP averages W.grad like any gradient. The average is the global batch's rule
 when every rank's loss is Σ_{its samples} L_i · world / M (M: the samples used on all ranks) and
 ``loss_norm = M / world``; w2's batch form (eq 3.8) needs the global rows inside backward
-(:class:`fprnn.core.implicit.RuleBackward`'s ``gather``), as ``FixedPointModule`` does.
+([`fprnn.core.implicit.RuleBackward`][fprnn.core.implicit.RuleBackward]'s ``gather``), as ``FixedPointModule`` does.
 """
 from __future__ import annotations
 
@@ -37,18 +37,17 @@ import torch
 
 from fprnn.core import implicit
 from fprnn.models.dense import Layer, get_dtype
-from fprnn.core.solvers import DEFAULT_FALLBACK
 
 Tensor = torch.Tensor
 
 
 class FixedPointLayer(Layer):
-    """r* = f(W r* + V s + b) for inputs s (m, n_in) — or x = s + b with ``n_in=None`` (s has N
+    """r∗ = f(W r∗ + V s + b) for inputs s (m, n_in) — or x = s + b with ``n_in=None`` (s has N
     columns). W (N×N) starts as σ_W Z/√N; V (N×n_in) as Z/√n_in, trained unless
     ``train_readin=False``; b (zeros) with ``bias``. ``rule``: w1, w2, w3, w4, jfb or bptt;
     ``eta``, ``loss_norm``, ``on_fault``: see the module docstring; ``readin``: ``"gradient"`` or
-    ``"reparam"`` (V and b move by the reparameterized direction, docs/stack.md). ``activation``,
-    ``dynamics``, ``solver``, ``solver_kwargs``, ``fallback``: as for :class:`fprnn.models.dense.FixedPointRNN`."""
+    ``"reparam"`` (V and b move by the reparameterized direction, docs/concepts/stacks.md). ``activation``,
+    ``dynamics``, ``solver``, ``solver_kwargs``, ``fallback``: as for [`fprnn.models.dense.FixedPointRNN`][fprnn.models.dense.FixedPointRNN]."""
 
     def __init__(self, N: int, n_in: int | None = None, *, rule: str = "w3", eta: float = 1.0,
                  rule_kwargs: dict | None = None, activation: Any = "tanh", dynamics: Any = "rate",
@@ -64,7 +63,7 @@ class FixedPointLayer(Layer):
                          activation=activation, dynamics=dynamics, solver=solver, solver_kwargs=solver_kwargs,
                          sigma_W=sigma_W, train_W=True, train_readin=train_readin, bias=bias,
                          bptt_steps=bptt_steps, bptt_damping=bptt_damping,
-                         fallback=dict(DEFAULT_FALLBACK) if fallback == "default" else fallback)
+                         fallback=fallback)
         self.backward_rule = implicit.RuleBackward(
             rule, eta, implicit.resolve_rule_kwargs(rule, rule_kwargs, self), readin=readin,
             loss_norm=loss_norm, on_fault=on_fault)

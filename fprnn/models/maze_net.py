@@ -1,5 +1,5 @@
 """A fully convolutional fixed-point network for maps of any size: maze inputs → a conv stem →
-r* = f(K ⋆ r* + x) → a per-pixel head (``model=maze``, :mod:`fprnn.data.mazes`).
+r∗ = f(K ⋆ r∗ + x) → a per-pixel head (``model=maze``, [`fprnn.data.mazes`][fprnn.data.mazes]).
 
     net = MazeNet(channels=32)
     logits = net(mazes)          # mazes (m, 3, H, W), any H, W → logits (m, 2, H, W)
@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fprnn.models.conv import STEM_ACTIVATIONS, ConvFixedPointLayer, OneConvLayerNet, _positive_int
+from fprnn.core.checks import positive_int
+from fprnn.models.conv import STEM_ACTIVATIONS, ConvFixedPointLayer, OneConvLayerNet
 from fprnn.models.dense import get_dtype
 
 Tensor = torch.Tensor
@@ -27,7 +28,7 @@ class MazeNet(OneConvLayerNet):
     options) → head (a 1×1 convolution to ``head_channels`` maps and ReLU, with ``head_channels`` >
     0) → a 1×1 convolution to ``n_out`` classes per pixel. ``recurrent=False`` fixes K ≡ 0 (r = f(x):
     the same network without recurrence). Stem and head train by autograd (the read-in and read-out
-    groups of :class:`fprnn.training.module.FixedPointModule`), K by the rule."""
+    groups of [`fprnn.training.module.FixedPointModule`][fprnn.training.module.FixedPointModule]), K by the rule."""
 
     def __init__(self, in_channels: int = 3, n_out: int = 2, *, channels: int = 32, kernel: int = 3,
                  stem_layers: int = 2, head_channels: int = 32, stem_activation: str = "relu",
@@ -38,8 +39,8 @@ class MazeNet(OneConvLayerNet):
             raise ValueError(f"a MazeNet takes maps of any size: n_in must be null, got {n_in!r}")
         if stem_activation not in STEM_ACTIVATIONS:
             raise ValueError(f"unknown stem_activation {stem_activation!r}; choose one of {sorted(STEM_ACTIVATIONS)}")
-        self.in_channels, self.n_out = _positive_int("in_channels", in_channels), _positive_int("n_out", n_out)
-        C, layers = _positive_int("channels", channels), _positive_int("stem_layers", stem_layers)
+        self.in_channels, self.n_out = positive_int("in_channels", in_channels), positive_int("n_out", n_out)
+        C, layers = positive_int("channels", channels), positive_int("stem_layers", stem_layers)
         if isinstance(head_channels, bool) or not isinstance(head_channels, int) or head_channels < 0:
             raise ValueError(f"head_channels must be a non-negative integer, got {head_channels!r}")
         self.n_in = None

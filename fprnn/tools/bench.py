@@ -430,7 +430,7 @@ def bench_trials(repeats: int, statics=(300, 2000, 5000), batch: int = 64, N: in
     the median of the pairs'). Memory: what autograd saves for backward in the step."""
     from fprnn.models.ctrnn import TrialRNN
     from fprnn.data.tasks import NeuroGymDataModule
-    from fprnn.training.trial_module import _SavedBytes, step_losses
+    from fprnn.training.trial_module import SavedBytes, step_losses
     rows = []
     for static_ms in statics:
         data = NeuroGymDataModule(kwargs={"use_expl_context": True, "timing": {"fixation": static_ms, "delay": 300}},
@@ -445,7 +445,7 @@ def bench_trials(repeats: int, statics=(300, 2000, 5000), batch: int = 64, N: in
 
             def step(net=net, opt=opt, start=start, state=state):
                 opt.zero_grad()
-                with _SavedBytes() as sb:
+                with SavedBytes() as sb:
                     out = net(b["ob"], b["static"])
                 (step_losses(out, b["gt"], b["weight"]).sum() / b["weight"].sum()).backward()
                 opt.step()

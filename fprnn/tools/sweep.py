@@ -184,7 +184,7 @@ PRESETS["neurogym"] = {"base": ["experiment=cdm", "trainer.max_epochs=3", "data.
                         "doc": "every NeuroGym task, 300 steps of experiment=cdm's network with each task's own "
                                "defaults: fixed-point start (w3) vs BPTT from rest, 2 seeds"}
 # max_re_eig, frac_stable: per-sample, at the final W; peak_*: the largest seen during training,
-# per sample and of eig(W) itself (the authors' check, a proxy: see docs/rules.md)
+# per sample and of eig(W) itself (the authors' check, a proxy: see docs/concepts/rules.md)
 COLUMNS = ["rule", "lr", "status", "loss_W", "train_loss", "test_loss", "test_acc", "max_re_eig",
            "frac_stable", "peak_max_re_eig", "peak_max_re_eig_W", "wall_s"]
 DONE = ("finished", "diverged")

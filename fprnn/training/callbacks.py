@@ -210,7 +210,7 @@ class AngleMonitor(pl.Callback):
 
 
 class AnalysisMonitor(_ProbeMonitor):
-    """Every k steps, on the probe batch: :func:`fprnn.analysis.fixed_points.analyse` — the fractions of fixed
+    """Every k steps, on the probe batch: [`fprnn.analysis.fixed_points.analyse`][fprnn.analysis.fixed_points.analyse] — the fractions of fixed
     points stable (with time constants), inhibition-stabilized and with a paradoxical response,
     the mean ISN index — logged as ``analysis/…``."""
 

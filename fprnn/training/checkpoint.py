@@ -2,12 +2,12 @@
 ``best.ckpt``, the network with the best validation metric, when validation is held out.
 
 A SIGKILL (an out-of-memory kill, a preempted job, a lost node) cannot be handled, so the only
-defence is to have saved recently: :class:`RunCheckpoint` writes ``last.ckpt`` every
+defence is to have saved recently: [`RunCheckpoint`][fprnn.training.checkpoint.RunCheckpoint] writes ``last.ckpt`` every
 ``every_n_steps`` optimizer steps, at each epoch end, and on Ctrl-C, SIGTERM or an error.
-Every file of a run (checkpoints through :class:`AtomicCheckpointIO`, ``results.json`` and
-``weights.pt`` through :func:`atomic_write`) goes to a temporary file in the same folder that is
+Every file of a run (checkpoints through [`AtomicCheckpointIO`][fprnn.training.checkpoint.AtomicCheckpointIO], ``results.json`` and
+``weights.pt`` through [`atomic_write`][fprnn.training.checkpoint.atomic_write]) goes to a temporary file in the same folder that is
 then renamed over the old one: a kill during a write leaves the previous file whole. A resumed
-run keeps its CSV history (:class:`ResumableCSVLogger`).
+run keeps its CSV history ([`ResumableCSVLogger`][fprnn.training.checkpoint.ResumableCSVLogger]).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ MOVED = {
 
 def upgrade_targets(node) -> None:
     """Rename, in place, every ``_target_: fprnn.<module>.<Class>`` of the flat layout to the
-    module's place now (:data:`MOVED`), so that a run directory written before the move loads."""
+    module's place now (`MOVED`), so that a run directory written before the move loads."""
     if isinstance(node, DictConfig):
         target = node.get("_target_")
         parts = target.split(".") if isinstance(target, str) else []
@@ -61,7 +61,7 @@ def upgrade_targets(node) -> None:
 def saved_config(run_dir) -> DictConfig:
     """A finished run's config: Hydra's copy (``.hydra/config.yaml``), or the one every logger got
     (``csv/hparams.yaml``, also written by runs started from Python); targets of the flat layout
-    are renamed (:func:`upgrade_targets`)."""
+    are renamed ([`upgrade_targets`][fprnn.training.checkpoint.upgrade_targets])."""
     run_dir = Path(run_dir)
     for f in (run_dir / ".hydra" / "config.yaml", run_dir / "csv" / "hparams.yaml"):
         if f.exists():
@@ -170,7 +170,7 @@ def best_metric(task: str, recorded_units: bool) -> tuple[str, str]:
 
 def best_callbacks(dirpath: str | Path, monitor: str, mode: str, patience: int | None) -> list[pl.Callback]:
     """Lightning's ModelCheckpoint keeping ``<dirpath>/best.ckpt`` (written through the trainer's
-    :class:`AtomicCheckpointIO`, so a kill leaves the previous best whole), and with ``patience``
+    [`AtomicCheckpointIO`][fprnn.training.checkpoint.AtomicCheckpointIO], so a kill leaves the previous best whole), and with ``patience``
     Lightning's EarlyStopping on the same metric."""
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
@@ -233,8 +233,8 @@ class ResumableCSVLogger(CSVLogger):
     """Lightning's CSVLogger, except that a resumed run keeps the rows logged before its cut.
 
     Lightning's deletes ``metrics.csv`` when its folder is not empty, so a run resumed in its
-    own directory would lose its history up to the checkpoint. :func:`fprnn.training.run.train` calls
-    :meth:`resume_at` with the checkpoint's step before anything is logged: rows of earlier steps
+    own directory would lose its history up to the checkpoint. [`fprnn.training.run.train`][fprnn.training.run.train] calls
+    `resume_at` with the checkpoint's step before anything is logged: rows of earlier steps
     are kept (later ones were logged after the checkpoint and will be logged again)."""
 
     _kept: tuple[list[str], list[dict]] | None = None

@@ -1,9 +1,9 @@
 """What a run tells its user on the console: its result at the end, and nothing that is not for them.
 
-:func:`summary` is the few lines every run ends with (finished, diverged, no_progress,
+[`summary`][fprnn.training.console.summary] is the few lines every run ends with (finished, diverged, no_progress,
 interrupted, failed): status, the test metric of the network kept (and of the last one when they
 differ) with its epoch, faults and unconverged samples, peak stability, wall time, the run
-directory. :func:`quiet` silences, narrowly and at their source, third-party messages a user can
+directory. [`quiet`][fprnn.training.console.quiet] silences, narrowly and at their source, third-party messages a user can
 neither act on nor needs; ``verbose=true`` (or ``HYDRA_FULL_ERROR=1``) leaves everything on.
 """
 from __future__ import annotations
@@ -46,8 +46,8 @@ def quiet() -> None:
 class WandbLogger(_WandbLogger):
     """Lightning's WandbLogger without the ``anonymous`` init setting when it is unset (Lightning
     always passes it, None, and W&B warns at every run that the setting has no effect); after
-    :func:`quiet`, W&B does not print its run's history table at the end (the run's summary is
-    fprnn's, :func:`summary`; the history is in the run)."""
+    [`quiet`][fprnn.training.console.quiet], W&B does not print its run's history table at the end (the run's summary is
+    fprnn's, [`summary`][fprnn.training.console.summary]; the history is in the run)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -69,17 +69,17 @@ def _check_options(model, rule, lr, lr_readin, lr_readout, task, on_fault, max_f
 
 
 class FixedPointModule(pl.LightningModule):
-    """Trains a stack of fixed-point layers (:class:`FixedPointRNN`): every W_ℓ by a rule from
-    :mod:`fprnn.core.rules` (or ``bptt``), trained read-ins and read-outs by their gradient.
+    """Trains a stack of fixed-point layers (`FixedPointRNN`): every W_ℓ by a rule from
+    [`fprnn.core.rules`][fprnn.core.rules] (or ``bptt``), trained read-ins and read-outs by their gradient.
 
     Each step solves the batch's fixed points, takes the loss (mean over the samples used) and
-    calls backward, whose rule hands the optimizer −ΔW as each W's gradient (:mod:`fprnn.core.implicit`):
+    calls backward, whose rule hands the optimizer −ΔW as each W's gradient ([`fprnn.core.implicit`][fprnn.core.implicit]):
     plain SGD with lr = 1 (the default) makes W ← W + ΔW exactly, as in the paper; momentum or
     Adam then act on the rule's direction; ``scheduler`` (a torch LR scheduler factory) is stepped
     at each epoch end. Read-in (V_ℓ, b_ℓ) and read-out (W_out, b_out) tensors
     are their own parameter groups, with learning rates ``lr_readin`` / ``lr_readout`` (default:
     the optimizer's). ``readin="reparam"`` (default) moves read-ins by the reparameterized step,
-    ``"gradient"`` by their gradient (docs/stack.md). ``eta``: the rules' η when it is not ``lr``
+    ``"gradient"`` by their gradient (docs/concepts/stacks.md). ``eta``: the rules' η when it is not ``lr``
     (a network in time, whose W also takes BPTT's gradient, gives its rule η = 1).
 
     Faults — fixed points that did not converge (more than ``max_nonconverged`` of the batch, for

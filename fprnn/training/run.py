@@ -239,7 +239,7 @@ def test_best(trainer, module, data) -> dict[str, Any]:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Build, fit and test one run; write its results and print its summary (:mod:`fprnn.training.console`)."""
+    """Build, fit and test one run; write its results and print its summary ([`fprnn.training.console`][fprnn.training.console])."""
     from fprnn.training import console
     if not (cfg.get("verbose") or os.environ.get("HYDRA_FULL_ERROR") == "1"):
         console.quiet()

@@ -1,14 +1,14 @@
-"""LightningModule for a network in time (:class:`fprnn.models.ctrnn.TrialRNN`) on trials
-(:mod:`fprnn.data.tasks`): forward through the trial → the sequence loss → backward (the start's rule
-plus BPTT, :mod:`fprnn.core.implicit` and autograd) → the optimizer's step → constraints.
+"""LightningModule for a network in time ([`fprnn.models.ctrnn.TrialRNN`][fprnn.models.ctrnn.TrialRNN]) on trials
+([`fprnn.data.tasks`][fprnn.data.tasks]): forward through the trial → the sequence loss → backward (the start's rule
+plus BPTT, [`fprnn.core.implicit`][fprnn.core.implicit] and autograd) → the optimizer's step → constraints.
 
 The loss at every step of the trial is the cross-entropy of the action (action targets) or the
 squared error averaged over the output channels (continuous targets), weighted (the decision period
 ``decision_weight`` times the others, or the trials' own mask; padding 0) and normalised by the
 weights' sum: L = Σ_i Σ_t w_it ℓ_it / Σ w. Performance, for actions (NeuroGym's): the action at the
 answer step (the decision period's last) is the ground truth. For continuous targets: the weighted
-mean squared error and R² over the steps of weight > 0 (:class:`WeightedR2`). Faults, step skipping,
-constraints and the run's record are :class:`fprnn.training.module.FixedPointModule`'s.
+mean squared error and R² over the steps of weight > 0 ([`WeightedR2`][fprnn.training.trial_module.WeightedR2]). Faults, step skipping,
+constraints and the run's record are [`fprnn.training.module.FixedPointModule`][fprnn.training.module.FixedPointModule]'s.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def answers(logits: Tensor, answer: Tensor) -> Tensor:
     return logits[torch.arange(len(answer), device=logits.device), answer].argmax(-1)
 
 
-class _SavedBytes:
+class SavedBytes:
     """Bytes autograd saves for backward while active (the memory a step's graph holds)."""
 
     def __init__(self):
@@ -93,7 +93,7 @@ class _SavedBytes:
 
 
 class TrialModule(FixedPointModule):
-    """Trains a :class:`TrialRNN`: its start's W by ``rule`` with η = ``eta`` (1: the rule's
+    """Trains a [`TrialRNN`][fprnn.TrialRNN]: its start's W by ``rule`` with η = ``eta`` (1: the rule's
     direction at the gradient's scale, which BPTT's part of W.grad has too), everything else by its
     gradient, with any torch optimizer (``lr`` is then the optimizer's, as in its config)."""
 
@@ -140,7 +140,7 @@ class TrialModule(FixedPointModule):
         m = self.model
         m.zero_grad(set_to_none=True)
         weights_before = [layer.W.detach().clone() for layer in m.layers]
-        with _SavedBytes() as saved:
+        with SavedBytes() as saved:
             logits = m(batch["ob"], batch["static"])
         losses = step_losses(logits, batch["gt"], batch["weight"])
         rep = m.report

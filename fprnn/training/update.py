@@ -2,8 +2,8 @@
 keep faults from the weights, the record of the step that the monitors read and the run's record
 (faults, status, timings) that its checkpoints keep.
 
-The step itself is forward → loss → backward (:class:`fprnn.training.module.FixedPointModule`): every
-layer's fixed point is the output of :mod:`fprnn.core.implicit`'s Function, whose backward gives each
+The step itself is forward → loss → backward ([`fprnn.training.module.FixedPointModule`][fprnn.training.module.FixedPointModule]): every
+layer's fixed point is the output of [`fprnn.core.implicit`][fprnn.core.implicit]'s Function, whose backward gives each
 W its rule's −ΔW and everything else its gradient.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def solution_fault(fps: list[FixedPoint], max_nonconverged: float | None) -> str
 @torch.no_grad()
 def unfit(model: FixedPointRNN, p: Tensor, max_nonconverged: float = 0.0, probe: int = 16) -> str | None:
     """Why the network's current weights are unfit for inputs p — fixed points that do not
-    converge (:func:`solution_fault`) or an unstable one among the first ``probe`` — or None.
+    converge ([`solution_fault`][fprnn.training.update.solution_fault]) or an unstable one among the first ``probe`` — or None.
     Step control asks this after a step."""
     if not all_finite(p):
         return "non-finite input"
@@ -69,7 +69,7 @@ def unfit(model: FixedPointRNN, p: Tensor, max_nonconverged: float = 0.0, probe:
 def backtrack(model: FixedPointRNN, p: Tensor, apply: Callable[[], None], halvings: int,
               max_nonconverged: float) -> tuple[str | None, int]:
     """Step control: ``apply()`` the step, then solve the batch at the new weights; while its fixed
-    points do not converge or a probed one (the first 16) is unstable (:func:`unfit`), halve the
+    points do not converge or a probed one (the first 16) is unstable ([`unfit`][fprnn.training.update.unfit]), halve the
     step, up to ``halvings`` times. A step that no halving rescues is undone and its fault returned,
     with the number of halvings made. The optimizer's state (momentum, Adam's moments) keeps the
     full step's update."""
