@@ -32,6 +32,7 @@ from torch import nn
 
 from fprnn.core import implicit
 from fprnn.core.dynamics import power_radius
+from fprnn.core.checks import positive_int
 from fprnn.core.stability import stability_bound
 from fprnn.models.dense import FixedPoint, Layer, per_layer, get_dtype
 from fprnn.models.saved import load_network
@@ -83,8 +84,7 @@ class TrialRNN(nn.Module):
                  dtype: Any = "float32", stability: str = "auto"):
         super().__init__()
         for name, v in (("N", N), ("n_in", n_in), ("n_out", n_out)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            positive_int(name, v)
         if start not in STARTS:
             raise ValueError(f"unknown start {start!r}; choose one of {list(STARTS)}")
         if stability not in STABILITY:

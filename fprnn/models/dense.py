@@ -14,6 +14,7 @@ from torch import nn
 
 from fprnn.core import implicit, solvers
 from fprnn.core.activations import get_activation
+from fprnn.core.checks import positive_int
 from fprnn.core.dynamics import get_dynamics
 from fprnn.models.encoders import build_encoder
 from fprnn.models.saved import load_network
@@ -301,8 +302,8 @@ class FixedPointRNN(nn.Module):
         super().__init__()
         sizes = _sizes(N, layers)
         for name, v in (("n_in", n_in), ("n_out", n_out)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            if v is not None:
+                positive_int(name, v)
         for name, v in (("train_W", train_W), ("train_readin", train_readin), ("train_readout", train_readout),
                         ("bias", bias)):
             if not isinstance(v, bool):

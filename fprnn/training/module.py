@@ -13,6 +13,7 @@ import torch
 import torchmetrics
 
 from fprnn.core import constraints, rules
+from fprnn.core.checks import positive_int
 
 from fprnn.training import ddp
 from fprnn.core.implicit import all_finite
@@ -41,8 +42,7 @@ def _check_options(model, rule, lr, lr_readin, lr_readout, task, on_fault, max_f
         raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
     if on_fault not in ("skip", "stop"):
         raise ValueError(f"on_fault must be 'skip' or 'stop', got {on_fault!r}")
-    if isinstance(max_faults, bool) or not isinstance(max_faults, int) or max_faults < 1:
-        raise ValueError(f"max_faults must be a positive integer, got {max_faults!r}")
+    positive_int("max_faults", max_faults)
     if isinstance(max_skipped, bool) or not isinstance(max_skipped, (int, float)) \
             or not 0 <= max_skipped < 1:
         raise ValueError(f"max_skipped must be a fraction in [0, 1), got {max_skipped!r}")
