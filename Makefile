@@ -41,6 +41,6 @@ docs-figures: install
 	cp $(PAPER)/figures/loss.png docs/assets/paper_loss.png
 	cp $(PAPER)/figures/angles.png docs/assets/paper_angles.png
 	$(BIN)/python -c "from pathlib import Path; from fprnn.models.maze_net import MazeNet; \
-	from fprnn.data.mazes import draw, collate, figure; \
+	from fprnn.data.mazes import draw, collate; from fprnn.analysis.mazes import figure; \
 	figure(MazeNet.load('$(MAZES)'), {c: collate([(k, draw(0, 'test', c, k)) for k in range(2)]) for c in (4, 9)}, \
 	       Path('docs/assets/mazes.png'))"

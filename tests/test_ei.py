@@ -15,6 +15,7 @@ from fprnn.core.activations import get_activation
 from fprnn.data.datamodules import ResponsesDataModule
 from fprnn.models.dense import FixedPointRNN
 from fprnn.training.module import FixedPointModule
+from fprnn.training.objectives import Static
 from fprnn.data.ssn import preferred_orientations, ssn, stimuli, teacher_responses
 from stack_reference import loss_and_grad, rule_step
 
@@ -71,7 +72,7 @@ def test_signs_and_mask_hold_after_every_step_of_every_rule(rule, method):
         lr = min(lr, 0.5 / float(analysis_kappa(net, X, units)))
     data = ResponsesDataModule(arrays=responses(net, X, units), direct=True, batch_size=9, val_size=0,
                                test_size=0.25, shuffle=False)
-    module = FixedPointModule(net, rule=rule, lr=lr, task="regression", units=units,
+    module = FixedPointModule(net, Static("regression", units), rule=rule, lr=lr,
                               optimizer=partial(torch.optim.SGD, lr=1.0))
     W0 = net.layers[0].W.detach().clone()
     watch = Watch()
@@ -220,7 +221,7 @@ def test_step_control_halves_a_step_that_breaks_convergence(backtrack):
     lr = 4.0 / float(unit.norm())
     assert float(torch.linalg.eigvals(W0 - lr * unit).abs().max()) > 1     # the full step breaks it
     data = ResponsesDataModule(arrays=arrays, direct=True, batch_size=6, val_size=0, test_size=0.25, shuffle=False)
-    module = FixedPointModule(net, rule="w3", lr=lr, task="regression", units=units, backtrack=backtrack,
+    module = FixedPointModule(net, Static("regression", units), rule="w3", lr=lr, backtrack=backtrack,
                               optimizer=partial(torch.optim.SGD, lr=1.0))
     fit(module, data, 3)
     W = net.layers[0].W.detach()

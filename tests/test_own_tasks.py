@@ -1,4 +1,4 @@
-"""Every task a neuroscientist trains (fprnn.data.tasks, fprnn.training.trial_module, fprnn.models.ctrnn): continuous
+"""Every task a neuroscientist trains (fprnn.data.tasks, fprnn.training.objectives, fprnn.models.ctrnn): continuous
 targets under a masked MSE, a TrialEnv of the user's own and trials from a .npz file — the
 examples of docs/guides/tasks.md run as written — NeuroGym tasks that cannot be trained refused in one line, and
 trial starts checked for stability at every call, against independent references."""
@@ -15,7 +15,7 @@ import torch
 from fprnn.models.ctrnn import TrialRNN
 from fprnn.training.run import train
 from fprnn.data.tasks import NeuroGymDataModule, TrialFileDataModule, draw_trial, make_env
-from fprnn.training.trial_module import WeightedR2, step_losses
+from fprnn.training.objectives import WeightedR2, step_losses
 
 from helpers import make_cfg
 

@@ -1,4 +1,4 @@
-"""Tasks in time (fprnn.data.tasks, fprnn.models.ctrnn, fprnn.training.trial_module), float64: the start's rule plus
+"""Tasks in time (fprnn.data.tasks, fprnn.models.ctrnn, fprnn.training.objectives), float64: the start's rule plus
 BPTT against independent references — autograd through a long settling from rest (w1), the
 explicit per-sample w3 step — padding that leaves no trace, and trials that are the same in every
 run with one seed."""
@@ -10,7 +10,7 @@ import torch
 from fprnn.models.ctrnn import TrialRNN
 from fprnn.training.run import train
 from fprnn.data.tasks import NeuroGymDataModule, collate, draw_trial, make_env
-from fprnn.training.trial_module import step_losses
+from fprnn.training.objectives import step_losses
 
 from helpers import make_cfg
 

@@ -3,6 +3,7 @@ arrays, and the synthetic linear regression (eq 3.4)."""
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -55,11 +56,35 @@ def dist_info(module: pl.LightningDataModule) -> tuple[int, int]:
     return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
 
-class ResumableData(pl.LightningDataModule):
-    """Saves where in the epoch training stood, so that a run resumed from a mid-epoch
-    checkpoint (an interrupted one) continues with exactly the batches it had not seen."""
+class ResumableData(pl.LightningDataModule, ABC):
+    """The base of fprnn's data modules: what every one declares
+    ([`fprnn.data.protocol.FixedPointData`][fprnn.data.protocol.FixedPointData]), with the defaults of a
+    static problem (``probe_batch`` each one gives), and where in the epoch training stood, saved so that a run resumed from a
+    mid-epoch checkpoint (an interrupted one) continues with exactly the batches it had not seen."""
 
+    task: str = "classification"
+    objective: str = "static"
+    name: str | None = None
+    n_in: int | None = None
+    n_out: int | None = None
+    N: int | None = None
+    units: torch.Tensor | None = None
+    image_shape: tuple[int, int, int] | None = None
+    targets: str | None = None
+    note: str | None = None
+    teacher = None
+    val_on_test: bool = True
+    val_size: int = 0
+    validation: str | None = None
     _resume: tuple[int, int] | None = None
+
+    @abstractmethod
+    def probe_batch(self, k: int = 16):
+        """k training inputs and their targets, for the monitors and the final numbers."""
+
+    def weights_loss(self, model) -> dict[str, float] | None:
+        """The task's loss as a closed-form function of the trained W, where it has one (None)."""
+        return None
 
     def state_dict(self) -> dict:
         t = getattr(self, "trainer", None)
@@ -317,6 +342,11 @@ class LinearRegressionDataModule(ResumableData):
         X, Y = self.X.T.to(W.dtype), self.Y.T.to(W.dtype)
         R = torch.linalg.solve(torch.eye(self.N, dtype=W.dtype, device=W.device) - W, X.to(W.device))
         return float(((R - Y.to(W.device)) ** 2).sum() / self.m)
+
+    def weights_loss(self, model) -> dict[str, float]:
+        """J of the trained W and of the minimiser W∗ (eq 3.3)."""
+        W = model.W.detach()
+        return {"loss_W": self.loss(W), "loss_W_star": self.loss(self.W_star().to(W.dtype))}
 
     def probe_batch(self, k: int = 16):
         return self.X[:k], self.Y[:k]

@@ -11,18 +11,11 @@ Maze k of a split is drawn by a generator seeded with (seed, split, c, k) alone,
 ([`fprnn.data.tasks`][fprnn.data.tasks]): validation and test mazes are the same in every run with one seed, and a
 resumed run draws the training mazes it had not seen.
 
-    python -m fprnn.mazes RUN_DIR FILE.npz     # a trained run on mazes from a file (any size)
-
-reads ``inputs`` (n, 3, H, W) and ``targets`` (n, H, W) and prints, last, one JSON line with
-``maze_acc`` (every pixel right) and ``pixel_acc``.
+How a trained network does on them: [`fprnn.analysis.mazes`][fprnn.analysis.mazes]; on mazes from a file,
+``python -m fprnn.mazes`` ([`fprnn.tools.mazes`][fprnn.tools.mazes]).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -132,6 +125,7 @@ class MazeDataModule(ResumableData):
     n_in = None
     n_out = 2
     val_on_test = False
+    objective = "mazes"
 
     def __init__(self, cells: int = 4, test_cells=(6, 9, 12), train_mazes: int = 20000, val_mazes: int = 500,
                  test_mazes: int = 1000, test_mazes_large: int = 200, batch_size: int = 32,
@@ -191,166 +185,3 @@ class MazeDataModule(ResumableData):
         """The first k validation mazes."""
         self.setup()
         return collate([self.val_set[i] for i in range(min(k, len(self.val_set)))])
-
-
-#: iteration budgets of the accuracy-against-settling curve (iterations of the solver from rest)
-BUDGETS = (1, 2, 5, 10, 20, 50, 100, 200, 400)
-
-
-@torch.no_grad()
-def evaluate(net, x: Tensor, y: Tensor, batch: int = 250, u0: str = "rest", seed: int = 0) -> dict:
-    """``net``'s answers on mazes x (n, 3, H, W) with paths y (n, H, W): ``maze_acc`` (every pixel
-    right), ``pixel_acc``, the solver's mean ``iterations`` and the ``unconverged`` count, solved from
-    ``u0`` = ``rest`` or ``random`` (uniform in (−1, 1), seeded); with ``fixed_points`` the rows."""
-    net.eval()
-    gen = torch.Generator().manual_seed(seed)
-    right = pixels = iters = unconverged = 0
-    rows = []
-    for i in range(0, len(x), batch):
-        xb, yb = x[i:i + batch], y[i:i + batch]
-        start = None
-        if u0 == "random":
-            start = torch.rand(len(xb), net.layer.channels, *xb.shape[2:], generator=gen, dtype=net.dtype) * 2 - 1
-        pred = net(xb, start).argmax(1)
-        ok = pred == yb.to(pred.device)
-        right += int(ok.flatten(1).all(1).sum())
-        pixels += int(ok.sum())
-        sol = net.layer.report.fixed_point.solution
-        iters += float(sol.iters.float().sum())
-        unconverged += int(sol.n_nonconverged)
-        rows.append(net.layer.report.fixed_point.r)
-    n = len(x)
-    return {"maze_acc": right / n, "pixel_acc": pixels / y.numel(), "iterations": iters / n,
-            "unconverged": unconverged, "fixed_points": torch.cat(rows)}
-
-
-def _public(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k != "fixed_points"}
-
-
-@torch.no_grad()
-def budget_curve(net, x: Tensor, y: Tensor, budgets=BUDGETS) -> dict:
-    """Maze accuracy when the solver from rest stops after each budget of iterations (no fallback):
-    does more settling solve larger mazes?"""
-    layer = net.layer
-    saved = dict(layer.solver_kwargs), layer.iters_per_side, layer.fallback
-    try:
-        layer.iters_per_side, layer.fallback = None, None
-        out = {}
-        for b in budgets:
-            layer.solver_kwargs = {**saved[0], "max_iter": int(b)}
-            out[int(b)] = evaluate(net, x, y)["maze_acc"]
-        return out
-    finally:
-        layer.solver_kwargs, layer.iters_per_side, layer.fallback = saved
-
-
-def stacked(ds) -> tuple[Tensor, Tensor]:
-    return collate([ds[i] for i in range(len(ds))])
-
-
-def maze_report(net, data: MazeDataModule, run_dir: Path | None = None, log=print) -> dict:
-    """After training: the test mazes of the training size and of every ``test_cells`` size —
-    accuracy, solver iterations, the accuracy-against-budget curve, and path independence (the fixed
-    points and answers from random starts against those from rest) — and a figure."""
-    out: dict = {"extrapolation": {}, "budget_curve": {}, "path_independence": {}}
-    sizes = [data.cells, *data.test_cells]
-    shown = {}
-    for c in sizes:
-        t0 = time.perf_counter()
-        n = data.test_mazes if c == data.cells else data.test_mazes_large
-        x, y = stacked(data.mazes("test", c, n))
-        rest = evaluate(net, x, y)
-        rand = evaluate(net, x, y, u0="random")
-        gap = (rest["fixed_points"] - rand["fixed_points"]).abs().amax(1)
-        out["extrapolation"][c] = {**_public(rest), "side": 2 * c + 1, "mazes": n}
-        out[f"maze_acc_{c}"] = rest["maze_acc"]       # flat, for the sweep's table
-        out["path_independence"][c] = {"maze_acc_from_random": rand["maze_acc"],
-                                       "max_state_gap": float(gap.max()),
-                                       "same_fixed_point": float((gap < 1e-3).float().mean())}
-        out["budget_curve"][c] = budget_curve(net, x[:200], y[:200])
-        shown[c] = (x[:3], y[:3])
-        log(f"mazes of {c} cells ({2 * c + 1}×{2 * c + 1}): maze acc {rest['maze_acc']:.3f}, pixel acc "
-            f"{rest['pixel_acc']:.4f}, {rest['iterations']:.0f} iterations; from random starts "
-            f"{rand['maze_acc']:.3f} (largest state gap {float(gap.max()):.2g}) [{time.perf_counter() - t0:.0f} s]")
-    if run_dir is not None:
-        out["maze_figure"] = str(figure(net, shown, Path(run_dir) / "mazes.png"))
-    return out
-
-
-@torch.no_grad()
-def figure(net, shown: dict, path: Path, channels: int = 3) -> Path:
-    """Mazes (open pixels grey, start green, goal red), their path, the prediction and the
-    ``channels`` channels of the fixed point r∗ that vary most across the maze's pixels (a saturated
-    channel is one colour and shows nothing), a row per maze, for each size in ``shown``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [(c, x[i:i + 1], y[i]) for c, (x, y) in shown.items() for i in range(len(x))]
-    cols = 3 + channels
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2 * cols, 2 * len(rows)), squeeze=False)
-    for ax_row, (c, x, y) in zip(axes, rows):
-        pred = net(x).argmax(1)[0]
-        r = net.layer.maps(net.layer.report.fixed_point.r, tuple(x.shape[2:]))[0]
-        img = np.stack([x[0, 0] * 0.6 + x[0, 2] * 0.4, x[0, 0] * 0.6 + x[0, 1] * 0.4, x[0, 0] * 0.6], -1)
-        panels = [(img, None, f"{c} cells"), (y, "gray", "path"),
-                  (pred, "gray", "prediction" + (" ✓" if bool((pred == y).all()) else " ✗"))]
-        varied = r.flatten(1).var(1).argsort(descending=True)[:channels].tolist()
-        panels += [(r[k], "RdBu_r", f"r∗ channel {k}") for k in varied]
-        for ax, (a, cmap, title) in zip(ax_row, panels):
-            ax.imshow(np.asarray(a, dtype=float), cmap=cmap, vmin=None if cmap != "RdBu_r" else -1,
-                      vmax=None if cmap != "RdBu_r" else 1, interpolation="nearest")
-            ax.set_title(title, fontsize=8)
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
-def read_mazes(path: Path) -> tuple[Tensor, Tensor]:
-    """``inputs`` (n, 3, H, W) (open, start, goal; any numbers, read as floats) and ``targets``
-    (n, H, W) (0/1 or bool: 1 on the path) from an .npz file; every bad key named with its shape."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with np.load(path, allow_pickle=False) as f:
-        missing = [k for k in ("inputs", "targets") if k not in f.files]
-        if missing:
-            raise ValueError(f"{path}: missing key(s) {missing}; a mazes file has inputs (n, 3, H, W) and targets "
-                             f"(n, H, W), found {sorted(f.files)}")
-        x, y = f["inputs"], f["targets"]
-    if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
-        raise ValueError(f"{path}: inputs has shape {x.shape}; expected (n, 3, H, W) with n ≥ 1 (open, start, goal)")
-    if y.shape != (x.shape[0], *x.shape[2:]):
-        raise ValueError(f"{path}: targets has shape {y.shape}; expected (n, H, W) = {(x.shape[0], *x.shape[2:])}")
-    if not np.issubdtype(x.dtype, np.number) and x.dtype != bool or not np.isfinite(x.astype(np.float64)).all():
-        raise ValueError(f"{path}: inputs must be finite numbers, got dtype {x.dtype}")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError(f"{path}: targets must be 0 or 1 (1 on the path), got values {np.unique(y)[:6].tolist()}")
-    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
-
-
-def main(argv=None) -> dict:
-    from fprnn.models.maze_net import MazeNet
-    parser = argparse.ArgumentParser(prog="python -m fprnn.mazes", description="A trained maze run on mazes from "
-                                     "a file; the last line printed is JSON with maze_acc and pixel_acc.")
-    parser.add_argument("run_dir", type=Path, help="a run directory of experiment=mazes (model.json, weights.pt)")
-    parser.add_argument("file", type=Path, help=".npz with inputs (n, 3, H, W) and targets (n, H, W)")
-    parser.add_argument("--batch", type=int, default=100)
-    args = parser.parse_args(argv)
-    try:
-        net = MazeNet.load(args.run_dir)
-        x, y = read_mazes(args.file)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    print(f"{len(x)} mazes of {x.shape[2]}×{x.shape[3]} pixels from {args.file}", flush=True)
-    out = _public(evaluate(net, x, y, batch=args.batch))
-    out.update(mazes=len(x), height=int(x.shape[2]), width=int(x.shape[3]))
-    print(json.dumps(out), flush=True)
-    return out
-
-
-if __name__ == "__main__":
-    main()

@@ -311,6 +311,8 @@ class TrialData(ResumableData):
     decision_weight = 1.0
     condition_keys: list[str] = []
 
+    objective = "trials"
+
     def __init__(self, batch_size: int, eval_batch_size: int, seed: int, loss: str):
         super().__init__()
         for name, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):

@@ -43,7 +43,7 @@ from fprnn.core import implicit, solvers
 from fprnn.core.activations import get_activation
 from fprnn.core.dynamics import get_dynamics, power_radius, row_gatherer
 from fprnn.models.dense import FixedPoint, get_dtype
-from fprnn.models.saved import load_network
+from fprnn.models.network import StaticNetwork
 from fprnn.core.operators import LAYOUTS, PADDINGS, Conv2d, to_maps, to_rows
 
 Tensor = torch.Tensor
@@ -143,7 +143,8 @@ class ConvFixedPointLayer(nn.Module):
         gen = torch.Generator().manual_seed(int(seed))
         Z = torch.randn(C, C, k, k, generator=gen, dtype=torch.float64)
         self.W = nn.Parameter((sigma_W * Z / math.sqrt(C * k * k)).to(get_dtype(dtype)))
-        self.sign = self.mask = self.tau = None      # no E/I constraints, one time constant
+        # a RecurrentLayer (fprnn.models.network) without constraints: no signs, no mask, one time constant
+        self.sign = self.mask = self.tau = None
         self.constrained = False
         self.report: implicit.Report | None = None
         self.faults: list[str] = []     # every fault a backward recorded (on_fault="record")
@@ -230,24 +231,26 @@ class ConvFixedPointLayer(nn.Module):
         return {"solver": solver_kw, "fallback": fallback}
 
     @torch.no_grad()
-    def fixed_point(self, x: Tensor, u0: Tensor | None = None, size=None) -> FixedPoint:
+    def fixed_point(self, x: Tensor, u0: Tensor | None = None, size=None, budget: dict | None = None) -> FixedPoint:
         """Solve r = f(K ⋆ r + x) for inputs x (m, N) as rows in the layer's layout (`rows`)
-        of maps of ``size`` (the layer's own by default), from u0 (rest by default); the fixed
-        point's rows are in that layout too (`maps`)."""
+        of maps of ``size`` (the layer's own by default), from u0 (rest by default), with
+        ``budget`` ({"solver": options, "fallback": options or None}; the layer's own,
+        [`budget`][fprnn.models.conv.ConvFixedPointLayer.budget], by default); the fixed point's rows
+        are in that layout too (`maps`)."""
         size = self._size(size)
         op, x = self.operator(size=size), x.detach()
         g = self._state_map(op, x)
         u0 = torch.zeros_like(x) if u0 is None else u0
-        budget = self.budget(size)
+        budget = self.budget(size) if budget is None else budget
         sol = solvers.SOLVERS[self.solver_name](g, u0, **budget["solver"])
         if budget["fallback"] is not None:
             sol = solvers.settle(g, u0, sol, **budget["fallback"])
         z = op(sol.u) + x
         return FixedPoint(sol.u, z, self.act.df(z), x, sol, size)
 
-    def forward(self, x: Tensor, u0: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, u0: Tensor | None = None, budget: dict | None = None) -> Tensor:
         """r∗ for maps x (m, C, H, W) (of the layer's size, or any with ``size=None``), solved from
-        u0 (maps; rest by default)."""
+        u0 (maps; rest by default) with ``budget`` (as for ``fixed_point``)."""
         want = "H, W" if self.size is None else ", ".join(map(str, self.size))
         if x.dim() != 4 or x.shape[1] != self.channels or (self.size is not None and tuple(x.shape[2:]) != self.size):
             raise ValueError(f"ConvFixedPointLayer input must be (m, {self.channels}, {want}), "
@@ -256,7 +259,7 @@ class ConvFixedPointLayer(nn.Module):
         self.bound_norm()
         s = self.rows(x.to(self.W.dtype))
         with torch.no_grad():
-            fp = self.fixed_point(s, None if u0 is None else self.rows(u0.to(s.dtype)), size)
+            fp = self.fixed_point(s, None if u0 is None else self.rows(u0.to(s.dtype)), size, budget)
         self.report = implicit.Report(fp, implicit.used_samples(fp.solution, fp.r), log=self.faults)
         spec = self.backward_rule
         if not (torch.is_grad_enabled() and (self.W.requires_grad or s.requires_grad)):
@@ -282,23 +285,14 @@ class ConvFixedPointLayer(nn.Module):
                 f"rule={self.backward_rule.rule!r}, activation={self.act.name!r}, solver={self.solver_name!r}")
 
 
-class OneConvLayerNet(nn.Module):
+class OneConvLayerNet(StaticNetwork):
     """What a network around one [`ConvFixedPointLayer`][fprnn.models.conv.ConvFixedPointLayer] (``self.layers[0]``) shows the
     training module: the layer, its dtype, the samples used, its fixed points and its rule. The
     network gives ``features`` (input → the layer's x maps)."""
 
-    @classmethod
-    def load(cls, path, map_location="cpu"):
-        """The trained network of a run (its ``model.json`` and ``weights.pt``, or a checkpoint)."""
-        return load_network(cls, path, map_location)
-
     @property
     def layer(self) -> ConvFixedPointLayer:
         return self.layers[0]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layer.W.dtype
 
     @torch.no_grad()
     def fixed_points(self, p: Tensor, solved: bool = False) -> list[FixedPoint]:
@@ -315,9 +309,6 @@ class OneConvLayerNet(nn.Module):
 
     def set_backward(self, rule: str = "w3", eta: float = 1.0, rule_kwargs: Any = None, **options) -> None:
         self.layer.set_backward(rule, eta, rule_kwargs, **options)
-
-    def set_loss_norm(self, n: float | None) -> None:
-        self.layer.set_loss_norm(n)
 
 
 class ConvRecurrentNet(OneConvLayerNet):

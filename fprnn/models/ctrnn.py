@@ -35,7 +35,7 @@ from fprnn.core.dynamics import power_radius
 from fprnn.core.checks import positive_int
 from fprnn.core.stability import stability_bound
 from fprnn.models.dense import FixedPoint, Layer, per_layer, get_dtype
-from fprnn.models.saved import load_network
+from fprnn.models.network import TrialNetwork
 
 Tensor = torch.Tensor
 STARTS = ("fixed_point", "rest", "learned")
@@ -69,7 +69,7 @@ class StartReport:
         return float(self.stability[self.at_fixed_point].max())
 
 
-class TrialRNN(nn.Module):
+class TrialRNN(TrialNetwork):
     """See the module docstring. ``N`` units; ``n_in`` inputs and ``n_out`` outputs per step; ``dt``
     and ``tau`` (``tau_I`` for inhibitory units) in the same unit (ms), α = dt/τ per unit. W
     starts as σ_W Z/√N (or E/I with ``n_exc``, [`Layer`][fprnn.models.dense.Layer]), V as Z/√n_in, W_out
@@ -121,22 +121,7 @@ class TrialRNN(nn.Module):
                            self_connections=self_connections, constraint=constraint, blocks=blocks, seed=seed,
                            dtype=str(dt_).replace("torch.", ""), stability=stability)
 
-    @classmethod
-    def load(cls, path, map_location="cpu") -> "TrialRNN":
-        """The trained network of a run: ``run_dir/model.json`` and ``run_dir/weights.pt``, or a
-        checkpoint ``run_dir/checkpoints/*.ckpt`` ([`load_network`][fprnn.models.saved.load_network]: a
-        tensor that does not fit the network model.json builds is named)."""
-        return load_network(cls, path, map_location)
-
     # -- what the training module asks of a model ----------------------------------------
-    @property
-    def layer(self) -> Layer:
-        return self.layers[0]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layer.W.dtype
-
     @property
     def alpha(self) -> Tensor:
         """dt/τ per unit."""
@@ -164,8 +149,9 @@ class TrialRNN(nn.Module):
         self.layer.backward_rule = implicit.RuleBackward(rule if rule != "bptt" else "w1", eta,
                                                          implicit.resolve_rule_kwargs(rule, kw, self.layer), **options)
 
-    def set_loss_norm(self, n: float | None) -> None:
-        self.layer.set_loss_norm(n)
+    def scale_to_stable(self, p: Tensor, target: float = 0.9) -> float:
+        raise ValueError("stable_init scales a static network's W; a network in time (model=ctrnn) has no "
+                         "probe inputs to scale it on: set stable_init=null")
 
     # -- the trial ------------------------------------------------------------------------
     def initial_state(self, ob: Tensor, static: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,7 @@ from fprnn.core.activations import get_activation
 from fprnn.core.checks import positive_int
 from fprnn.core.dynamics import get_dynamics
 from fprnn.models.encoders import build_encoder
-from fprnn.models.saved import load_network
+from fprnn.models.network import StaticNetwork
 from fprnn.models.wiring import constrained_init, time_constants, wiring
 from fprnn.core.solvers import Solution
 
@@ -275,7 +275,7 @@ class Layer(nn.Module):
         return self.dyn.stability(self.W.detach(), fp.gain, self.tau)
 
 
-class FixedPointRNN(nn.Module):
+class FixedPointRNN(StaticNetwork):
     """A stack of recurrent layers trained on their fixed points.
 
     ``layers`` (or ``N`` for one layer) gives the sizes. Layer ℓ's W_ℓ is σ_W Z/√N_ℓ, its read-in
@@ -362,11 +362,7 @@ class FixedPointRNN(nn.Module):
         arguments) and ``run_dir/weights.pt`` (its state dict): ready to predict (``net(p)``) and
         to analyse (``fixed_points``, ``layers[ℓ].stability``). ``path`` may also be one of the
         run's checkpoints (``run_dir/checkpoints/best.ckpt`` or ``last.ckpt``): that network."""
-        return load_network(cls, path, map_location)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layers[0].W.dtype
+        return super().load(path, map_location)
 
     def readins(self) -> list[Tensor]:
         """The trained read-in tensors (the encoder's, V_ℓ, b_ℓ), in the order of ``named_readins``."""
@@ -462,13 +458,6 @@ class FixedPointRNN(nn.Module):
         for layer, kw in zip(self.layers, per):
             layer.backward_rule = implicit.RuleBackward(rule, eta, implicit.resolve_rule_kwargs(rule, kw, layer),
                                                         **options)
-
-    def set_loss_norm(self, n: float | None) -> None:
-        """The n of the loss Σ L_i / n that the next backward differentiates (w2 needs it: see
-        [`fprnn.core.implicit`][fprnn.core.implicit]); read at backward, so it may be set after the forward call — e.g. to
-        the count of ``used`` samples a loss is averaged over."""
-        for layer in self.layers:
-            layer.set_loss_norm(n)
 
     def forward(self, p: Tensor) -> Tensor:
         """Read-out of the last layer's fixed point for raw inputs p. While autograd records, the

@@ -64,11 +64,6 @@ class MazeNet(OneConvLayerNet):
                            head_channels=head_channels, stem_activation=stem_activation, recurrent=recurrent,
                            seed=seed, dtype=str(dtype), **layer_options)
 
-    @property
-    def W_out(self) -> Tensor:
-        """The per-pixel read-out (the head's last 1×1 convolution)."""
-        return self.head[-1].weight
-
     def readins(self) -> list[Tensor]:
         return list(self.stem.parameters())
 
@@ -81,7 +76,8 @@ class MazeNet(OneConvLayerNet):
             raise ValueError(f"MazeNet input must be maps (m, {self.in_channels}, H, W), got shape {tuple(p.shape)}")
         return self.stem(p.to(self.dtype))
 
-    def forward(self, p: Tensor, u0: Tensor | None = None) -> Tensor:
+    def forward(self, p: Tensor, u0: Tensor | None = None, budget: dict | None = None) -> Tensor:
         """Logits (m, n_out, H, W) for maps p (m, in_channels, H, W); the layer solved from u0 (maps,
-        rest by default)."""
-        return self.head(self.layer(self.features(p), u0))
+        rest by default) with ``budget`` (the layer's own by default,
+        [`ConvFixedPointLayer.fixed_point`][fprnn.models.conv.ConvFixedPointLayer.fixed_point])."""
+        return self.head(self.layer(self.features(p), u0, budget))

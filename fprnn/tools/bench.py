@@ -430,7 +430,7 @@ def bench_trials(repeats: int, statics=(300, 2000, 5000), batch: int = 64, N: in
     the median of the pairs'). Memory: what autograd saves for backward in the step."""
     from fprnn.models.ctrnn import TrialRNN
     from fprnn.data.tasks import NeuroGymDataModule
-    from fprnn.training.trial_module import SavedBytes, step_losses
+    from fprnn.training.objectives import SavedBytes, step_losses
     rows = []
     for static_ms in statics:
         data = NeuroGymDataModule(kwargs={"use_expl_context": True, "timing": {"fixation": static_ms, "delay": 300}},
@@ -501,7 +501,7 @@ def bench_starts(repeats: int, shapes=((15, 72), (250, 307)), batch: int = 64, N
     eigenvalues for the starts it leaves open) and under ``stability="exact"`` (one nonsymmetric
     eigendecomposition per trial). Each network steps from the same weights every round."""
     from fprnn.models.ctrnn import TrialRNN
-    from fprnn.training.trial_module import step_losses
+    from fprnn.training.objectives import step_losses
     rows, certified = [], {}
     for static, steps_n in shapes:
         b = _distinct_static_batch(batch, static, steps_n, torch.Generator().manual_seed(static))

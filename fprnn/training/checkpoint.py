@@ -35,7 +35,8 @@ MOVED = {
     "model": "models.dense", "nn": "models.layer",
     **{m: f"data.{m}" for m in ("mazes", "ssn", "tasks", "vision")}, "data": "data.datamodules",
     **{m: f"training.{m}" for m in ("callbacks", "checkpoint", "console", "ddp", "module", "run",
-                                     "trial_module", "update")},
+                                     "update")},
+    "trial_module": "training.objectives",     # its losses and metrics; TrialModule is FixedPointModule
     **{m: f"analysis.{m}" for m in ("figures", "landscape", "trial_figures")}, "analysis": "analysis.fixed_points",
     **{m: f"tools.{m}" for m in ("bench", "sweep")},
 }
@@ -159,13 +160,6 @@ class RunCheckpoint(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         self.save(trainer)
-
-
-def best_metric(task: str, recorded_units: bool) -> tuple[str, str]:
-    """The validation metric the best checkpoint keeps, and whether larger is better."""
-    if task == "classification":
-        return "val/acc", "max"
-    return ("val/r2", "max") if recorded_units else ("val/loss", "min")
 
 
 def best_callbacks(dirpath: str | Path, monitor: str, mode: str, patience: int | None) -> list[pl.Callback]:

@@ -10,24 +10,22 @@ from typing import Callable
 
 import pytorch_lightning as pl
 import torch
-import torchmetrics
 
 from fprnn.core import constraints, rules
 from fprnn.core.checks import positive_int
 
-from fprnn.training import ddp
 from fprnn.core.implicit import all_finite
-from fprnn.models.dense import FixedPointRNN
-from fprnn.training.update import RunRecord, Step, backtrack, per_sample_loss, solution_fault
+from fprnn.training import ddp
+from fprnn.training.objectives import Objective, Static
+from fprnn.training.update import RunRecord, Step, backtrack
 
 Tensor = torch.Tensor
 ALL_RULES = sorted([*rules.RULES, "bptt"])
-TASKS = ("classification", "regression")
 #: what a step does with samples whose solve did not settle (missed the solver's tolerance)
 UNSETTLED = ("leave_out", "train")
 
 
-def _check_options(model, rule, lr, lr_readin, lr_readout, task, on_fault, max_faults, max_skipped,
+def _check_options(model, rule, lr, lr_readin, lr_readout, on_fault, max_faults, max_skipped,
                    backtrack, unsettled, clip_grad_norm, settle_penalty) -> None:
     """FixedPointModule's arguments, each bad one named with what is allowed."""
     if rule not in ALL_RULES:
@@ -38,8 +36,6 @@ def _check_options(model, rule, lr, lr_readin, lr_readout, task, on_fault, max_f
                                              or not math.isfinite(v) or v <= 0):
             raise ValueError(f"{name} must be a positive finite number{' or null' if optional else ''}, "
                              f"got {v!r}")
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
     if on_fault not in ("skip", "stop"):
         raise ValueError(f"on_fault must be 'skip' or 'stop', got {on_fault!r}")
     positive_int("max_faults", max_faults)
@@ -64,23 +60,23 @@ def _check_options(model, rule, lr, lr_readin, lr_readout, task, on_fault, max_f
                          f"distance from a fixed point), got rule={rule!r}")
     if not any(True for _ in model.parameters()):
         raise ValueError("nothing to train: model.train_W, train_readin and train_readout are all false")
-    if task == "classification" and model.W_out is None:
-        raise ValueError("classification needs a read-out: set model.n_out to the number of classes")
 
 
 class FixedPointModule(pl.LightningModule):
-    """Trains a stack of fixed-point layers (`FixedPointRNN`): every W_ℓ by a rule from
-    [`fprnn.core.rules`][fprnn.core.rules] (or ``bptt``), trained read-ins and read-outs by their gradient.
+    """Trains a fixed-point network — a stack ([`FixedPointRNN`][fprnn.models.dense.FixedPointRNN]), a conv net, a
+    network in time ([`TrialRNN`][fprnn.TrialRNN]) — on the problem its ``objective`` describes
+    ([`fprnn.training.objectives`][fprnn.training.objectives]; default: classification of static inputs): every W_ℓ by a
+    rule from [`fprnn.core.rules`][fprnn.core.rules] (or ``bptt``), everything else by its gradient.
 
-    Each step solves the batch's fixed points, takes the loss (mean over the samples used) and
-    calls backward, whose rule hands the optimizer −ΔW as each W's gradient ([`fprnn.core.implicit`][fprnn.core.implicit]):
+    Each step solves the batch's fixed points, takes the objective's loss and calls backward, whose
+    rule hands the optimizer −ΔW as each W's gradient ([`fprnn.core.implicit`][fprnn.core.implicit]):
     plain SGD with lr = 1 (the default) makes W ← W + ΔW exactly, as in the paper; momentum or
     Adam then act on the rule's direction; ``scheduler`` (a torch LR scheduler factory) is stepped
     at each epoch end. Read-in (V_ℓ, b_ℓ) and read-out (W_out, b_out) tensors
     are their own parameter groups, with learning rates ``lr_readin`` / ``lr_readout`` (default:
     the optimizer's). ``readin="reparam"`` (default) moves read-ins by the reparameterized step,
     ``"gradient"`` by their gradient (docs/concepts/stacks.md). ``eta``: the rules' η when it is not ``lr``
-    (a network in time, whose W also takes BPTT's gradient, gives its rule η = 1).
+    (a network in time, whose W also takes BPTT's gradient, gives its rule η = 1 unless told).
 
     Faults — fixed points that did not converge (more than ``max_nonconverged`` of the batch, for
     solvers with a tolerance; fewer are left out of the update and counted), NaN/inf in r, the
@@ -99,21 +95,30 @@ class FixedPointModule(pl.LightningModule):
     manual optimization). ``settle_penalty`` μ > 0 (bptt, layers that report it: the conv layer)
     adds μ · mean ‖g(u) − u‖² at the unrolled state u to each sample's loss, so that the answer the
     network learns to give is read from a fixed point rather than from an iteration still moving.
+    An objective refuses the options that do not apply to its problem (a network in time: step
+    control, ``max_nonconverged``, ``unsettled``, ``settle_penalty``).
     """
 
-    def __init__(self, model: FixedPointRNN, rule: str = "w3", lr: float = 0.25, task: str = "classification",
+    def __init__(self, model, objective: Objective | None = None, rule: str = "w3", lr: float = 0.25,
                  rule_kwargs: dict | None = None, optimizer: Callable | None = None,
                  scheduler: Callable | None = None, lr_readin: float | None = None,
                  lr_readout: float | None = None, readin: str = "reparam",
-                 units=None, on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
+                 on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
                  max_skipped: float = 0.5, backtrack: int = 0, check_every: int = 50, eta: float | None = None,
                  unsettled: str = "leave_out", clip_grad_norm: float | None = None, settle_penalty: float = 0.0):
         super().__init__()
-        _check_options(model, rule, lr, lr_readin, lr_readout, task, on_fault, max_faults, max_skipped,
+        objective = Static() if objective is None else objective
+        if not isinstance(objective, Objective):
+            raise ValueError(f"objective must be an fprnn.training.objectives.Objective, got {objective!r}")
+        _check_options(model, rule, lr, lr_readin, lr_readout, on_fault, max_faults, max_skipped,
                        backtrack, unsettled, clip_grad_norm, settle_penalty)
+        objective.check(model, dict(backtrack=backtrack, max_nonconverged=max_nonconverged,
+                                    settle_penalty=settle_penalty, unsettled=unsettled))
+        objective.attach(model)
         self.automatic_optimization = False
-        self.model, self.rule_name, self.lr, self.task = model, rule, float(lr), task
+        self.model, self.objective, self.rule_name, self.lr = model, objective, rule, float(lr)
         self.lr_readin, self.lr_readout, self.readin = lr_readin, lr_readout, readin
+        eta = objective.default_eta if eta is None else eta
         # faults are recorded, not raised, in backward: with several devices a raise there would
         # leave the other ranks waiting in their all-reduce
         model.set_backward(rule, lr if eta is None else eta, rule_kwargs, readin=readin, on_fault="record")
@@ -121,23 +126,11 @@ class FixedPointModule(pl.LightningModule):
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
         self.max_skipped, self.backtrack = float(max_skipped), backtrack
         self.unsettled, self.clip_grad_norm, self.settle_penalty = unsettled, clip_grad_norm, float(settle_penalty)
-        # the recorded units whose rates the loss is on (fitting responses; None: a read-out)
-        self.register_buffer("units", None if units is None else torch.as_tensor(units, dtype=torch.long),
-                             persistent=False)
         self.check_every = int(check_every)   # steps between rank-agreement checks (and each epoch)
+        self.interrupt_requested = False      # set by fprnn.training.run's Ctrl-C handler
+        self.fit_metrics: dict = {}           # the metrics at the end of fit (fprnn.training.run)
         # the loggers get the whole run config from fprnn.training.run, not these few keys
-        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"], logger=False)
-        for split in ("train", "val", "test"):
-            setattr(self, f"{split}_loss", torchmetrics.MeanMetric())
-            setattr(self, f"{split}_max_residual", torchmetrics.MaxMetric())
-            if split != "train":    # (a step's unsettled samples are logged as counts)
-                setattr(self, f"{split}_settled", torchmetrics.MeanMetric())
-            if task == "classification":
-                setattr(self, f"{split}_acc", torchmetrics.Accuracy("multiclass", num_classes=model.n_out))
-                # maps of classes (a maze's pixels): the share of maps with every pixel right
-                setattr(self, f"{split}_maze_acc", torchmetrics.MeanMetric())
-            elif units is not None:     # pooled over units: 1 − SS_res / SS_tot (variance-weighted)
-                setattr(self, f"{split}_r2", torchmetrics.R2Score(len(self.units), multioutput="variance_weighted"))
+        self.save_hyperparameters(ignore=["model", "objective", "optimizer", "scheduler"], logger=False)
         self.record = RunRecord()
         self.last_step: Step | None = None
 
@@ -168,10 +161,6 @@ class FixedPointModule(pl.LightningModule):
             self.trainer.should_stop = True
         self.log("train/faults", float(self.record.faults), on_step=True)
 
-    def _cast(self, p: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        dt = self.model.dtype
-        return p.to(dt), (y if self.task == "classification" else y.to(dt))
-
     @property
     def layer_kwargs(self) -> list[dict]:
         """Each layer's rule options as its backward uses them (w2's ``shared_gain`` resolved)."""
@@ -189,82 +178,61 @@ class FixedPointModule(pl.LightningModule):
             for layer in self.model.layers:
                 layer.backward_rule.gather, layer.backward_rule.world = gather, self.world
 
-    def compute_update(self, p: Tensor, y: Tensor) -> Step:
+    def compute_update(self, batch) -> Step:
         """Forward, loss and backward: every trained tensor's ``.grad`` (DDP-averaged, weighted by
-        the samples each device used), without touching the weights. Every device calls backward
-        or none does (a fault on one skips it everywhere)."""
-        p, y = self._cast(p, y)
-        self.model.zero_grad(set_to_none=True)
-        weights_before = [layer.W.detach().clone() for layer in self.model.layers]
-        out = self.model(p)
-        pred = out if self.units is None else out[:, self.units]
-        fps = [layer.report.fixed_point for layer in self.model.layers]
-        used = self.model.used
-        trained = torch.ones_like(used) if self.unsettled == "train" else used
-        losses = per_sample_loss(self.task, pred, y)
-        if self.settle_penalty:
-            losses = losses + self.settle_penalty * self._unrolled_residual()
-        step = Step(fps, losses.detach(), pred.detach(), used, weights_before, trained=trained)
-        fault = "non-finite input" if not all_finite(p) else \
-            solution_fault(fps, None if self.unsettled == "train" else self.max_nonconverged)
-        if fault is None and not all_finite(losses[trained]):
-            fault = "non-finite loss"
-        step.fault = ddp.sync_fault(self.trainer.strategy, self.world, fault, self.device)
+        the loss each device's samples carry), without touching the weights. Every device calls
+        backward or none does (a fault on one skips it everywhere)."""
+        model, strategy = self.model, self.trainer.strategy
+        model.zero_grad(set_to_none=True)
+        weights_before = [layer.W.detach().clone() for layer in model.layers]
+        o = self.objective.forward_step(model, batch, unsettled=self.unsettled, max_nonconverged=self.max_nonconverged,
+                                        settle_penalty=self.settle_penalty)
+        step = Step(o.fps, o.losses.detach(), o.out.detach(), o.used, weights_before, trained=o.trained)
+        step.graph_mb = o.graph_mb
+        step.fault = ddp.sync_fault(strategy, self.world, o.fault, self.device)
         if step.fault is not None:
             return step
         # DDP averages gradients over devices: each device's loss is its share of the global mean
-        n = ddp.global_count(self.trainer.strategy, self.world, int(trained.sum()), self.device)
-        self.model.set_loss_norm(n / self.world)
-        self.manual_backward(losses[trained].sum() * (self.world / n))
-        step.deltas = [None if layer.report.delta is None else layer.report.delta[used] for layer in self.model.layers]
-        fault = next((layer.report.fault for layer in reversed(self.model.layers) if layer.report.fault), None)
-        bad = [name for name, t in self.model.named_parameters() if t.grad is not None and not all_finite(t.grad)]
-        step.fault = ddp.sync_fault(self.trainer.strategy, self.world,
+        n = ddp.global_count(strategy, self.world, o.denominator, self.device)
+        samples = n if o.samples is None else ddp.global_count(strategy, self.world, o.samples, self.device)
+        model.set_loss_norm(samples / self.world)
+        self.manual_backward(o.losses[o.trained].sum() * (self.world / n))
+        if step.fps:
+            step.deltas = [None if layer.report.delta is None else layer.report.delta[o.used]
+                           for layer in model.layers]
+        fault = next((layer.report.fault for layer in reversed(model.layers) if layer.report.fault), None) \
+            if step.fps else None
+        bad = [name for name, t in model.named_parameters() if t.grad is not None and not all_finite(t.grad)]
+        step.fault = ddp.sync_fault(strategy, self.world,
                                     fault or (f"non-finite gradient of {', '.join(bad)}" if bad else None), self.device)
         return step
-
-    def _unrolled_residual(self) -> Tensor:
-        """Σ over layers of each sample's mean ‖g(u) − u‖² at its unrolled state (with its graph)."""
-        res = [layer.report.unrolled_residual for layer in self.model.layers]
-        if any(r is None for r in res):
-            raise ValueError(f"settle_penalty needs layers that report their unrolled state's residual "
-                             f"(ConvFixedPointLayer under bptt); {type(self.model.layers[0]).__name__} does not: "
-                             f"set module.settle_penalty=0")
-        return sum(r() for r in res)
 
     def on_train_batch_start(self, batch, batch_idx):
         # Ctrl-C is turned into a flag by run.py and raised here, between steps, so that the
         # checkpoint saved on the way out holds a consistent state (W, step and data position)
-        if getattr(self, "interrupt_requested", False):
+        if self.interrupt_requested:
             raise KeyboardInterrupt
 
     def training_step(self, batch, batch_idx):
         if self.record.status == "diverged":
             return None
         t0 = time.perf_counter()
-        step = self.compute_update(*batch)
+        step = self.compute_update(batch)
         fault = step.fault
         if fault is None and self.backtrack:
-            fault, halvings = backtrack(self.model, batch[0], lambda: self.apply(step), self.backtrack,
-                                        self.max_nonconverged)
+            fault, halvings = backtrack(self.model, self.objective.inputs(batch), lambda: self.apply(step),
+                                        self.backtrack, self.max_nonconverged)
             self.record.backtracks += halvings
         elif fault is None:
             self.apply(step)
         step.skipped = fault is not None
         if fault is not None:
             self._fault(fault)
-        self.record.count_step(1e3 * (time.perf_counter() - t0), step)
+        ms = 1e3 * (time.perf_counter() - t0)
+        self.record.count_step(ms, step)
         self.last_step = step           # for the monitors (fprnn.training.callbacks)
+        self.objective.log_train(self, step, batch, ms)
         bs = len(step.losses)
-        if torch.isfinite(step.losses).all():
-            self.train_loss(step.losses.float().mean())
-        logs = {"train/loss": self.train_loss, "train/left_out": float(bs - int(step.trained.sum())),
-                "train/unsettled": float(bs - step.n_used)}
-        if self.task == "classification":
-            logs.update(self._accuracy("train", step.logits, batch[1]))
-        self.log_dict(logs, on_step=True, on_epoch=True, prog_bar=False, batch_size=bs,
-                      sync_dist=self.world > 1)
-        self.log("loss", step.losses.mean(), prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
         if any(layer.constrained for layer in self.model.layers):
             self.log("train/clipped", float(self.record.clipped), on_step=True, on_epoch=False, batch_size=bs)
         if self.backtrack:
@@ -299,46 +267,19 @@ class FixedPointModule(pl.LightningModule):
         return t.world_size if t is not None else 1
 
     # -- evaluation -------------------------------------------------------------------
-    def _eval_step(self, batch, split: str):
-        p, y = self._cast(*batch)
-        out = self.model(p)
-        out = out if self.units is None else out[:, self.units]
-        fps = [layer.report.fixed_point for layer in self.model.layers]
-        losses = per_sample_loss(self.task, out, y)
-        getattr(self, f"{split}_loss")(losses.float())
-        logs = {f"{split}/loss": getattr(self, f"{split}_loss")}
-        if self.task == "classification":
-            logs.update(self._accuracy(split, out, y))
-        elif self.units is not None:
-            r2 = getattr(self, f"{split}_r2")
-            r2(out.float(), y.float())
-            logs[f"{split}/r2"] = r2
-        mr = getattr(self, f"{split}_max_residual")
-        mr(max(fp.solution.residual.max() for fp in fps))
-        logs[f"{split}/max_residual"] = mr
-        # the share whose answer comes from a fixed point (an unsettled one's from where the solve stopped)
-        settled = getattr(self, f"{split}_settled")
-        settled(self.model.used.float())
-        logs[f"{split}/settled"] = settled
-        self.log_dict(logs, on_step=False, on_epoch=True, prog_bar=(split == "val"), batch_size=len(p))
-
-    def _accuracy(self, split: str, out: Tensor, y: Tensor) -> dict:
-        """The split's accuracy (of every pixel, for maps) and, for maps, the whole-map accuracy."""
-        pred = out.argmax(1)
-        acc = getattr(self, f"{split}_acc")
-        acc(pred, y)
-        logs = {f"{split}/acc": acc}
-        if pred.dim() > 1:
-            whole = getattr(self, f"{split}_maze_acc")
-            whole((pred == y).flatten(1).all(1).float())
-            logs[f"{split}/maze_acc"] = whole
-        return logs
-
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, "val")
+        self.objective.eval_step(self, batch, "val")
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, "test")
+        self.objective.eval_step(self, batch, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self.objective.on_test_epoch_start()
+
+    @property
+    def score(self) -> tuple[str, str]:
+        """The validation metric that says which network is best, and its direction."""
+        return self.objective.score
 
     def on_train_end(self) -> None:
         self.record.close(self.max_skipped)

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import resource
 import signal
 import threading
 import time
@@ -25,8 +24,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fprnn.core import constraints
-from fprnn.analysis.fixed_points import analyse, probe_stability
 from fprnn.training.checkpoint import ResumableCSVLogger, atomic_save, atomic_write_text, check_checkpoint
 
 log = logging.getLogger(__name__)
@@ -79,21 +76,21 @@ def _plain(node) -> dict:
 
 def check_compatible(model, data) -> None:
     """Sizes of model and data must agree; say which value is wrong."""
-    n_in = getattr(data, "n_in", None)
+    n_in = data.n_in
     if n_in is not None and model.n_in != n_in:
         raise ValueError(f"model.n_in={model.n_in} does not match the data's input size {n_in}")
     if n_in is None and model.n_in is not None:
         raise ValueError(f"this data feeds x directly: set model.n_in=null (got {model.n_in})")
-    n_out = getattr(data, "n_out", None)
+    n_out = data.n_out
     what = "classes" if data.task == "classification" else "targets"
     if n_out is None and model.n_out is not None:
         raise ValueError(f"this data's targets are r itself: set model.n_out=null (got {model.n_out})")
     if model.n_out != n_out:
         raise ValueError(f"model.n_out={model.n_out} does not match the data's {n_out} {what}")
-    if n_out is None and getattr(data, "N", model.N) != model.N:
+    if n_out is None and data.N is not None and data.N != model.N:
         raise ValueError(f"the last layer's size {model.N} (model.layers={model.sizes}) does not match the data's "
                          f"dimension N={data.N}")
-    units = getattr(data, "units", None)
+    units = data.units
     if units is not None and int(units.max()) >= model.N:
         raise ValueError(f"the data records unit {int(units.max())}, but the network's last layer has {model.N} "
                          f"units (model.layers={model.sizes})")
@@ -102,15 +99,14 @@ def check_compatible(model, data) -> None:
 def _model_sizes(cfg: DictConfig, data) -> dict:
     """model.n_in / n_out given as ``auto`` are the data's input size and classes (targets); an
     encoder's in_shape given as ``auto`` is the image data's [channels, height, width]."""
-    sizes = {k: getattr(data, k) for k in ("n_in", "n_out") if cfg.model.get(k) == "auto"}
+    sizes = {k: v for k, v in (("n_in", data.n_in), ("n_out", data.n_out)) if cfg.model.get(k) == "auto"}
+    shape = data.image_shape
     if cfg.model.get("in_shape") == "auto":     # model=conv_recurrent
-        shape = getattr(data, "image_shape", None)
         if shape is None:
             raise ValueError(f"model.in_shape=auto needs image data; {type(data).__name__} has no image shape")
         sizes["in_shape"] = list(shape)
     encoder = cfg.model.get("encoder")
     if encoder is not None and encoder.get("in_shape") == "auto":
-        shape = getattr(data, "image_shape", None)
         if shape is None:
             raise ValueError(f"model.encoder.in_shape=auto needs image data; {type(data).__name__} has no "
                              f"image shape: give model.encoder.in_shape=[channels,height,width]")
@@ -146,44 +142,32 @@ def build(cfg: DictConfig, run_dir: Path | str):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
-    from fprnn.training.checkpoint import (AtomicCheckpointIO, RunCheckpoint, best_callbacks, best_metric,
-                                           load_init_weights)
-    from fprnn.models.ctrnn import TrialRNN
-    from fprnn.training.module import FixedPointModule
-    from fprnn.training.trial_module import TrialModule
+    from fprnn.training.checkpoint import AtomicCheckpointIO, RunCheckpoint, best_callbacks, load_init_weights
+    from fprnn.training import objectives
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     data = _instantiate(cfg.data)
     model = _instantiate(cfg.model, **_model_sizes(cfg, data))
     check_compatible(model, data)
-    if getattr(data, "note", None):
+    if data.note:
         log.warning(data.note)
-    in_time = isinstance(model, TrialRNN)
     if cfg.get("init_weights") is not None:
         load_init_weights(model, cfg.init_weights)
-    if cfg.get("stable_init") is not None and in_time:
-        raise ValueError("stable_init scales a static network's W; a network in time (model=ctrnn) has no "
-                         "probe inputs to scale it on: set stable_init=null")
-    if cfg.get("stable_init") is not None and not hasattr(model, "scale_to_stable"):
-        raise ValueError(f"stable_init scales a dense W; {type(model).__name__} has none to scale: set stable_init=null")
     if cfg.get("stable_init") is not None and not (cfg.get("resume") or cfg.get("ckpt_path")):
         # on up to 256 training inputs: the probe batch alone can miss the hardest ones
         model.scale_to_stable(data.probe_batch(256)[0], float(cfg.stable_init))
     optimizer = hydra.utils.instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    options = dict(rule=cfg.rule.name, lr=cfg.lr, lr_readin=cfg.get("lr_readin"), lr_readout=cfg.get("lr_readout"),
-                   rule_kwargs=_plain(cfg.rule.get("kwargs")), optimizer=optimizer, scheduler=scheduler,
-                   **_plain(cfg.get("fault")), **_plain(cfg.get("module")))
-    if in_time:
-        module = TrialModule(model, targets=getattr(data, "targets", "actions"), **options)
-    else:
-        module = FixedPointModule(model, task=data.task, units=getattr(data, "units", None), **options)
+    module = _instantiate(cfg.module)(model, objectives.for_data(data), rule=cfg.rule.name, lr=cfg.lr,
+                                      lr_readin=cfg.get("lr_readin"), lr_readout=cfg.get("lr_readout"),
+                                      rule_kwargs=_plain(cfg.rule.get("kwargs")), optimizer=optimizer,
+                                      scheduler=scheduler, **_plain(cfg.get("fault")))
     loggers = [hydra.utils.instantiate(c, save_dir=str(run_dir))
                for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [RunCheckpoint(run_dir / "checkpoints", **_plain(cfg.get("ckpt")))]
     best = _plain(cfg.get("best"))
     if best.get("monitor") is not None and _held_out_validation(data):
-        monitor, mode = module.score if in_time else best_metric(data.task, getattr(data, "units", None) is not None)
+        monitor, mode = module.score
         if best["monitor"] != "auto":
             monitor, mode = best["monitor"], best.get("mode") or mode
         callbacks += best_callbacks(run_dir / "checkpoints", monitor, mode, best.get("patience"))
@@ -200,7 +184,7 @@ def build(cfg: DictConfig, run_dir: Path | str):
 
 def _held_out_validation(data) -> bool:
     """Validation on a split held out of the training set (not the paper's test-set protocol)."""
-    return not getattr(data, "val_on_test", True) and bool(getattr(data, "val_size", 0))
+    return not data.val_on_test and bool(data.val_size)
 
 
 def _best(trainer):
@@ -214,7 +198,7 @@ def _test(trainer, module, data) -> dict[str, Any]:
     for k in ("r2", "perf", "maze_acc", "settled"):
         if f"test/{k}" in tested:
             out[f"test_{k}"] = tested[f"test/{k}"]
-    if getattr(module, "continuous", False):    # a network in time's loss on continuous targets is the MSE
+    if data.targets == "continuous":    # a network in time's loss on continuous targets is the MSE
         out["test_mse"] = out["test_loss"]
     out["solver_max_residual"] = tested.get("test/max_residual")
     return out
@@ -253,7 +237,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     error = None
     try:
         data, model, module, trainer = build(cfg, run_dir)
-        results.update(task=data.task, data=getattr(data, "name", type(data).__name__))
+        results.update(task=data.task, data=data.name or type(data).__name__)
         ckpt = cfg.get("ckpt_path")
         if cfg.get("resume") and not ckpt and (run_dir / "checkpoints" / "last.ckpt").exists():
             ckpt = str(run_dir / "checkpoints" / "last.ckpt")
@@ -306,9 +290,9 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
     out: dict[str, Any] = {"status": "failed" if failed else module.record.status,
                            "steps": int(trainer.global_step) if trainer is not None else 0}
     out.update(module.record.summary(), unsettled=module.unsettled)
-    if getattr(data, "validation", None) is not None:
+    if data.validation is not None:
         out["validation"] = data.validation
-    metrics = getattr(module, "fit_metrics", None) or (trainer.callback_metrics if trainer is not None else {})
+    metrics = module.fit_metrics or (trainer.callback_metrics if trainer is not None else {})
     out["train_loss"] = _finite(metrics.get("train/loss_epoch"))
     if "train/acc_epoch" in metrics:
         out["train_acc"] = _finite(metrics.get("train/acc_epoch"))
@@ -320,15 +304,8 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
     out["params"] = {"W": sum(layer.W.numel() for layer in m.layers),
                      "readin": sum(t.numel() for t in m.readins()),
                      "readout": sum(t.numel() for _, t in m.named_readouts())}
-    from fprnn.training.trial_module import TrialModule
     try:   # the final numbers must not cost the run its results.json
-        if isinstance(module, TrialModule):
-            out.update(_trials_final(run_dir, module, data, trainer))
-        else:
-            out.update(_static_final(cfg, data, module, trainer))
-        if hasattr(data, "test_cells") and (trainer is None or trainer.is_global_zero):
-            from fprnn.data.mazes import maze_report
-            out.update(maze_report(m, data, run_dir))
+        out.update(module.objective.final(run_dir, data, module, trainer, int(cfg.get("probe_size", 16))))
     except Exception as e:
         out["final_metrics_error"] = f"{type(e).__name__}: {e}"
     if trainer is None or trainer.is_global_zero:
@@ -336,66 +313,6 @@ def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str
         if m.config is not None:
             atomic_write_text(run_dir / "model.json", json.dumps(m.config, indent=2))
     return out
-
-
-def _static_final(cfg, data, module, trainer) -> dict[str, Any]:
-    """A static network's final numbers: stability and multistability at a probe batch's fixed
-    points, the E/I analysis, the linear task's J(W)."""
-    m, out = module.model, {}
-    p, _ = data.probe_batch(int(cfg.get("probe_size", 16)))
-    out.update(probe_stability(m, p))
-    if hasattr(m, "multistable") and all(layer.dyn.continuous for layer in m.layers):
-        out["multistable"] = float(m.multistable(p.to(module.device)).float().mean())
-    out.update(_stability_peak(trainer, out))
-    if any(layer.sign is not None for layer in m.layers):
-        out.update(_ei_analysis(m, data))
-    if callable(getattr(data, "loss", None)):      # the linear task's J(W), eq 3.1
-        W = m.W.detach()
-        out["loss_W"] = data.loss(W)
-        out["loss_W_star"] = data.loss(data.W_star().to(W.dtype))
-        out["test_loss"] = out["loss_W"]
-    return out
-
-
-def _trials_final(run_dir: Path, module, data, trainer) -> dict[str, Any]:
-    """A network in time's final numbers: how its trials started, the test performance per
-    condition (and every test trial's choice in ``trials.json``), E/I sign violations."""
-    from fprnn.training.trial_module import perf_by_condition
-    m, stats = module.model, module.start_stats
-    out: dict[str, Any] = {"start": m.start, "start_from_rest": stats["from_rest"], "start_unstable": stats["unstable"],
-                           "test_start_from_rest": stats.get("test_from_rest", 0),
-                           "test_start_unstable": stats.get("test_unstable", 0),
-                           "graph_mb_max": stats["graph_mb_max"], "start_stability_max": stats["stability_max"],
-                           "targets": getattr(data, "targets", "actions"),
-                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if module.test_records and not module.continuous:
-        out["test_perf_by_condition"] = perf_by_condition(module.test_records, data.condition_keys)
-        # chance: always answering the test trials' most frequent target
-        targets = [r["target"] for r in module.test_records]
-        out["test_chance"] = max(targets.count(t) for t in set(targets)) / len(targets)
-    if module.test_records and (trainer is None or trainer.is_global_zero):
-        atomic_write_text(run_dir / "trials.json", json.dumps(module.test_records))
-    layer = m.layer
-    if layer.sign is not None or layer.mask is not None:
-        out["constraint_violations"] = constraints.violations(layer.W.detach(), layer.sign, layer.mask)
-    return out
-
-
-def _ei_analysis(model, data) -> dict[str, Any]:
-    """fprnn.analysis.fixed_points at the test stimuli's fixed points (up to 256): the fitted network's, and a
-    teacher's (data=ssn_teacher) for comparison."""
-    p = data.test_set.tensors[0][:256]
-    out = {"analysis": analyse(model, p)}
-    if getattr(data, "teacher", None) is not None:
-        out["teacher_analysis"] = analyse(data.teacher, p)
-    return out
-
-
-def _stability_peak(trainer, final: dict) -> dict[str, Any]:
-    """The worst stability seen while training (StabilityMonitor), the final probe included."""
-    from fprnn.training.callbacks import StabilityMonitor, update_peak
-    mon = next((c for c in trainer.callbacks if isinstance(c, StabilityMonitor)), None)
-    return update_peak(dict(mon.peak) if mon is not None else {}, final, int(trainer.global_step))
 
 
 def _report(lines: list[str]) -> None:

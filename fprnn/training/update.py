@@ -97,7 +97,7 @@ class Step:
     predictions, the samples used (converged in every layer), those in the loss (``trained``: the
     used ones, or all with ``unsettled="train"``), each layer's per-sample errors
     δ_ℓ = ∂L_i/∂r_ℓ on those samples (None where autograd computed none: bptt below the top), the
-    W's the step started from, and its fault."""
+    W's the step started from, its fault, and the MB autograd saved for its backward (where measured)."""
     fps: list[FixedPoint]
     losses: Tensor
     logits: Tensor
@@ -107,6 +107,7 @@ class Step:
     fault: str | None = None
     skipped: bool = False
     trained: Tensor | None = None
+    graph_mb: float | None = None
 
     def __post_init__(self):
         if self.trained is None:

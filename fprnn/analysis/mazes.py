@@ -1,0 +1,123 @@
+"""How a trained maze network does: whole-maze and pixel accuracy at the training size and larger
+ones, accuracy against the solver's budget, path independence (random starts against rest), and
+the figure of mazes with the fixed point's channels that carry the path."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fprnn.data.mazes import MazeDataModule, collate
+
+Tensor = torch.Tensor
+
+
+#: iteration budgets of the accuracy-against-settling curve (iterations of the solver from rest)
+BUDGETS = (1, 2, 5, 10, 20, 50, 100, 200, 400)
+
+
+@torch.no_grad()
+def evaluate(net, x: Tensor, y: Tensor, batch: int = 250, u0: str = "rest", seed: int = 0,
+             budget: dict | None = None) -> dict:
+    """``net``'s answers on mazes x (n, 3, H, W) with paths y (n, H, W): ``maze_acc`` (every pixel
+    right), ``pixel_acc``, the solver's mean ``iterations`` and the ``unconverged`` count, solved from
+    ``u0`` = ``rest`` or ``random`` (uniform in (−1, 1), seeded) with ``budget`` (the layer's own by
+    default, [`ConvFixedPointLayer.fixed_point`][fprnn.models.conv.ConvFixedPointLayer.fixed_point]);
+    with ``fixed_points`` the rows."""
+    net.eval()
+    gen = torch.Generator().manual_seed(seed)
+    right = pixels = iters = unconverged = 0
+    rows = []
+    for i in range(0, len(x), batch):
+        xb, yb = x[i:i + batch], y[i:i + batch]
+        start = None
+        if u0 == "random":
+            start = torch.rand(len(xb), net.layer.channels, *xb.shape[2:], generator=gen, dtype=net.dtype) * 2 - 1
+        pred = net(xb, start, budget).argmax(1)
+        ok = pred == yb.to(pred.device)
+        right += int(ok.flatten(1).all(1).sum())
+        pixels += int(ok.sum())
+        sol = net.layer.report.fixed_point.solution
+        iters += float(sol.iters.float().sum())
+        unconverged += int(sol.n_nonconverged)
+        rows.append(net.layer.report.fixed_point.r)
+    n = len(x)
+    return {"maze_acc": right / n, "pixel_acc": pixels / y.numel(), "iterations": iters / n,
+            "unconverged": unconverged, "fixed_points": torch.cat(rows)}
+
+
+def public(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "fixed_points"}
+
+
+@torch.no_grad()
+def budget_curve(net, x: Tensor, y: Tensor, budgets=BUDGETS) -> dict:
+    """Maze accuracy when the solver from rest stops after each budget of iterations (no fallback):
+    does more settling solve larger mazes?"""
+    return {int(b): evaluate(net, x, y, budget={"solver": {**net.layer.solver_kwargs, "max_iter": int(b)},
+                                                 "fallback": None})["maze_acc"] for b in budgets}
+
+
+def stacked(ds) -> tuple[Tensor, Tensor]:
+    return collate([ds[i] for i in range(len(ds))])
+
+
+def maze_report(net, data: MazeDataModule, run_dir: Path | None = None, log=print) -> dict:
+    """After training: the test mazes of the training size and of every ``test_cells`` size —
+    accuracy, solver iterations, the accuracy-against-budget curve, and path independence (the fixed
+    points and answers from random starts against those from rest) — and a figure."""
+    out: dict = {"extrapolation": {}, "budget_curve": {}, "path_independence": {}}
+    sizes = [data.cells, *data.test_cells]
+    shown = {}
+    for c in sizes:
+        t0 = time.perf_counter()
+        n = data.test_mazes if c == data.cells else data.test_mazes_large
+        x, y = stacked(data.mazes("test", c, n))
+        rest = evaluate(net, x, y)
+        rand = evaluate(net, x, y, u0="random")
+        gap = (rest["fixed_points"] - rand["fixed_points"]).abs().amax(1)
+        out["extrapolation"][c] = {**public(rest), "side": 2 * c + 1, "mazes": n}
+        out[f"maze_acc_{c}"] = rest["maze_acc"]       # flat, for the sweep's table
+        out["path_independence"][c] = {"maze_acc_from_random": rand["maze_acc"],
+                                       "max_state_gap": float(gap.max()),
+                                       "same_fixed_point": float((gap < 1e-3).float().mean())}
+        out["budget_curve"][c] = budget_curve(net, x[:200], y[:200])
+        shown[c] = (x[:3], y[:3])
+        log(f"mazes of {c} cells ({2 * c + 1}×{2 * c + 1}): maze acc {rest['maze_acc']:.3f}, pixel acc "
+            f"{rest['pixel_acc']:.4f}, {rest['iterations']:.0f} iterations; from random starts "
+            f"{rand['maze_acc']:.3f} (largest state gap {float(gap.max()):.2g}) [{time.perf_counter() - t0:.0f} s]")
+    if run_dir is not None:
+        out["maze_figure"] = str(figure(net, shown, Path(run_dir) / "mazes.png"))
+    return out
+
+
+@torch.no_grad()
+def figure(net, shown: dict, path: Path, channels: int = 3) -> Path:
+    """Mazes (open pixels grey, start green, goal red), their path, the prediction and the
+    ``channels`` channels of the fixed point r∗ that vary most across the maze's pixels (a saturated
+    channel is one colour and shows nothing), a row per maze, for each size in ``shown``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [(c, x[i:i + 1], y[i]) for c, (x, y) in shown.items() for i in range(len(x))]
+    cols = 3 + channels
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2 * cols, 2 * len(rows)), squeeze=False)
+    for ax_row, (c, x, y) in zip(axes, rows):
+        pred = net(x).argmax(1)[0]
+        r = net.layer.maps(net.layer.report.fixed_point.r, tuple(x.shape[2:]))[0]
+        img = np.stack([x[0, 0] * 0.6 + x[0, 2] * 0.4, x[0, 0] * 0.6 + x[0, 1] * 0.4, x[0, 0] * 0.6], -1)
+        panels = [(img, None, f"{c} cells"), (y, "gray", "path"),
+                  (pred, "gray", "prediction" + (" ✓" if bool((pred == y).all()) else " ✗"))]
+        varied = r.flatten(1).var(1).argsort(descending=True)[:channels].tolist()
+        panels += [(r[k], "RdBu_r", f"r∗ channel {k}") for k in varied]
+        for ax, (a, cmap, title) in zip(ax_row, panels):
+            ax.imshow(np.asarray(a, dtype=float), cmap=cmap, vmin=None if cmap != "RdBu_r" else -1,
+                      vmax=None if cmap != "RdBu_r" else 1, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
