@@ -273,3 +273,70 @@ def test_unsettled_clip_and_settle_options_name_what_is_allowed():
         FixedPointModule(net, rule="w3", settle_penalty=0.5)
     with pytest.raises(ValueError, match="settle_penalty must be a non-negative finite number .* got -1"):
         FixedPointModule(net, rule="bptt", settle_penalty=-1)
+
+
+def test_random_starts_reach_the_one_fixed_point_of_a_contraction_from_elsewhere():
+    """data.random_starts: the share of training mazes solved from a random state. K scaled to a
+    contraction (‖W‖₂ ≤ 0.5) has one fixed point, so the step from random starts takes the same loss
+    and gradients as from rest (to the solve's tolerance), while its solves start elsewhere and take
+    more iterations; with the share 0 the step is the one from rest, bit for bit."""
+    from fprnn.training.objectives import Mazes
+    x, y = mazes.collate([(k, mazes.draw(0, "train", 3, k)) for k in range(8)])
+    options = dict(channels=4, head_channels=4, rule="bptt", max_norm=0.5, solver="iterate", fallback=None,
+                   solver_kwargs={"max_iter": 400, "tol": 1e-12}, dtype="float64", bptt_steps=3)
+    steps = {}
+    for share in (0.0, 1.0):
+        net = MazeNet(**options)
+        module = _one_step(net, x, y, objective=Mazes(random_starts=share, seed=5))
+        steps[share] = (module.last_step, dict(net.named_parameters()))
+    (rest, after_rest), (rand, after_rand) = steps[0.0], steps[1.0]
+    assert rest.fault is None and rand.fault is None
+    torch.testing.assert_close(rand.losses, rest.losses, atol=1e-9, rtol=0)
+    for name, t in after_rest.items():
+        torch.testing.assert_close(after_rand[name], t, atol=1e-8, rtol=0, msg=name)
+    assert float(rand.fps[0].solution.iters.float().mean()) > float(rest.fps[0].solution.iters.float().mean())
+    base = MazeNet(**options)
+    plain = _one_step(base, x, y)                                # the static objective: from rest
+    assert torch.equal(plain.last_step.losses, rest.losses)
+    with pytest.raises(ValueError, match=r"random_starts must be a share of the training mazes in \[0, 1\], got 1.5"):
+        mazes.MazeDataModule(random_starts=1.5)
+    with pytest.raises(ValueError, match="random_starts must be a number ≥ 0, got -0.1"):
+        mazes.MazeDataModule(random_starts=-0.1)
+
+
+def _progressive_reference(net, x, y, n, k):
+    """The progressive loss's mean written out with conv2d: n plain iterations u ← tanh(K ⋆ u + x) from
+    rest without a graph, k with one, the per-pixel cross-entropy of the head's logits."""
+    import torch.nn.functional as F
+    X, L = net.features(x.double()), net.layer
+    g = lambda u, K: torch.tanh(F.conv2d(u, K, padding=L.kernel // 2) + X)     # noqa: E731
+    u = torch.zeros(len(x), L.channels, *x.shape[2:], dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(n):
+            u = g(u, L.W)
+    for _ in range(k):
+        u = g(u, L.W)
+    return F.cross_entropy(net.head(u), y, reduction="none").flatten(1).mean(1).mean()
+
+
+@pytest.mark.parametrize("seed", [2, 7])
+def test_the_progressive_loss_is_the_weighted_sum_with_the_iteration_written_out(seed):
+    """data.progressive α: the step is SGD on the gradient of (1 − α) L + α L_prog (L_prog after n
+    iterations without a graph and k with one, n and k drawn in the solve's budget of 5), against both
+    written out with conv2d."""
+    import copy
+    from fprnn.training.objectives import Mazes
+    x, y = mazes.collate([(k, mazes.draw(0, "train", 3, k)) for k in range(6)])
+    options = dict(channels=4, head_channels=4, rule="bptt", sigma_W=1.0, max_norm=None, solver="iterate",
+                   solver_kwargs={"max_iter": 5, "tol": 1e-9}, fallback=None, dtype="float64", bptt_steps=4)
+    net = MazeNet(**options)
+    ref = copy.deepcopy(net)
+    objective = Mazes(progressive=0.3, seed=seed)
+    module = _one_step(net, x, y, objective=objective, unsettled="train")
+    n, k = objective.drawn
+    assert 0 <= n <= 4 and 1 <= k <= 5 - n and not module.last_step.skipped
+    (0.7 * _bptt_reference_loss(ref, x, y, 0.0) + 0.3 * _progressive_reference(ref, x, y, n, k)).backward()
+    for (name, after), before in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(after.detach(), (before - before.grad).detach(), atol=1e-12, rtol=0, msg=name)
+    with pytest.raises(ValueError, match=r"progressive must be the progressive loss's weight α in \[0, 1\], got 2"):
+        mazes.MazeDataModule(progressive=2)

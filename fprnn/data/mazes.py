@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fprnn.core.checks import positive_int
+from fprnn.core.checks import number, positive_int
 from fprnn.data.datamodules import ResumableData, dist_info, per_device
 from fprnn.data.tasks import SPLITS, EpochTrials, TrialSet
 
@@ -119,7 +119,10 @@ class MazeDataModule(ResumableData):
     """Mazes of ``cells`` per side: ``train_mazes`` fresh ones every epoch (epoch e draws mazes
     e·n … e·n + n − 1 of the training stream), ``val_mazes`` and ``test_mazes`` drawn once;
     ``test_cells``: the larger sizes tested without retraining (``test_mazes_large`` each), after
-    training (`extrapolate`). ``batch_size`` is the global batch."""
+    training (`extrapolate`). ``batch_size`` is the global batch. ``random_starts``: the share of
+    training mazes whose solve starts from a random state (uniform in (−1, 1)) instead of rest
+    (Anil et al. 2022: a network trained so settles to one fixed point from anywhere); ``progressive``:
+    the weight α of the progressive loss ([`fprnn.training.objectives.Mazes`][fprnn.training.objectives.Mazes])."""
 
     task = "classification"
     n_in = None
@@ -129,9 +132,15 @@ class MazeDataModule(ResumableData):
 
     def __init__(self, cells: int = 4, test_cells=(6, 9, 12), train_mazes: int = 20000, val_mazes: int = 500,
                  test_mazes: int = 1000, test_mazes_large: int = 200, batch_size: int = 32,
-                 eval_batch_size: int = 250, seed: int = 0):
+                 eval_batch_size: int = 250, seed: int = 0, random_starts: float = 0.0, progressive: float = 0.0):
         super().__init__()
         self.cells = _cells("cells", cells)
+        self.random_starts = number("random_starts", random_starts)
+        if self.random_starts > 1:
+            raise ValueError(f"random_starts must be a share of the training mazes in [0, 1], got {random_starts!r}")
+        self.progressive = number("progressive", progressive)
+        if self.progressive > 1:
+            raise ValueError(f"progressive must be the progressive loss's weight α in [0, 1], got {progressive!r}")
         if isinstance(test_cells, (int, str)) or not all(isinstance(c, int) for c in (test_cells or [])):
             raise ValueError(f"test_cells must be a list of cell counts, got {test_cells!r}")
         self.test_cells = [_cells("test_cells", c) for c in test_cells or []]

@@ -276,6 +276,24 @@ class ConvFixedPointLayer(nn.Module):
                             partial(self.operator, size=size))
         return self.maps(r, size)
 
+    def progressive(self, x: Tensor, n: int, k: int) -> Tensor:
+        """The state after n + k iterations u ← u + α(f(K ⋆ u + x) − u) from rest (α the solver's
+        ``damping``, 1 by default), for maps x (m, C, H, W): the first n without a graph, the last k
+        with one — the progressive loss's state (Bansal et al. 2022), which asks the network to
+        improve on any partial solution rather than on one path of the iteration."""
+        size = tuple(x.shape[2:])
+        s = self.rows(x.to(self.W.dtype))
+        alpha = float(self.solver_kwargs.get("damping", 1.0))
+        with torch.no_grad():
+            g = self._state_map(self.operator(size=size), s.detach())
+            u = torch.zeros_like(s)
+            for _ in range(n):
+                u = u + alpha * (g(u) - u)
+        g = self._state_map(self.operator(implicit.scale_grad(self.W, self.backward_rule.eta), size), s)
+        for _ in range(k):
+            u = u + alpha * (g(u) - u)
+        return self.maps(u, size)
+
     def stability(self, fp: FixedPoint) -> Tensor:
         """ρ(G_i W) per sample by power iteration ([`spectral_radius`][fprnn.models.conv.spectral_radius]); stable when < 1."""
         return spectral_radius(self.operator(size=fp.size), fp.gain, self.stability_iters)

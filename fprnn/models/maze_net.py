@@ -81,3 +81,8 @@ class MazeNet(OneConvLayerNet):
         rest by default) with ``budget`` (the layer's own by default,
         [`ConvFixedPointLayer.fixed_point`][fprnn.models.conv.ConvFixedPointLayer.fixed_point])."""
         return self.head(self.layer(self.features(p), u0, budget))
+
+    def progressive(self, p: Tensor, n: int, k: int) -> Tensor:
+        """Logits after n iterations of the layer from rest without a graph and k with one
+        ([`ConvFixedPointLayer.progressive`][fprnn.models.conv.ConvFixedPointLayer.progressive])."""
+        return self.head(self.layer.progressive(self.features(p), n, k))

@@ -185,8 +185,8 @@ class FixedPointModule(pl.LightningModule):
         model, strategy = self.model, self.trainer.strategy
         model.zero_grad(set_to_none=True)
         weights_before = [layer.W.detach().clone() for layer in model.layers]
-        o = self.objective.forward_step(model, batch, unsettled=self.unsettled, max_nonconverged=self.max_nonconverged,
-                                        settle_penalty=self.settle_penalty)
+        o = self.objective.forward_step(model, batch, step=self.global_step, unsettled=self.unsettled,
+                                        max_nonconverged=self.max_nonconverged, settle_penalty=self.settle_penalty)
         step = Step(o.fps, o.losses.detach(), o.out.detach(), o.used, weights_before, trained=o.trained)
         step.graph_mb = o.graph_mb
         step.fault = ddp.sync_fault(strategy, self.world, o.fault, self.device)

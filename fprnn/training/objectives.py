@@ -77,9 +77,10 @@ class Objective(nn.Module, ABC):
         """The batch's inputs (checked for NaN/inf; re-solved by step control)."""
 
     @abstractmethod
-    def forward_step(self, model, batch, *, unsettled: str, max_nonconverged: float,
+    def forward_step(self, model, batch, *, step: int, unsettled: str, max_nonconverged: float,
                      settle_penalty: float) -> Outcome:
-        """Forward through ``model``; the per-sample losses and the fault found before backward."""
+        """Forward through ``model`` at training step ``step``; the per-sample losses and the fault
+        found before backward."""
 
     @abstractmethod
     def log_train(self, module, step, batch, ms: float) -> None:
@@ -154,9 +155,13 @@ class Static(Objective):
         out = model(p)
         return out if self.units is None else out[:, self.units]
 
-    def forward_step(self, model, batch, *, unsettled, max_nonconverged, settle_penalty) -> Outcome:
+    def _train_predict(self, model, p: Tensor, step: int) -> Tensor:
+        """The training step's outputs (the same as evaluation's, unless a subclass starts elsewhere)."""
+        return self._predict(model, p)
+
+    def forward_step(self, model, batch, *, step, unsettled, max_nonconverged, settle_penalty) -> Outcome:
         p, y = self._cast(model, batch)
-        pred = self._predict(model, p)
+        pred = self._train_predict(model, p, step)
         fps = [layer.report.fixed_point for layer in model.layers]
         used = model.used
         trained = torch.ones_like(used) if unsettled == "train" else used
@@ -255,14 +260,53 @@ def unrolled_residual(model) -> Tensor:
 class Mazes(Static):
     """``Static`` classification of every pixel of a maze, and at the end the maze report
     ([`fprnn.analysis.mazes.maze_report`][fprnn.analysis.mazes.maze_report]): larger mazes without
-    retraining, the budget curve, path independence, the figure."""
+    retraining, the budget curve, path independence, the figure.
 
-    def __init__(self):
+    ``random_starts``: the share of training mazes solved from a random state (uniform in (−1, 1),
+    drawn from a generator seeded by (``seed``, step), so a resumed run draws the same) instead of
+    rest; evaluation always starts at rest. ``progressive`` α > 0: each maze's loss is
+    (1 − α) L + α L_prog, L_prog the loss after n iterations from rest without a graph and k with one,
+    n ~ U{0 … m−1}, k ~ U{1 … m−n}, m the solve's budget at the maze's size (Bansal et al. 2022's
+    progressive loss; [`MazeNet.progressive`][fprnn.models.maze_net.MazeNet.progressive])."""
+
+    def __init__(self, random_starts: float = 0.0, seed: int = 0, progressive: float = 0.0):
         super().__init__("classification")
+        self.random_starts, self.seed, self.progressive = float(random_starts), int(seed), float(progressive)
+        self.drawn: tuple[int, int] | None = None      # the last step's progressive (n, k)
 
     @classmethod
     def from_data(cls, data) -> "Mazes":
-        return cls()
+        return cls(data.random_starts, data.seed, data.progressive)
+
+    def _generator(self, step: int, stream: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 4 + stream)
+
+    def forward_step(self, model, batch, *, step, unsettled, max_nonconverged, settle_penalty) -> Outcome:
+        o = super().forward_step(model, batch, step=step, unsettled=unsettled, max_nonconverged=max_nonconverged,
+                                 settle_penalty=settle_penalty)
+        if not self.progressive or o.fault is not None:
+            return o
+        p, y = self._cast(model, batch)
+        m = int(model.layer.budget(tuple(p.shape[2:]))["solver"].get("max_iter", 1))
+        gen = self._generator(step, 1)
+        n = int(torch.randint(0, m, (), generator=gen))
+        k = int(torch.randint(1, m - n + 1, (), generator=gen))
+        self.drawn = n, k
+        prog = per_sample_loss("classification", model.progressive(p, n, k), y)
+        o.losses = (1 - self.progressive) * o.losses + self.progressive * prog
+        if not all_finite(o.losses[o.trained]):
+            o.fault = "non-finite loss"
+        return o
+
+    def _train_predict(self, model, p: Tensor, step: int) -> Tensor:
+        if not self.random_starts:
+            return model(p)
+        gen = self._generator(step, 0)
+        B, (H, W) = len(p), p.shape[2:]
+        u0 = torch.rand(B, model.layer.channels, H, W, generator=gen, dtype=torch.float64) * 2 - 1
+        chosen = torch.rand(B, generator=gen) < self.random_starts
+        u0 = torch.where(chosen[:, None, None, None], u0, torch.zeros_like(u0))
+        return model(p, u0.to(device=p.device, dtype=model.dtype))
 
     def final(self, run_dir, data, module, trainer, probe_size: int) -> dict[str, Any]:
         out = super().final(run_dir, data, module, trainer, probe_size)
@@ -400,7 +444,7 @@ class Trials(Objective):
     def inputs(self, batch) -> Tensor:
         return batch["ob"]
 
-    def forward_step(self, model, batch, *, unsettled, max_nonconverged, settle_penalty) -> Outcome:
+    def forward_step(self, model, batch, *, step, unsettled, max_nonconverged, settle_penalty) -> Outcome:
         with SavedBytes() as saved:
             logits = model(batch["ob"], batch["static"])
         losses = step_losses(logits, batch["gt"], batch["weight"])
