@@ -5,8 +5,9 @@ are the example's own.
     python examples/mnist_cnn.py --layer w3 --data-root <root>      # the layer, trained by w3
     python examples/mnist_cnn.py --layer none --data-root <root>    # the example as it is
 
-The last line printed is JSON: test accuracy, the layer's recorded faults and how often it scaled
-K back to its norm bound.
+The layer records a backward's fault instead of raising it (``throw=False``), so the example's
+loop goes on; the last line printed is JSON: test accuracy, the layer's recorded faults and how
+often it scaled K back to its norm bound.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class Net(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 32, 3, 1)
         self.conv2 = nn.Conv2d(32, 64, 3, 1)
-        self.recurrent = None if rule is None else ConvFixedPointLayer(64, (12, 12), rule=rule)
+        self.recurrent = None if rule is None else ConvFixedPointLayer(64, (12, 12), rule=rule, throw=False)
         self.dropout1 = nn.Dropout(0.25)
         self.dropout2 = nn.Dropout(0.5)
         self.fc1 = nn.Linear(9216, 128)

@@ -122,7 +122,7 @@ def test_a_fault_raises_in_backward_or_is_recorded_with_zero_gradients():
     net.set_backward("w2", 1e6)                # far outside w2's domain
     with pytest.raises(FixedPointFault, match="w2 left its domain"):
         F.cross_entropy(net(p), y).backward()
-    net.set_backward("w2", 1e6, on_fault="record")
+    net.set_backward("w2", 1e6, throw=False)
     for t in net.parameters():
         t.grad = None
     F.cross_entropy(net(p), y).backward()
@@ -144,7 +144,7 @@ def test_the_graph_is_attached_whenever_autograd_records():
 
 
 @pytest.mark.parametrize("bad, match", [(dict(eta=0), "eta"), (dict(rule="w9"), "unknown rule"),
-                                        (dict(readin="x"), "readin"), (dict(on_fault="ignore"), "on_fault"),
+                                        (dict(readin="x"), "readin"), (dict(throw="record"), "throw must be true"),
                                         (dict(loss_norm=-1), "loss_norm")])
 def test_bad_backward_options_name_the_value(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -24,8 +24,8 @@ normalisation, the n in loss = Σ L_i / n (None: the batch's row count, a mean-r
 Samples the solver left unconverged are dropped from every formula (their r is not a fixed point:
 no formula holds; zeroing would keep NaN·0 = NaN): their rows of s get no gradient, and they
 should be left out of the loss too (``Report.used``). A fault in backward (w2 out of its domain,
-a singular I − G W, non-finite values) raises [`FixedPointFault`][fprnn.core.implicit.FixedPointFault] with ``on_fault="raise"``;
-with ``"record"`` it is written to the [`Report`][fprnn.core.implicit.Report] and every gradient of the call is zero —
+a singular I − G W, non-finite values) raises [`FixedPointFault`][fprnn.core.implicit.FixedPointFault] with ``throw=True``;
+with ``throw=False`` it is written to the [`Report`][fprnn.core.implicit.Report] and every gradient of the call is zero —
 several devices must not raise inside backward, where the other ranks wait in their all-reduce;
 the caller reads the report after backward and skips the step everywhere.
 """
@@ -44,7 +44,6 @@ Tensor = torch.Tensor
 
 #: how a read-in V (and b) moves: its exact gradient, or the reparameterized direction
 READIN_UPDATES = ("gradient", "reparam")
-FAULT_POLICIES = ("raise", "record")
 
 
 class FixedPointFault(RuntimeError):
@@ -63,7 +62,7 @@ class RuleBackward:
     rule_kwargs: dict = field(default_factory=dict)
     readin: str = "gradient"
     loss_norm: float | None = None
-    on_fault: str = "raise"
+    throw: bool = True
     gather: Callable[[Tensor], Tensor] | None = None
     world: int = 1
 
@@ -75,8 +74,8 @@ class RuleBackward:
             raise ValueError(f"eta (the rule's η) must be a positive finite number, got {self.eta!r}")
         if self.readin not in READIN_UPDATES:
             raise ValueError(f"unknown readin update {self.readin!r}; choose one of {list(READIN_UPDATES)}")
-        if self.on_fault not in FAULT_POLICIES:
-            raise ValueError(f"on_fault must be one of {list(FAULT_POLICIES)}, got {self.on_fault!r}")
+        if not isinstance(self.throw, bool):
+            raise ValueError(f"throw must be true (a fault raises in backward) or false (recorded), got {self.throw!r}")
         if self.loss_norm is not None and (isinstance(self.loss_norm, bool)
                                            or not isinstance(self.loss_norm, (int, float))
                                            or not math.isfinite(self.loss_norm) or self.loss_norm <= 0):
@@ -178,7 +177,7 @@ class _FixedPoint(torch.autograd.Function):
         try:
             grads = _rule_backward(W.detach(), V, s.detach(), r, gain, grad_r, spec, report, need, ctx.operator)
         except FixedPointFault as fault:
-            if spec.on_fault == "raise":
+            if spec.throw:
                 raise
             report.fault = str(fault)
             if report.log is not None:

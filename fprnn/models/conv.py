@@ -88,16 +88,17 @@ class ConvFixedPointLayer(nn.Module):
     Any optimizer: with ``max_norm`` (default 0.95; None: off) each call first scales K back to
     ‖W‖₂ ≤ max_norm if the last step moved it past (`bound_norm`): the map is then a
     contraction, with one fixed point, stable and reached from any start, whatever lr the user's
-    optimizer has. With ``on_fault="record"`` (the default) a backward that cannot give a finite
-    step leaves the layer's gradients zero for that batch, appends its reason to ``layer.faults``
-    and warns once; the loop goes on (``"raise"``: [`fprnn.core.implicit.FixedPointFault`][fprnn.core.implicit.FixedPointFault]).
+    optimizer has. A backward that cannot give a finite step raises
+    [`fprnn.core.implicit.FixedPointFault`][fprnn.core.implicit.FixedPointFault] (``throw=True``, every layer's
+    default); with ``throw=False`` it leaves the layer's gradients zero for that batch, appends its
+    reason to ``layer.faults`` and warns once, and the loop goes on.
     ``iters_per_side``: the solve's budget grows with the map (`budget`).
 
     The kernel is
     the layer's ``W`` parameter (so that training code that moves "each layer's W" moves it),
     shape (C, C, k, k), starting as σ_W Z/√(C k²) (each unit gets C k² weights: spectral radius
     about σ_W, as for the dense σ_W Z/√N). ``rule`` w1, w2, w3, w4, jfb or bptt (autograd
-    through ``bptt_steps`` damped steps from the fixed point); ``eta``, ``loss_norm``, ``on_fault``
+    through ``bptt_steps`` damped steps from the fixed point); ``eta``, ``loss_norm``, ``throw``
     as for [`fprnn.models.layer.FixedPointLayer`][fprnn.models.layer.FixedPointLayer]. ``solver`` (anderson, iterate) with
     ``solver_kwargs``; ``fallback`` {"method": "rk23" or "euler", its options, max_share} or None.
     ``layout`` (hwc, chw): how the rows the layer solves on hold a map (`fprnn.core.operators.LAYOUTS`;
@@ -106,7 +107,7 @@ class ConvFixedPointLayer(nn.Module):
     def __init__(self, channels: int, size=None, kernel: int = 3, padding: str = "zeros", *, rule: str = "w3",
                  eta: float = 1.0, rule_kwargs: dict | None = None, activation: Any = "tanh",
                  solver: str = "anderson", solver_kwargs: dict | None = None, fallback: Any = "default",
-                 sigma_W: float = 0.5, on_fault: str = "record", loss_norm: float | None = None, seed: int = 0,
+                 sigma_W: float = 0.5, throw: bool = True, loss_norm: float | None = None, seed: int = 0,
                  dtype: Any = "float32", bptt_steps: int = 30, bptt_damping: float = 0.5,
                  stability_iters: int = 30, layout: str = "hwc", max_norm: float | None = 0.95,
                  iters_per_side: float | None = None):
@@ -147,11 +148,11 @@ class ConvFixedPointLayer(nn.Module):
         self.sign = self.mask = self.tau = None
         self.constrained = False
         self.report: implicit.Report | None = None
-        self.faults: list[str] = []     # every fault a backward recorded (on_fault="record")
+        self.faults: list[str] = []     # every fault a backward recorded (throw=False)
         self.rescaled = 0               # forward calls that scaled K back to max_norm
         self._norm_probe: Tensor | None = None
         self._norm_key = None
-        self.set_backward(rule, eta, rule_kwargs, loss_norm=loss_norm, on_fault=on_fault)
+        self.set_backward(rule, eta, rule_kwargs, loss_norm=loss_norm, throw=throw)
 
     def _size(self, size) -> tuple[int, int]:
         size = self.size if size is None else tuple(size)

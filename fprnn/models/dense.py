@@ -453,7 +453,7 @@ class FixedPointRNN(StaticNetwork):
     def set_backward(self, rule: str = "w1", eta: float = 1.0, rule_kwargs: Any = None, **options) -> None:
         """How autograd's backward treats every layer's fixed point ([`fprnn.core.implicit.RuleBackward`][fprnn.core.implicit.RuleBackward]):
         the ``rule`` for each W (``"bptt"``: through the unrolled solver) with η = ``eta``; ``rule_kwargs``
-        a dict, or a list of one per layer; ``options``: readin, loss_norm, on_fault, gather."""
+        a dict, or a list of one per layer; ``options``: readin, loss_norm, throw, gather."""
         per = per_layer("rule_kwargs", rule_kwargs, len(self.layers))
         for layer, kw in zip(self.layers, per):
             layer.backward_rule = implicit.RuleBackward(rule, eta, implicit.resolve_rule_kwargs(rule, kw, layer),

@@ -21,7 +21,7 @@ Unconverged samples (the solver and its fallback left them: ``report.used`` is F
 in any rule or gradient — their rows of s get zero — and belong out of the loss
 (``loss_fn(out[layer.report.used], y[layer.report.used])``). Faults (w2 out of its domain, a
 singular I − G W, non-finite values) raise [`fprnn.core.implicit.FixedPointFault`][fprnn.core.implicit.FixedPointFault] from
-``backward()`` (``on_fault="raise"``); ``on_fault="record"`` writes them to ``report.fault`` and
+``backward()`` (``throw=True``, the default of every layer); ``throw=False`` writes them to ``report.fault`` and
 leaves this layer's gradients zero instead, for callers that must not raise there.
 
 Several devices (DDP): DDP averages W.grad like any gradient. The average is the global batch's rule
@@ -45,7 +45,7 @@ class FixedPointLayer(Layer):
     """r∗ = f(W r∗ + V s + b) for inputs s (m, n_in) — or x = s + b with ``n_in=None`` (s has N
     columns). W (N×N) starts as σ_W Z/√N; V (N×n_in) as Z/√n_in, trained unless
     ``train_readin=False``; b (zeros) with ``bias``. ``rule``: w1, w2, w3, w4, jfb or bptt;
-    ``eta``, ``loss_norm``, ``on_fault``: see the module docstring; ``readin``: ``"gradient"`` or
+    ``eta``, ``loss_norm``, ``throw``: see the module docstring; ``readin``: ``"gradient"`` or
     ``"reparam"`` (V and b move by the reparameterized direction, docs/concepts/stacks.md). ``activation``,
     ``dynamics``, ``solver``, ``solver_kwargs``, ``fallback``: as for [`fprnn.models.dense.FixedPointRNN`][fprnn.models.dense.FixedPointRNN]."""
 
@@ -53,7 +53,7 @@ class FixedPointLayer(Layer):
                  rule_kwargs: dict | None = None, activation: Any = "tanh", dynamics: Any = "rate",
                  solver: str = "anderson", solver_kwargs: dict | None = None, sigma_W: float = 0.5,
                  train_readin: bool = True, bias: bool = False, readin: str = "gradient",
-                 loss_norm: float | None = None, on_fault: str = "raise", fallback: Any = "default",
+                 loss_norm: float | None = None, throw: bool = True, fallback: Any = "default",
                  seed: int = 0, dtype: Any = "float32", bptt_steps: int = 50, bptt_damping: float = 0.5):
         for name, v in (("N", N), ("n_in", n_in)):
             if not (v is None and name == "n_in") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -66,7 +66,7 @@ class FixedPointLayer(Layer):
                          fallback=fallback)
         self.backward_rule = implicit.RuleBackward(
             rule, eta, implicit.resolve_rule_kwargs(rule, rule_kwargs, self), readin=readin,
-            loss_norm=loss_norm, on_fault=on_fault)
+            loss_norm=loss_norm, throw=throw)
 
     def forward(self, s: Tensor) -> Tensor:
         want = self.n_in or self.N

@@ -429,7 +429,7 @@ def bench_trials(repeats: int, statics=(300, 2000, 5000), batch: int = 64, N: in
     through it, at the same weights and batch, in paired rounds of alternating order (the ratio is
     the median of the pairs'). Memory: what autograd saves for backward in the step."""
     from fprnn.models.ctrnn import TrialRNN
-    from fprnn.data.tasks import NeuroGymDataModule
+    from fprnn.data.neurogym_tasks import NeuroGymDataModule
     from fprnn.training.objectives import SavedBytes, step_losses
     rows = []
     for static_ms in statics:

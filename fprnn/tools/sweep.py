@@ -161,7 +161,7 @@ def _neurogym_points() -> list[tuple[str, str, str, list[str], dict]]:
     """Every NeuroGym task at one budget (experiment=cdm's network, its defaults for each task:
     data.kwargs={}), starting at the fixed point of the static input (w3) and from rest, 2 seeds;
     a task that cannot be trained gets one point, whose results.json says why."""
-    from fprnn.data.tasks import refusal, task_names
+    from fprnn.data.neurogym_tasks import refusal, task_names
     points, refused = [], {task: refusal(task) for task in task_names()}
     for seed in (0, 1):             # seed 0 of every task first: a sweep cut short is one whole seed
         for task in task_names():

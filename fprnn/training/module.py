@@ -121,7 +121,7 @@ class FixedPointModule(pl.LightningModule):
         eta = objective.default_eta if eta is None else eta
         # faults are recorded, not raised, in backward: with several devices a raise there would
         # leave the other ranks waiting in their all-reduce
-        model.set_backward(rule, lr if eta is None else eta, rule_kwargs, readin=readin, on_fault="record")
+        model.set_backward(rule, lr if eta is None else eta, rule_kwargs, readin=readin, throw=False)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
         self.max_skipped, self.backtrack = float(max_skipped), backtrack
