@@ -99,11 +99,15 @@ def test_the_kernel_norm_bound_holds_on_every_size_and_is_tight(padding):
     assert max(norms) <= bound <= 1.12 * max(norms)
 
 
-def test_max_norm_makes_any_step_a_contraction_and_faults_are_recorded_not_raised():
-    layer = ConvFixedPointLayer(4, None, dtype="float64", max_norm=0.9, rule="w2", eta=1e6)
+def test_max_norm_makes_any_step_a_contraction_and_faults_raise_or_are_recorded():
+    from fprnn.core.implicit import FixedPointFault
+    x = torch.randn(2, 4, 6, 6, dtype=D)
+    raising = ConvFixedPointLayer(4, None, dtype="float64", max_norm=0.9, rule="w2", eta=1e6)    # throw=True
+    with pytest.raises(FixedPointFault, match="domain"):
+        (raising(x) ** 2).sum().backward()
+    layer = ConvFixedPointLayer(4, None, dtype="float64", max_norm=0.9, rule="w2", eta=1e6, throw=False)
     with torch.no_grad():
         layer.W.mul_(50)                       # an optimizer's wild step
-    x = torch.randn(2, 4, 6, 6, dtype=D)
     r = layer(x)
     # circular 32×32 maps: W's norm is the largest σ_max of the kernel's response at their 32² frequencies
     response = torch.fft.fft2(layer.W.detach(), s=(32, 32)).permute(2, 3, 0, 1)
@@ -322,7 +326,7 @@ def _progressive_reference(net, x, y, n, k):
 @pytest.mark.parametrize("seed", [2, 7])
 def test_the_progressive_loss_is_the_weighted_sum_with_the_iteration_written_out(seed):
     """data.progressive α: the step is SGD on the gradient of (1 − α) L + α L_prog (L_prog after n
-    iterations without a graph and k with one, n and k drawn in the solve's budget of 5), against both
+    iterations without a graph and k with one, n + k ≤ 5), against both
     written out with conv2d."""
     import copy
     from fprnn.training.objectives import Mazes
@@ -331,7 +335,7 @@ def test_the_progressive_loss_is_the_weighted_sum_with_the_iteration_written_out
                    solver_kwargs={"max_iter": 5, "tol": 1e-9}, fallback=None, dtype="float64", bptt_steps=4)
     net = MazeNet(**options)
     ref = copy.deepcopy(net)
-    objective = Mazes(progressive=0.3, seed=seed)
+    objective = Mazes(progressive=0.3, seed=seed, progressive_iters=5)
     module = _one_step(net, x, y, objective=objective, unsettled="train")
     n, k = objective.drawn
     assert 0 <= n <= 4 and 1 <= k <= 5 - n and not module.last_step.skipped

@@ -8,7 +8,7 @@ between any two cells. Start and goal are two distinct cells drawn at random; th
 channels (open, start, goal), the target marks the path's pixels (start and goal included).
 
 Maze k of a split is drawn by a generator seeded with (seed, split, c, k) alone, as trials are
-([`fprnn.data.tasks`][fprnn.data.tasks]): validation and test mazes are the same in every run with one seed, and a
+([`fprnn.data.trials`][fprnn.data.trials]): validation and test mazes are the same in every run with one seed, and a
 resumed run draws the training mazes it had not seen.
 
 How a trained network does on them: [`fprnn.analysis.mazes`][fprnn.analysis.mazes]; on mazes from a file,
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from fprnn.core.checks import number, positive_int
 from fprnn.data.datamodules import ResumableData, dist_info, per_device
-from fprnn.data.tasks import SPLITS, EpochTrials, TrialSet
+from fprnn.data.trials import SPLITS, EpochTrials, TrialSet
 
 Tensor = torch.Tensor
 _STEPS = ((-1, 0), (1, 0), (0, -1), (0, 1))
@@ -122,7 +122,8 @@ class MazeDataModule(ResumableData):
     training (`extrapolate`). ``batch_size`` is the global batch. ``random_starts``: the share of
     training mazes whose solve starts from a random state (uniform in (−1, 1)) instead of rest
     (Anil et al. 2022: a network trained so settles to one fixed point from anywhere); ``progressive``:
-    the weight α of the progressive loss ([`fprnn.training.objectives.Mazes`][fprnn.training.objectives.Mazes])."""
+    the weight α of the progressive loss, drawn within ``progressive_iters`` iterations
+    ([`fprnn.training.objectives.Mazes`][fprnn.training.objectives.Mazes])."""
 
     task = "classification"
     n_in = None
@@ -132,7 +133,8 @@ class MazeDataModule(ResumableData):
 
     def __init__(self, cells: int = 4, test_cells=(6, 9, 12), train_mazes: int = 20000, val_mazes: int = 500,
                  test_mazes: int = 1000, test_mazes_large: int = 200, batch_size: int = 32,
-                 eval_batch_size: int = 250, seed: int = 0, random_starts: float = 0.0, progressive: float = 0.0):
+                 eval_batch_size: int = 250, seed: int = 0, random_starts: float = 0.0, progressive: float = 0.0,
+                 progressive_iters: int = 30):
         super().__init__()
         self.cells = _cells("cells", cells)
         self.random_starts = number("random_starts", random_starts)
@@ -141,6 +143,7 @@ class MazeDataModule(ResumableData):
         self.progressive = number("progressive", progressive)
         if self.progressive > 1:
             raise ValueError(f"progressive must be the progressive loss's weight α in [0, 1], got {progressive!r}")
+        self.progressive_iters = positive_int("progressive_iters", progressive_iters)
         if isinstance(test_cells, (int, str)) or not all(isinstance(c, int) for c in (test_cells or [])):
             raise ValueError(f"test_cells must be a list of cell counts, got {test_cells!r}")
         self.test_cells = [_cells("test_cells", c) for c in test_cells or []]

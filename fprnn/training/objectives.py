@@ -9,7 +9,7 @@ share of the global loss each sample carries, its metrics and the run's final nu
   maps of classes, a maze's pixels), or values (a read-out's, or the rates of recorded units);
 - [`Mazes`][fprnn.training.objectives.Mazes]: ``Static`` on maps of classes, plus the maze report
   (larger mazes, budgets, path independence) at the end;
-- [`Trials`][fprnn.training.objectives.Trials]: trials in time ([`fprnn.data.tasks`][fprnn.data.tasks]), the loss
+- [`Trials`][fprnn.training.objectives.Trials]: trials in time ([`fprnn.data.trials`][fprnn.data.trials]), the loss
   at every step weighted, a start at the fixed point of the static input.
 
 A data module names its objective (``objective``, [`fprnn.data.protocol.FixedPointData`][fprnn.data.protocol.FixedPointData]);
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
+from fprnn.core.checks import positive_int
 from fprnn.core.implicit import all_finite
 from fprnn.models.dense import FixedPoint
 from fprnn.training.update import per_sample_loss, solution_fault
@@ -266,17 +267,19 @@ class Mazes(Static):
     drawn from a generator seeded by (``seed``, step), so a resumed run draws the same) instead of
     rest; evaluation always starts at rest. ``progressive`` α > 0: each maze's loss is
     (1 − α) L + α L_prog, L_prog the loss after n iterations from rest without a graph and k with one,
-    n ~ U{0 … m−1}, k ~ U{1 … m−n}, m the solve's budget at the maze's size (Bansal et al. 2022's
-    progressive loss; [`MazeNet.progressive`][fprnn.models.maze_net.MazeNet.progressive])."""
+    n ~ U{0 … m−1}, k ~ U{1 … m−n}, m = ``progressive_iters`` (Bansal et al. 2022's progressive
+    loss, whose maze models train with m = 30; [`MazeNet.progressive`][fprnn.models.maze_net.MazeNet.progressive])."""
 
-    def __init__(self, random_starts: float = 0.0, seed: int = 0, progressive: float = 0.0):
+    def __init__(self, random_starts: float = 0.0, seed: int = 0, progressive: float = 0.0,
+                 progressive_iters: int = 30):
         super().__init__("classification")
         self.random_starts, self.seed, self.progressive = float(random_starts), int(seed), float(progressive)
+        self.progressive_iters = positive_int("progressive_iters", progressive_iters)
         self.drawn: tuple[int, int] | None = None      # the last step's progressive (n, k)
 
     @classmethod
     def from_data(cls, data) -> "Mazes":
-        return cls(data.random_starts, data.seed, data.progressive)
+        return cls(data.random_starts, data.seed, data.progressive, data.progressive_iters)
 
     def _generator(self, step: int, stream: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 4 + stream)
@@ -287,7 +290,7 @@ class Mazes(Static):
         if not self.progressive or o.fault is not None:
             return o
         p, y = self._cast(model, batch)
-        m = int(model.layer.budget(tuple(p.shape[2:]))["solver"].get("max_iter", 1))
+        m = self.progressive_iters
         gen = self._generator(step, 1)
         n = int(torch.randint(0, m, (), generator=gen))
         k = int(torch.randint(1, m - n + 1, (), generator=gen))
