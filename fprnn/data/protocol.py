@@ -1,6 +1,8 @@
-"""What a data module offers the rest of fprnn, beside Lightning's data loaders: the training run
-([`fprnn.training.run`][fprnn.training.run]) reads these and nothing else, and the objective it names
-([`fprnn.training.objectives`][fprnn.training.objectives]) reads the batches.
+"""What a data module offers the rest of fprnn, beside Lightning's data loaders: what the training
+run ([`fprnn.training.run`][fprnn.training.run]) reads of any data module. The objective a data module
+names ([`fprnn.training.objectives`][fprnn.training.objectives]) reads its batches and may ask more of
+the data it serves: trials their ``condition_keys`` and ``trial_info``, mazes their sizes and
+counts, an E/I fit the static test set.
 
 [`ResumableData`][fprnn.data.datamodules.ResumableData] declares every member with the default of a
 static problem; a new data module subclasses it and sets what differs. ``missing`` names what a
