@@ -220,37 +220,55 @@ def _one_step(net, x, y, **options):
     return module
 
 
-def _bptt_reference_loss(net, x, y, mu, steps=4):
+def _bptt_reference_loss(net, x, y, mu, steps=4, mu_rho=0.0, target=0.9):
     """The loss bptt differentiates, written out on maps with torch's conv2d: the solve (no graph), then
     `steps` damped steps u ← u + ½(tanh(K ⋆ u + x) − u) with graph; the per-pixel cross-entropy of the head's
-    logits, plus mu · mean (tanh(K ⋆ u + x) − u)² per maze; the mean over mazes."""
+    logits, plus mu · mean (tanh(K ⋆ u + x) − u)² per maze, plus mu_rho · max(0, ‖G K ⋆ v‖ − target)² with
+    G = tanh'(K ⋆ u* + x) at the solve's state u* and v its power iteration's unit direction (no graph,
+    from the layer's seeded start); the mean over mazes."""
     import torch.nn.functional as F
     X, L = net.features(x.double()), net.layer
+    size = tuple(X.shape[2:])
     with torch.no_grad():
-        u = L.maps(L.fixed_point(L.rows(X), size=tuple(X.shape[2:])).solution.u, tuple(X.shape[2:])).clone()
-    g = lambda u: torch.tanh(F.conv2d(u, L.W, padding=L.kernel // 2) + X)     # noqa: E731
+        u = L.maps(L.fixed_point(L.rows(X), size=size).solution.u, size).clone()
+    conv = lambda v: F.conv2d(v, L.W, padding=L.kernel // 2)     # noqa: E731
+    g = lambda u: torch.tanh(conv(u) + X)     # noqa: E731
+    gain = 1 - torch.tanh(conv(u) + X).pow(2)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        v = L.maps(torch.randn((len(x), L.channels * size[0] * size[1]), generator=gen, dtype=torch.float64), size)
+        unit = lambda v: v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)     # noqa: E731
+        v = unit(v)
+        for _ in range(L.stability_iters):
+            v = unit(gain * conv(v))
+    growth = (gain * conv(v)).flatten(1).norm(dim=1)
+    u_star = u
     for _ in range(steps):
         u = u + 0.5 * (g(u) - u)
     ce = F.cross_entropy(net.head(u), y, reduction="none").flatten(1).mean(1)
-    return (ce + mu * (g(u) - u).pow(2).flatten(1).mean(1)).mean()
+    penalty = mu * (g(u) - u).pow(2).flatten(1).mean(1) + mu_rho * F.relu(growth - target).pow(2)
+    assert not mu_rho or bool((growth > target).any()) and torch.equal(u_star, u_star.detach())
+    return (ce + penalty).mean()
 
 
-@pytest.mark.parametrize("clip, mu", [(None, 0.0), (0.05, 0.0), (None, 0.7)])
-def test_bptt_trains_on_unsettled_mazes_through_their_iteration(clip, mu):
+@pytest.mark.parametrize("clip, mu, mu_rho", [(None, 0.0, 0.0), (0.05, 0.0, 0.0), (None, 0.7, 0.0), (None, 0.0, 3.0)])
+def test_bptt_trains_on_unsettled_mazes_through_their_iteration(clip, mu, mu_rho):
     """fault.unsettled=train: no maze settles in 5 iterations, yet the step is taken, and it is SGD on
     the gradient of the mean loss over every maze (clipped to a total norm, as torch clips; with the
-    settling penalty mu), against the unrolled iteration written out with conv2d."""
+    settling penalty mu, or the stability penalty mu_rho above ρ̂ = 0.5), against the unrolled iteration
+    and the power iteration written out with conv2d."""
     import copy
     x, y = mazes.collate([(k, mazes.draw(0, "train", 3, k)) for k in range(6)])
     options = dict(channels=4, head_channels=4, rule="bptt", sigma_W=1.0, max_norm=None, solver="iterate",
                    solver_kwargs={"max_iter": 5, "tol": 1e-9}, fallback=None, dtype="float64", bptt_steps=4)
     net = MazeNet(**options)
     ref = copy.deepcopy(net)
-    _bptt_reference_loss(ref, x, y, mu).backward()
+    _bptt_reference_loss(ref, x, y, mu, mu_rho=mu_rho, target=0.5).backward()
     if clip is not None:
         norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
         assert norm > 2 * clip                                # the clipping had something to do
-    module = _one_step(net, x, y, unsettled="train", clip_grad_norm=clip, settle_penalty=mu)
+    module = _one_step(net, x, y, unsettled="train", clip_grad_norm=clip, settle_penalty=mu,
+                       stability_penalty=mu_rho, stability_target=0.5)
     step = module.last_step
     assert not step.skipped and step.n_used == 0 and int(step.trained.sum()) == 6
     assert module.record.unconverged == 6 and module.record.faults == 0
@@ -277,6 +295,12 @@ def test_unsettled_clip_and_settle_options_name_what_is_allowed():
         FixedPointModule(net, rule="w3", settle_penalty=0.5)
     with pytest.raises(ValueError, match="settle_penalty must be a non-negative finite number .* got -1"):
         FixedPointModule(net, rule="bptt", settle_penalty=-1)
+    with pytest.raises(ValueError, match="stability_penalty=2 needs rule=bptt .* got rule='w1'"):
+        FixedPointModule(net, rule="w1", stability_penalty=2)
+    with pytest.raises(ValueError, match="stability_penalty must be a non-negative finite number .* got nan"):
+        FixedPointModule(net, rule="bptt", stability_penalty=float("nan"))
+    with pytest.raises(ValueError, match="stability_target must be a positive finite number .* got 0"):
+        FixedPointModule(net, rule="bptt", stability_penalty=1.0, stability_target=0)
 
 
 def test_random_starts_reach_the_one_fixed_point_of_a_contraction_from_elsewhere():

@@ -105,6 +105,18 @@ def power_radius(apply: Callable[[Tensor], Tensor], like: Tensor, iters: int = 3
     last half of ``iters`` steps, (‖v_k‖/‖v_{k/2}‖)^{2/k}. It converges like (|λ₂|/|λ₁|)^k and
     underestimates ρ when it has not; a complex dominant pair makes single-step ratios oscillate,
     which the averaged growth does not. An estimate, not a certificate."""
+    return power_iteration(apply, like, iters, seed)[1]
+
+
+def power_direction(apply: Callable[[Tensor], Tensor], like: Tensor, iters: int = 30, seed: int = 0) -> Tensor:
+    """Unit rows v (m, N) after ``iters`` steps of the power iteration of
+    [`power_radius`][fprnn.core.dynamics.power_radius]: about the dominant direction of each M_i, so that
+    ‖M_i v‖ — one more application, which autograd can differentiate — estimates ρ(M_i)."""
+    return power_iteration(apply, like, iters, seed)[0]
+
+
+def power_iteration(apply: Callable[[Tensor], Tensor], like: Tensor, iters: int, seed: int) -> tuple[Tensor, Tensor]:
+    """The last unit rows and the averaged growth over the last half of ``iters`` power steps."""
     gen = torch.Generator(device=like.device).manual_seed(seed)
     v = torch.randn(like.shape, generator=gen, dtype=like.dtype, device=like.device)
     v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
@@ -116,7 +128,7 @@ def power_radius(apply: Callable[[Tensor], Tensor], like: Tensor, iters: int = 3
         if k >= half:
             log_growth += norm.squeeze(1).log()
         v = v / norm
-    return (log_growth / (iters - half)).exp()
+    return v, (log_growth / (iters - half)).exp()
 
 
 DYNAMICS: dict[str, Dynamics] = {

@@ -100,13 +100,16 @@ class Report:
     and the fault (None: none). ``log``: a list that every recorded fault is appended to as well
     (a layer's running record of them). ``unrolled_residual``: under bptt, where a layer offers
     it, a function giving each sample's mean squared ‖g(u) − u‖ at the unrolled state u, with its
-    graph (how far the state the loss reads is from a fixed point; computed only when asked)."""
+    graph (how far the state the loss reads is from a fixed point; computed only when asked);
+    ``local_growth``, likewise, each sample's growth of a perturbation at its fixed point along
+    its dominant direction (about ρ(G_i W)), with its graph."""
     fixed_point: object
     used: Tensor
     delta: Tensor | None = None
     fault: str | None = None
     log: list | None = None
     unrolled_residual: Callable[[], Tensor] | None = None
+    local_growth: Callable[[], Tensor] | None = None
 
 
 def resolve_rule_kwargs(rule: str, kwargs: dict | None, layer) -> dict:

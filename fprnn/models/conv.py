@@ -41,7 +41,7 @@ from torch import nn
 from fprnn.core.checks import positive_int
 from fprnn.core import implicit, solvers
 from fprnn.core.activations import get_activation
-from fprnn.core.dynamics import get_dynamics, power_radius, row_gatherer
+from fprnn.core.dynamics import get_dynamics, power_direction, power_radius, row_gatherer
 from fprnn.models.dense import FixedPoint, get_dtype
 from fprnn.models.network import StaticNetwork
 from fprnn.core.operators import LAYOUTS, PADDINGS, Conv2d, to_maps, to_rows
@@ -271,6 +271,7 @@ class ConvFixedPointLayer(nn.Module):
             for _ in range(self.bptt_steps):
                 u = u + self.bptt_damping * (g(u) - u)
             self.report.unrolled_residual = lambda u=u: (g(u) - u).pow(2).mean(1)     # noqa: E731
+            self.report.local_growth = partial(self.local_growth, fp, s, spec.eta)
             u.register_hook(partial(implicit.record_delta, self.report, spec))
             return self.maps(u, size)
         r = implicit.attach(fp.r, fp.gain, self.W, None, None, s, spec, self.report,
@@ -294,6 +295,17 @@ class ConvFixedPointLayer(nn.Module):
         for _ in range(k):
             u = u + alpha * (g(u) - u)
         return self.maps(u, size)
+
+    def local_growth(self, fp: FixedPoint, x: Tensor, eta: float = 1.0) -> Tensor:
+        """‖G_i K ⋆ v_i‖ per sample (m,), with its graph to K (its gradient scaled by ``eta``) and to x:
+        the growth of a small perturbation along v_i, the direction that ``stability_iters`` power
+        steps at the fixed point find (no graph). About ρ(G_i K) — what a penalty on it can lower
+        where the loss needs a fixed point that plain iteration reaches."""
+        op = self.operator(size=fp.size)
+        v = power_direction(lambda w: fp.gain * op(w), fp.gain, self.stability_iters)
+        op = self.operator(implicit.scale_grad(self.W, eta), fp.size)
+        gain = self.act.df(op(fp.r.detach()) + x)
+        return torch.linalg.vector_norm(gain * op(v), dim=1)
 
     def stability(self, fp: FixedPoint) -> Tensor:
         """ρ(G_i W) per sample by power iteration ([`spectral_radius`][fprnn.models.conv.spectral_radius]); stable when < 1."""

@@ -16,7 +16,7 @@ from fprnn.core.checks import positive_int
 
 from fprnn.core.implicit import all_finite
 from fprnn.training import ddp
-from fprnn.training.objectives import Objective, Static
+from fprnn.training.objectives import Objective, Penalties, Static
 from fprnn.training.update import RunRecord, Step, backtrack
 
 Tensor = torch.Tensor
@@ -26,7 +26,7 @@ UNSETTLED = ("leave_out", "train")
 
 
 def _check_options(model, rule, lr, lr_readin, lr_readout, on_fault, max_faults, max_skipped,
-                   backtrack, unsettled, clip_grad_norm, settle_penalty) -> None:
+                   backtrack, unsettled, clip_grad_norm, penalties) -> None:
     """FixedPointModule's arguments, each bad one named with what is allowed."""
     if rule not in ALL_RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {ALL_RULES}")
@@ -52,12 +52,10 @@ def _check_options(model, rule, lr, lr_readin, lr_readout, on_fault, max_faults,
     if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
                                        or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0):
         raise ValueError(f"clip_grad_norm must be a positive finite number or null (off), got {clip_grad_norm!r}")
-    if isinstance(settle_penalty, bool) or not isinstance(settle_penalty, (int, float)) \
-            or not math.isfinite(settle_penalty) or settle_penalty < 0:
-        raise ValueError(f"settle_penalty must be a non-negative finite number (0: off), got {settle_penalty!r}")
-    if settle_penalty and rule != "bptt":
-        raise ValueError(f"settle_penalty={settle_penalty!r} needs rule=bptt (it penalizes the unrolled state's "
-                         f"distance from a fixed point), got rule={rule!r}")
+    for name, value, what in (("settle_penalty", penalties.settle, "the unrolled state's distance from a fixed point"),
+                              ("stability_penalty", penalties.stability, "the fixed point's local growth through K")):
+        if value and rule != "bptt":
+            raise ValueError(f"{name}={value!r} needs rule=bptt (it penalizes {what}, by autograd), got rule={rule!r}")
     if not any(True for _ in model.parameters()):
         raise ValueError("nothing to train: model.train_W, train_readin and train_readout are all false")
 
@@ -94,9 +92,11 @@ class FixedPointModule(pl.LightningModule):
     optimizer's step (Lightning's ``clip_gradients``; the trainer's own clipping does not run under
     manual optimization). ``settle_penalty`` μ > 0 (bptt, layers that report it: the conv layer)
     adds μ · mean ‖g(u) − u‖² at the unrolled state u to each sample's loss, so that the answer the
-    network learns to give is read from a fixed point rather than from an iteration still moving.
+    network learns to give is read from a fixed point rather than from an iteration still moving;
+    ``stability_penalty`` μ_ρ > 0 adds μ_ρ · max(0, ρ̂_i − ``stability_target``)², ρ̂_i about
+    ρ(G_i W) at the fixed point ([`Penalties`][fprnn.training.objectives.Penalties]).
     An objective refuses the options that do not apply to its problem (a network in time: step
-    control, ``max_nonconverged``, ``unsettled``, ``settle_penalty``).
+    control, ``max_nonconverged``, ``unsettled``, the penalties).
     """
 
     def __init__(self, model, objective: Objective | None = None, rule: str = "w3", lr: float = 0.25,
@@ -105,15 +105,18 @@ class FixedPointModule(pl.LightningModule):
                  lr_readout: float | None = None, readin: str = "reparam",
                  on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
                  max_skipped: float = 0.5, backtrack: int = 0, check_every: int = 50, eta: float | None = None,
-                 unsettled: str = "leave_out", clip_grad_norm: float | None = None, settle_penalty: float = 0.0):
+                 unsettled: str = "leave_out", clip_grad_norm: float | None = None, settle_penalty: float = 0.0,
+                 stability_penalty: float = 0.0, stability_target: float = 0.9):
         super().__init__()
         objective = Static() if objective is None else objective
         if not isinstance(objective, Objective):
             raise ValueError(f"objective must be an fprnn.training.objectives.Objective, got {objective!r}")
+        penalties = Penalties(settle_penalty, stability_penalty, stability_target)
         _check_options(model, rule, lr, lr_readin, lr_readout, on_fault, max_faults, max_skipped,
-                       backtrack, unsettled, clip_grad_norm, settle_penalty)
+                       backtrack, unsettled, clip_grad_norm, penalties)
         objective.check(model, dict(backtrack=backtrack, max_nonconverged=max_nonconverged,
-                                    settle_penalty=settle_penalty, unsettled=unsettled))
+                                    settle_penalty=settle_penalty, stability_penalty=stability_penalty,
+                                    unsettled=unsettled))
         objective.attach(model)
         self.automatic_optimization = False
         self.model, self.objective, self.rule_name, self.lr = model, objective, rule, float(lr)
@@ -125,7 +128,7 @@ class FixedPointModule(pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
         self.max_skipped, self.backtrack = float(max_skipped), backtrack
-        self.unsettled, self.clip_grad_norm, self.settle_penalty = unsettled, clip_grad_norm, float(settle_penalty)
+        self.unsettled, self.clip_grad_norm, self.penalties = unsettled, clip_grad_norm, penalties
         self.check_every = int(check_every)   # steps between rank-agreement checks (and each epoch)
         self.interrupt_requested = False      # set by fprnn.training.run's Ctrl-C handler
         self.fit_metrics: dict = {}           # the metrics at the end of fit (fprnn.training.run)
@@ -186,7 +189,7 @@ class FixedPointModule(pl.LightningModule):
         model.zero_grad(set_to_none=True)
         weights_before = [layer.W.detach().clone() for layer in model.layers]
         o = self.objective.forward_step(model, batch, step=self.global_step, unsettled=self.unsettled,
-                                        max_nonconverged=self.max_nonconverged, settle_penalty=self.settle_penalty)
+                                        max_nonconverged=self.max_nonconverged, penalties=self.penalties)
         step = Step(o.fps, o.losses.detach(), o.out.detach(), o.used, weights_before, trained=o.trained)
         step.graph_mb = o.graph_mb
         step.fault = ddp.sync_fault(strategy, self.world, o.fault, self.device)

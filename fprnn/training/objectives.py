@@ -18,6 +18,7 @@ here, registered in ``OBJECTIVES``: the module does not change.
 """
 from __future__ import annotations
 
+import math
 import resource
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -37,6 +38,40 @@ from fprnn.training.update import per_sample_loss, solution_fault
 
 Tensor = torch.Tensor
 SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """Terms added to each sample's loss under bptt, where a layer reports them (the conv layer):
+    ``settle`` μ · mean ‖g(u) − u‖² at the unrolled state u (the answer read from a fixed point,
+    not from an iteration still moving); ``stability`` μ_ρ · max(0, ρ̂_i − ``stability_target``)²,
+    ρ̂_i the growth of a perturbation along the dominant direction at the fixed point (about
+    ρ(G_i W): a fixed point that plain iteration reaches, where it is below 1). 0: off."""
+    settle: float = 0.0
+    stability: float = 0.0
+    stability_target: float = 0.9
+
+    def __post_init__(self):
+        for name, v in (("settle_penalty", self.settle), ("stability_penalty", self.stability)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a non-negative finite number (0: off), got {v!r}")
+        t = self.stability_target
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"stability_target must be a positive finite number (ρ below which the "
+                             f"stability penalty is 0), got {t!r}")
+
+    def __bool__(self) -> bool:
+        return bool(self.settle or self.stability)
+
+    def losses(self, model) -> Tensor | float:
+        """Each sample's penalty (with its graph), summed over the layers."""
+        out = 0.0
+        if self.settle:
+            out = out + self.settle * reported(model, "unrolled_residual", "settle_penalty")
+        if self.stability:
+            growth = reported(model, "local_growth", "stability_penalty")
+            out = out + self.stability * F.relu(growth - self.stability_target).pow(2)
+        return out
 
 
 @dataclass
@@ -79,7 +114,7 @@ class Objective(nn.Module, ABC):
 
     @abstractmethod
     def forward_step(self, model, batch, *, step: int, unsettled: str, max_nonconverged: float,
-                     settle_penalty: float) -> Outcome:
+                     penalties: Penalties) -> Outcome:
         """Forward through ``model`` at training step ``step``; the per-sample losses and the fault
         found before backward."""
 
@@ -160,15 +195,15 @@ class Static(Objective):
         """The training step's outputs (the same as evaluation's, unless a subclass starts elsewhere)."""
         return self._predict(model, p)
 
-    def forward_step(self, model, batch, *, step, unsettled, max_nonconverged, settle_penalty) -> Outcome:
+    def forward_step(self, model, batch, *, step, unsettled, max_nonconverged, penalties) -> Outcome:
         p, y = self._cast(model, batch)
         pred = self._train_predict(model, p, step)
         fps = [layer.report.fixed_point for layer in model.layers]
         used = model.used
         trained = torch.ones_like(used) if unsettled == "train" else used
         losses = per_sample_loss(self.task, pred, y)
-        if settle_penalty:
-            losses = losses + settle_penalty * unrolled_residual(model)
+        if penalties:
+            losses = losses + penalties.losses(model)
         fault = "non-finite input" if not all_finite(p) else \
             solution_fault(fps, None if unsettled == "train" else max_nonconverged)
         if fault is None and not all_finite(losses[trained]):
@@ -248,14 +283,14 @@ class Static(Objective):
         return out
 
 
-def unrolled_residual(model) -> Tensor:
-    """Σ over layers of each sample's mean ‖g(u) − u‖² at its unrolled state (with its graph)."""
-    res = [layer.report.unrolled_residual for layer in model.layers]
-    if any(r is None for r in res):
-        raise ValueError(f"settle_penalty needs layers that report their unrolled state's residual "
-                         f"(ConvFixedPointLayer under bptt); {type(model.layers[0]).__name__} does not: "
-                         f"set module.settle_penalty=0")
-    return sum(r() for r in res)
+def reported(model, what: str, option: str) -> Tensor:
+    """Σ over layers of the per-sample quantity ``what`` that each layer's report offers (with its
+    graph); a layer that offers none is named, with the option that asked for it."""
+    got = [getattr(layer.report, what, None) for layer in model.layers]
+    if any(r is None for r in got):
+        raise ValueError(f"{option} needs layers that report {what} (ConvFixedPointLayer under bptt); "
+                         f"{type(model.layers[0]).__name__} does not: set module.{option}=0")
+    return sum(r() for r in got)
 
 
 class Mazes(Static):
@@ -284,9 +319,9 @@ class Mazes(Static):
     def _generator(self, step: int, stream: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 4 + stream)
 
-    def forward_step(self, model, batch, *, step, unsettled, max_nonconverged, settle_penalty) -> Outcome:
+    def forward_step(self, model, batch, *, step, unsettled, max_nonconverged, penalties) -> Outcome:
         o = super().forward_step(model, batch, step=step, unsettled=unsettled, max_nonconverged=max_nonconverged,
-                                 settle_penalty=settle_penalty)
+                                 penalties=penalties)
         if not self.progressive or o.fault is not None:
             return o
         p, y = self._cast(model, batch)
@@ -421,8 +456,8 @@ class Trials(Objective):
                             "(set fault.backtrack=0)",
                "max_nonconverged": "does not apply to a network in time: a trial whose start does not converge "
                                    "starts from rest (set fault.max_nonconverged=0)",
-               "settle_penalty": "does not apply to a network in time (its trials are unrolled in time, not to a "
-                                 "fixed point): set module.settle_penalty=0"}
+               **{name: "does not apply to a network in time (its trials are unrolled in time, not to a "
+                        f"fixed point): set module.{name}=0" for name in ("settle_penalty", "stability_penalty")}}
         for name, reason in why.items():
             if options[name]:
                 raise ValueError(f"{name}={options[name]!r}: {reason}")
@@ -447,7 +482,7 @@ class Trials(Objective):
     def inputs(self, batch) -> Tensor:
         return batch["ob"]
 
-    def forward_step(self, model, batch, *, step, unsettled, max_nonconverged, settle_penalty) -> Outcome:
+    def forward_step(self, model, batch, *, step, unsettled, max_nonconverged, penalties) -> Outcome:
         with SavedBytes() as saved:
             logits = model(batch["ob"], batch["static"])
         losses = step_losses(logits, batch["gt"], batch["weight"])
