@@ -35,10 +35,11 @@ def bfs_parents(open_: np.ndarray, start):
     return parent
 
 
+@pytest.mark.parametrize("generator", ["dfs", "kruskal"])
 @pytest.mark.parametrize("cells", [2, 3, 5, 8])
-def test_every_maze_is_a_tree_and_its_target_is_the_bfs_path(cells):
+def test_every_maze_is_a_tree_and_its_target_is_the_bfs_path(cells, generator):
     for k in range(20):
-        x, y = mazes.draw(7, "train", cells, k)
+        x, y = mazes.draw(7, "train", cells, k, generator)
         open_, side = x[0].astype(bool), 2 * cells + 1
         assert x.shape == (3, side, side) and y.shape == (side, side)
         assert not open_[0].any() and not open_[-1].any() and not open_[:, 0].any() and not open_[:, -1].any()
@@ -53,6 +54,17 @@ def test_every_maze_is_a_tree_and_its_target_is_the_bfs_path(cells):
         while p is not None:
             path[p], p = True, parent[p]
         assert np.array_equal(path, y.astype(bool)) and y[s] == 1 and y[g] == 1
+
+
+def test_the_generators_differ_and_an_unknown_one_is_named():
+    """Kruskal's mazes have more dead ends (cells with one opening) than depth-first search's long corridors."""
+    def dead_ends(generator):
+        x = np.stack([mazes.draw(1, "test", 8, k, generator)[0][0] for k in range(30)]).astype(int)
+        joins = sum(np.roll(x, s, axis) for s in (1, -1) for axis in (1, 2))[:, 1::2, 1::2]
+        return int((joins == 1).sum())
+    assert dead_ends("kruskal") > 1.5 * dead_ends("dfs")
+    with pytest.raises(ValueError, match=r"unknown maze generator 'prim'; choose one of \['dfs', 'kruskal'\]"):
+        mazes.draw(0, "test", 4, 0, "prim")
 
 
 def test_mazes_are_seeded_by_seed_split_size_and_index_alone():
@@ -182,6 +194,33 @@ def test_a_trained_run_answers_mazes_from_a_file(tmp_path):
         pred = net(torch.from_numpy(x).float()).argmax(1).numpy()
     assert got["maze_acc"] == pytest.approx(float((pred == y).reshape(10, -1).all(1).mean()))
     assert got["pixel_acc"] == pytest.approx(float((pred == y).mean())) and got["height"] == 13
+    assert Path(res["settling_figure"]).is_file()
+
+    # larger mazes drawn by the CLI: each budget's point is a fresh solve with that budget (evaluate's)
+    from fprnn.analysis.mazes import evaluate
+    big = subprocess.run([sys.executable, "-m", "fprnn.mazes", str(run), "--cells", "5", "7", "--mazes", "6",
+                          "--generator", "kruskal", "--iters-per-side", "0.5,3", "--out", str(tmp_path / "big")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert big.returncode == 0, big.stderr
+    curves = json.loads(big.stdout.strip().splitlines()[-1])
+    assert curves == json.loads((tmp_path / "big" / "large_mazes.json").read_text())
+    assert (tmp_path / "big" / "large_mazes.png").is_file() and "| 7 | 15 | 45 |" in big.stdout
+    for c, budgets in ((5, (6, 33)), (7, (8, 45))):
+        xs, ys = mazes.collate([(k, mazes.draw(0, "test", c, k, "kruskal")) for k in range(6)])
+        assert sorted(map(int, curves[str(c)])) == list(budgets)
+        for b in budgets:
+            fresh = evaluate(net, xs, ys, budget={"solver": {**net.layer.solver_kwargs, "max_iter": b},
+                                                  "fallback": None})
+            point = curves[str(c)][str(b)]
+            assert point["maze_acc"] == pytest.approx(fresh["maze_acc"])
+            assert point["settled"] == pytest.approx(1 - fresh["unconverged"] / 6) and point["seconds_per_maze"] > 0
+    for argv, why in (([str(tmp_path / "m.npz"), "--cells", "5"], "give a mazes file or --cells (not both)"),
+                      (["--cells", "5", "--generator", "prim"], "unknown --generator 'prim'"),
+                      (["--cells", "1"], "--cells must be cells per side ≥ 2, got 1")):
+        bad = subprocess.run([sys.executable, "-m", "fprnn.mazes", str(run), *argv],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert bad.returncode == 2 and why in bad.stderr, bad.stderr
+
     np.savez(tmp_path / "bad.npz", inputs=x[:, :2], targets=y)
     bad = subprocess.run([sys.executable, "-m", "fprnn.mazes", str(run), str(tmp_path / "bad.npz")],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fprnn.core.checks import positive_int
 from fprnn.data.mazes import MazeDataModule, collate
 
 Tensor = torch.Tensor
@@ -53,11 +54,37 @@ def public(result: dict) -> dict:
 
 
 @torch.no_grad()
+def settling_curve(net, x: Tensor, y: Tensor, budgets=BUDGETS, batch: int = 250) -> dict[int, dict]:
+    """After each of ``budgets`` iterations of the layer's solver from rest (no fallback): the
+    whole-maze accuracy, the share of mazes settled (within the solver's tolerance) and the seconds
+    of solving a maze has taken. Each batch is solved once, continued from where the last budget
+    stopped: for (damped) iteration, whose state is all it carries, that is the same iteration as a
+    fresh solve with the larger budget, so the curve costs its largest budget rather than their sum
+    (an accelerated solver restarts its history at each budget)."""
+    budgets = sorted({positive_int("budget", b) for b in budgets})
+    net.eval()
+    right, settled, seconds = ({b: 0.0 for b in budgets} for _ in range(3))
+    for i in range(0, len(x), batch):
+        xb, yb = x[i:i + batch], y[i:i + batch]
+        u, done, spent = None, 0, 0.0
+        for b in budgets:
+            t0 = time.perf_counter()
+            out = net(xb, u, {"solver": {**net.layer.solver_kwargs, "max_iter": b - done}, "fallback": None})
+            spent += time.perf_counter() - t0
+            sol = net.layer.report.fixed_point.solution
+            right[b] += int((out.argmax(1) == yb.to(out.device)).flatten(1).all(1).sum())
+            settled[b] += int(sol.converged.sum())
+            seconds[b] += spent
+            u, done = net.layer.maps(sol.u, tuple(xb.shape[2:])), b
+    n = len(x)
+    return {b: {"maze_acc": right[b] / n, "settled": settled[b] / n, "seconds_per_maze": seconds[b] / n}
+            for b in budgets}
+
+
 def budget_curve(net, x: Tensor, y: Tensor, budgets=BUDGETS) -> dict:
     """Maze accuracy when the solver from rest stops after each budget of iterations (no fallback):
-    does more settling solve larger mazes?"""
-    return {int(b): evaluate(net, x, y, budget={"solver": {**net.layer.solver_kwargs, "max_iter": int(b)},
-                                                 "fallback": None})["maze_acc"] for b in budgets}
+    does more settling solve larger mazes? (`settling_curve`'s accuracies.)"""
+    return {b: point["maze_acc"] for b, point in settling_curve(net, x, y, budgets).items()}
 
 
 def stacked(ds) -> tuple[Tensor, Tensor]:
@@ -67,7 +94,9 @@ def stacked(ds) -> tuple[Tensor, Tensor]:
 def maze_report(net, data: MazeDataModule, run_dir: Path | None = None, log=print) -> dict:
     """After training: the test mazes of the training size and of every ``test_cells`` size —
     accuracy, solver iterations, the accuracy-against-budget curve, and path independence (the fixed
-    points and answers from random starts against those from rest) — and a figure."""
+    points and answers from random starts against those from rest) — and two figures: mazes.png
+    (mazes, answers, the fixed point's most varied channels) and settling.png (accuracy against
+    iterations, a line per size)."""
     out: dict = {"extrapolation": {}, "budget_curve": {}, "path_independence": {}}
     sizes = [data.cells, *data.test_cells]
     shown = {}
@@ -90,6 +119,7 @@ def maze_report(net, data: MazeDataModule, run_dir: Path | None = None, log=prin
             f"{rand['maze_acc']:.3f} (largest state gap {float(gap.max()):.2g}) [{time.perf_counter() - t0:.0f} s]")
     if run_dir is not None:
         out["maze_figure"] = str(figure(net, shown, Path(run_dir) / "mazes.png"))
+        out["settling_figure"] = str(curve_figure(out["budget_curve"], Path(run_dir) / "settling.png"))
     return out
 
 
@@ -119,5 +149,31 @@ def figure(net, shown: dict, path: Path, channels: int = 3) -> Path:
             ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def curve_figure(curves: dict, path: Path) -> Path:
+    """Whole-maze accuracy (solid) and the share settled (dashed, where recorded) against the
+    solver's iterations, a line per maze size: ``curves`` {cells: {iterations: accuracy, or a
+    `settling_curve` point}}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for c, curve in sorted(curves.items(), key=lambda kv: int(kv[0])):
+        its = sorted(curve, key=int)
+        points = [curve[b] if isinstance(curve[b], dict) else {"maze_acc": curve[b]} for b in its]
+        line, = ax.plot([int(b) for b in its], [p["maze_acc"] for p in points], marker="o", ms=3,
+                        label=f"{c} cells ({2 * int(c) + 1} px)")
+        if all("settled" in p for p in points):
+            ax.plot([int(b) for b in its], [p["settled"] for p in points], ls="--", color=line.get_color(), lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("iterations from rest")
+    ax.set_ylabel("whole-maze accuracy (dashed: settled)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -63,6 +63,38 @@ def carve(cells: int, rng: np.random.Generator) -> np.ndarray:
     return open_
 
 
+def carve_kruskal(cells: int, rng: np.random.Generator) -> np.ndarray:
+    """The open pixels of a randomized-Kruskal maze of c cells per side: the walls between adjacent
+    cells in random order, each opened when it joins two cells not yet connected (a union–find). A
+    spanning tree as depth-first search's, with many short dead ends where that one has long
+    corridors: mazes from a generator that training never saw."""
+    if isinstance(cells, bool) or not isinstance(cells, (int, np.integer)) or cells < 2:
+        raise ValueError(f"a maze needs at least 2 cells per side, got {cells!r}")
+    side = 2 * cells + 1
+    open_ = np.zeros((side, side), dtype=bool)
+    open_[1::2, 1::2] = True
+    root = np.arange(cells * cells)
+
+    def find(a: int) -> int:
+        while root[a] != a:
+            root[a] = root[root[a]]
+            a = int(root[a])
+        return a
+    walls = [(i, j, i + di, j + dj) for i in range(cells) for j in range(cells) for di, dj in ((0, 1), (1, 0))
+             if i + di < cells and j + dj < cells]
+    for w in rng.permutation(len(walls)):
+        i, j, a, b = walls[w]
+        ra, rb = find(i * cells + j), find(a * cells + b)
+        if ra != rb:
+            root[ra] = rb
+            open_[i + a + 1, j + b + 1] = True
+    return open_
+
+
+#: how a maze's open pixels are made: ``dfs`` (training's) or ``kruskal``
+GENERATORS = {"dfs": carve, "kruskal": carve_kruskal}
+
+
 def tree_path(open_: np.ndarray, start: tuple[int, int], goal: tuple[int, int]) -> np.ndarray:
     """The pixels (bool map) of the path from pixel ``start`` to pixel ``goal`` through open
     pixels: a depth-first walk that keeps its parents (in a tree the path is unique)."""
@@ -88,9 +120,12 @@ def tree_path(open_: np.ndarray, start: tuple[int, int], goal: tuple[int, int]) 
     return path
 
 
-def make_maze(cells: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One maze: inputs (3, H, W) float32 (open, start, goal) and target (H, W) int64 (1 on the path)."""
-    open_ = carve(cells, rng)
+def make_maze(cells: int, rng: np.random.Generator, generator: str = "dfs") -> tuple[np.ndarray, np.ndarray]:
+    """One maze: inputs (3, H, W) float32 (open, start, goal) and target (H, W) int64 (1 on the path);
+    its open pixels from ``generator`` (`GENERATORS`)."""
+    if generator not in GENERATORS:
+        raise ValueError(f"unknown maze generator {generator!r}; choose one of {sorted(GENERATORS)}")
+    open_ = GENERATORS[generator](cells, rng)
     a, b = rng.choice(cells * cells, size=2, replace=False)
     start, goal = (2 * (a // cells) + 1, 2 * (a % cells) + 1), (2 * (b // cells) + 1, 2 * (b % cells) + 1)
     x = np.zeros((3, *open_.shape), dtype=np.float32)
@@ -98,9 +133,10 @@ def make_maze(cells: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
     return x, tree_path(open_, start, goal).astype(np.int64)
 
 
-def draw(seed: int, split: str, cells: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Maze k of ``split`` at ``cells`` per side (see the module docstring for the seeding)."""
-    return make_maze(cells, maze_rng(seed, split, cells, k))
+def draw(seed: int, split: str, cells: int, k: int, generator: str = "dfs") -> tuple[np.ndarray, np.ndarray]:
+    """Maze k of ``split`` at ``cells`` per side (see the module docstring for the seeding), from
+    ``generator``."""
+    return make_maze(cells, maze_rng(seed, split, cells, k), generator)
 
 
 def _cells(name: str, v) -> int:

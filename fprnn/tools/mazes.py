@@ -3,18 +3,26 @@
     python -m fprnn.mazes RUN_DIR FILE.npz
 
 reads ``inputs`` (n, 3, H, W) and ``targets`` (n, H, W) and prints, last, one JSON line with
-``maze_acc`` (every pixel right) and ``pixel_acc``."""
+``maze_acc`` (every pixel right) and ``pixel_acc``. On larger mazes it draws, by settling longer:
+
+    python -m fprnn.mazes RUN_DIR --cells 16 32 64 --mazes 100 --generator kruskal
+
+prints a table — at each size and budget (iterations a pixel of the side, ``--iters-per-side``),
+the whole-maze accuracy, the share settled and the seconds a maze took — and, last, one JSON line
+of it; ``--out DIR`` also writes it (large_mazes.json) and its figure (large_mazes.png)."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fprnn.analysis.mazes import evaluate, public
+from fprnn.analysis.mazes import curve_figure, evaluate, public, settling_curve
+from fprnn.data.mazes import GENERATORS, collate, draw
 
 Tensor = torch.Tensor
 
@@ -42,25 +50,79 @@ def read_mazes(path: Path) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
 
 
+def large_mazes(net, cells, n: int, generator: str, seed: int, iters_per_side, log=print) -> dict:
+    """{cells: {iterations: settling_curve point}} on n mazes of each size from ``generator``
+    (test split, ``seed``), with budgets of each of ``iters_per_side`` iterations a pixel of the side."""
+    out = {}
+    for c in cells:
+        x, y = collate([(k, draw(seed, "test", c, k, generator)) for k in range(n)])
+        side = 2 * c + 1
+        out[c] = settling_curve(net, x, y, [math.ceil(k * side) for k in iters_per_side], batch=n)
+        for its, point in out[c].items():
+            log(f"| {c} | {side} | {its} | {point['maze_acc']:.3f} | {point['settled']:.3f} | "
+                f"{point['seconds_per_maze']:.3f} |")
+    return out
+
+
 def main(argv=None) -> dict:
     from fprnn.models.maze_net import MazeNet
     parser = argparse.ArgumentParser(prog="python -m fprnn.mazes", description="A trained maze run on mazes from "
-                                     "a file; the last line printed is JSON with maze_acc and pixel_acc.")
+                                     "a file, or on larger mazes it draws (--cells); the last line printed is JSON.")
     parser.add_argument("run_dir", type=Path, help="a run directory of experiment=mazes (model.json, weights.pt)")
-    parser.add_argument("file", type=Path, help=".npz with inputs (n, 3, H, W) and targets (n, H, W)")
+    parser.add_argument("file", type=Path, nargs="?", help=".npz with inputs (n, 3, H, W) and targets (n, H, W)")
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--cells", type=int, nargs="+", help="draw mazes of these cells per side instead of a file")
+    parser.add_argument("--mazes", type=int, default=100, help="mazes of each size (--cells)")
+    parser.add_argument("--generator", default="dfs", help=f"how drawn mazes are made: {sorted(GENERATORS)}")
+    parser.add_argument("--seed", type=int, default=0, help="the drawn mazes' seed (test split)")
+    parser.add_argument("--iters-per-side", type=positive_float_list, default=[1, 2, 4, 8, 16],
+                        help="budgets, in iterations a pixel of the side (comma-separated)")
+    parser.add_argument("--out", type=Path, help="write large_mazes.json and large_mazes.png here")
     args = parser.parse_args(argv)
     try:
+        if (args.file is None) == (args.cells is None):
+            raise ValueError("give a mazes file or --cells (not both)")
+        if args.cells is not None:
+            for c in args.cells:
+                if c < 2:
+                    raise ValueError(f"--cells must be cells per side ≥ 2, got {c}")
+            if args.mazes < 1:
+                raise ValueError(f"--mazes must be ≥ 1, got {args.mazes}")
+            if args.generator not in GENERATORS:
+                raise ValueError(f"unknown --generator {args.generator!r}; choose one of {sorted(GENERATORS)}")
         net = MazeNet.load(args.run_dir)
-        x, y = read_mazes(args.file)
+        x, y = (None, None) if args.file is None else read_mazes(args.file)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    if args.cells is not None:
+        print(f"{args.mazes} {args.generator} mazes a size (seed {args.seed}), solved from rest\n"
+              f"| cells | side (px) | iterations | whole-maze acc | settled | s a maze |\n| --- | --- | --- | --- | --- | --- |",
+              flush=True)
+        curves = large_mazes(net, args.cells, args.mazes, args.generator, args.seed, args.iters_per_side,
+                             log=lambda line: print(line, flush=True))
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "large_mazes.json").write_text(json.dumps(curves, indent=1))
+            curve_figure(curves, args.out / "large_mazes.png")
+        print(json.dumps(curves), flush=True)
+        return curves
     print(f"{len(x)} mazes of {x.shape[2]}×{x.shape[3]} pixels from {args.file}", flush=True)
     out = public(evaluate(net, x, y, batch=args.batch))
     out.update(mazes=len(x), height=int(x.shape[2]), width=int(x.shape[3]))
     print(json.dumps(out), flush=True)
     return out
+
+
+def positive_float_list(text: str) -> list[float]:
+    """'1,2,4' → [1.0, 2.0, 4.0], each > 0."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
 
 
 if __name__ == "__main__":
