@@ -252,7 +252,7 @@ def _one_step(net, x, y, **options):
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset
     from fprnn.training.module import FixedPointModule
-    module = FixedPointModule(net, rule="bptt", lr=1.0, eta=1.0, readin="gradient", **options)
+    module = FixedPointModule(net, rule="bptt", lr=1.0, readin="gradient", **options)
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          limit_val_batches=0, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=len(x)))

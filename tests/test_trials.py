@@ -286,7 +286,7 @@ def test_two_devices_equal_one_device_for_a_network_in_time(tmp_path):
     padded trials of different lengths on each device: 2 processes = 1 process."""
     from test_ddp import run_ddp
     over = ["experiment=cdm", "progress_bar=false", "logger=csv", "model.dtype=float64", "model.N=32",
-            "solver.kwargs.tol=1e-12", "optimizer=sgd", "lr=0.2", "data.batch_size=16", "data.train_trials=160",
+            "solver.kwargs.tol=1e-12", "optimizer=sgd", "optimizer.lr=0.2", "data.batch_size=16", "data.train_trials=160",
             "data.test_trials=32", "data.val_trials=32", "trainer.max_steps=8", "trainer.limit_val_batches=0",
             "data.kwargs={timing:{delay:[100,200,300,400]}}", "module.check_every=4"]
     cfg = make_cfg(over, tmp_path / "one")

@@ -110,14 +110,14 @@ PRESETS["convrec"] = {"base": ["experiment=convrec_mnist", "data.train_subset=12
 #: point, so its mazes must settle — Anderson, σ_W 0.5, rk23 for the slow ones, a quarter of a batch left out
 MAZE_RULE_SETTINGS = ["solver=anderson", "model.sigma_W=0.5", "model.fallback=default", "model.iters_per_side=8",
                       "fault.unsettled=leave_out", "fault.max_nonconverged=0.25", "module.clip_grad_norm=null",
-                      "module.eta=null", "~scheduler", "data.train_mazes=20000", "trainer.max_epochs=4"]
+                      "~scheduler", "data.train_mazes=20000", "trainer.max_epochs=4"]
 PRESETS["mazes"] = {"base": ["experiment=mazes"],
-                    "points": [(name, rule, "3e-3", extra, {"method": label}) for name, rule, extra, label in (
-                        ("bptt", "bptt", [], "bptt through plain iteration from rest (the preset)"),
-                        ("ff", "bptt", ["model.recurrent=false"], "K ≡ 0 (feed-forward), the preset's training"),
-                        ("w3", "w3", MAZE_RULE_SETTINGS, "w3 (Anderson, σ_W 0.5, unsettled left out)"),
-                        ("w1", "w1", MAZE_RULE_SETTINGS, "w1 (gradient; as w3)"),
-                        ("jfb", "jfb", MAZE_RULE_SETTINGS, "jfb (as w3)"))],
+                    "points": [(name, rule, eta, extra, {"method": label}) for name, rule, eta, extra, label in (
+                        ("bptt", "bptt", "1", [], "bptt through plain iteration from rest (the preset)"),
+                        ("ff", "bptt", "1", ["model.recurrent=false"], "K ≡ 0 (feed-forward), the preset's training"),
+                        ("w3", "w3", "3e-3", MAZE_RULE_SETTINGS, "w3 (Anderson, σ_W 0.5, unsettled left out)"),
+                        ("w1", "w1", "3e-3", MAZE_RULE_SETTINGS, "w1 (gradient; as w3)"),
+                        ("jfb", "jfb", "3e-3", MAZE_RULE_SETTINGS, "jfb (as w3)"))],
                     "lr": [],
                     "columns": ["method", "status", "test_maze_acc", "test_acc", "maze_acc_6", "maze_acc_9",
                                 "maze_acc_12", "maze_acc_16", "best_epoch", "wall_s", "faults", "unconverged"],
@@ -142,9 +142,9 @@ def _timescales_points() -> list[tuple[str, str, str, list[str], dict]]:
         for static_ms in (300, 2000, 5000):
             for start in ("fixed_point", "rest"):
                 for seed in (0, 1, 2):
-                    points.append((f"{task.split('-')[0]}_{static_ms}ms_{start}_s{seed}", "w3", "0.01",
+                    points.append((f"{task.split('-')[0]}_{static_ms}ms_{start}_s{seed}", "w3", "1",
                                    [f"data.task={task}", f"data.kwargs={kwargs % static_ms}", f"model.start={start}",
-                                    f"seed={seed}"],
+                                    f"seed={seed}", "optimizer.lr=0.01"],
                                    {"task": task.split("-")[0], "static_ms": static_ms, "start": start, "seed": seed}))
     return points
 
@@ -168,8 +168,9 @@ def _neurogym_points() -> list[tuple[str, str, str, list[str], dict]]:
             for start in ("fixed_point", "rest"):
                 if refused[task] and (start, seed) != ("fixed_point", 0):
                     continue
-                points.append((f"{task.split('-v')[0]}_{start}_s{seed}", "w3", "0.01",
-                               [f"data.task={task}", "data.kwargs={}", f"model.start={start}", f"seed={seed}"],
+                points.append((f"{task.split('-v')[0]}_{start}_s{seed}", "w3", "1",
+                               [f"data.task={task}", "data.kwargs={}", f"model.start={start}", f"seed={seed}",
+                                "optimizer.lr=0.01"],
                                {"task": task, "start": start, "seed": seed}))
     return points
 

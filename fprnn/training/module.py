@@ -73,8 +73,10 @@ class FixedPointModule(pl.LightningModule):
     at each epoch end. Read-in (V_ℓ, b_ℓ) and read-out (W_out, b_out) tensors
     are their own parameter groups, with learning rates ``lr_readin`` / ``lr_readout`` (default:
     the optimizer's). ``readin="reparam"`` (default) moves read-ins by the reparameterized step,
-    ``"gradient"`` by their gradient (docs/concepts/stacks.md). ``eta``: the rules' η when it is not ``lr``
-    (a network in time, whose W also takes BPTT's gradient, gives its rule η = 1 unless told).
+    ``"gradient"`` by their gradient (docs/concepts/stacks.md). ``lr`` is the rule's η, and only that:
+    the optimizer's own step is its ``lr`` (a factory's argument, ``optimizer.lr`` in the config).
+    Under bptt, η scales K's gradient (1: autograd's); a network in time, whose W also takes BPTT's
+    gradient, is given η = 1 by its presets.
 
     Faults — fixed points that did not converge (more than ``max_nonconverged`` of the batch, for
     solvers with a tolerance; fewer are left out of the update and counted), NaN/inf in r, the
@@ -104,7 +106,7 @@ class FixedPointModule(pl.LightningModule):
                  scheduler: Callable | None = None, lr_readin: float | None = None,
                  lr_readout: float | None = None, readin: str = "reparam",
                  on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
-                 max_skipped: float = 0.5, backtrack: int = 0, check_every: int = 50, eta: float | None = None,
+                 max_skipped: float = 0.5, backtrack: int = 0, check_every: int = 50,
                  unsettled: str = "leave_out", clip_grad_norm: float | None = None, settle_penalty: float = 0.0,
                  stability_penalty: float = 0.0, stability_target: float = 0.9):
         super().__init__()
@@ -121,10 +123,9 @@ class FixedPointModule(pl.LightningModule):
         self.automatic_optimization = False
         self.model, self.objective, self.rule_name, self.lr = model, objective, rule, float(lr)
         self.lr_readin, self.lr_readout, self.readin = lr_readin, lr_readout, readin
-        eta = objective.default_eta if eta is None else eta
         # faults are recorded, not raised, in backward: with several devices a raise there would
         # leave the other ranks waiting in their all-reduce
-        model.set_backward(rule, lr if eta is None else eta, rule_kwargs, readin=readin, throw=False)
+        model.set_backward(rule, lr, rule_kwargs, readin=readin, throw=False)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
         self.max_skipped, self.backtrack = float(max_skipped), backtrack

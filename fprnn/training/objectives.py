@@ -97,10 +97,6 @@ class Objective(nn.Module, ABC):
     """A problem's losses and metrics (an ``nn.Module``: its metrics move with the module to the
     device and reset with Lightning's epochs)."""
 
-    #: the rules' η when the module is given none: None is the module's ``lr`` (the paper's
-    #: step); a network in time, whose W also takes BPTT's gradient, gives its rule η = 1
-    default_eta: float | None = None
-
     def check(self, model, options: dict) -> None:
         """Refuse, naming it, a module option that does not apply to this problem."""
 
@@ -437,7 +433,6 @@ class Trials(Objective):
     steps of weight > 0 ([`WeightedR2`][fprnn.training.objectives.WeightedR2])."""
 
     TARGETS = ("actions", "continuous")
-    default_eta = 1.0
 
     def __init__(self, targets: str = "actions"):
         super().__init__()
