@@ -240,6 +240,16 @@ def _rule_backward(W, V, s, r, gain, grad_r, spec, report, need, operator):
     return out
 
 
+def unroll(g: Callable[[Tensor], Tensor], u: Tensor, steps: int, damping: float = 1.0) -> Tensor:
+    """``steps`` damped steps u ← u + α(g(u) − u) from u (α = ``damping``), with autograd's graph
+    through each where grad is enabled: BPTT's backward (truncated from a fixed point, or the whole
+    forward pass from rest) and the progressive loss's iterations. Every layer unrolls through this
+    loop, so a backward by autograd differs between layers only in its map g."""
+    for _ in range(steps):
+        u = u + damping * (g(u) - u)
+    return u
+
+
 def record_delta(report: Report, spec: RuleBackward, grad_r: Tensor) -> None:
     """Keep the per-sample errors δ_i = n·∂loss/∂r_i of the samples used in ``report``."""
     n = spec.norm(len(grad_r))

@@ -267,9 +267,7 @@ class ConvFixedPointLayer(nn.Module):
             return self.maps(fp.r, size)
         if spec.rule == "bptt":
             g = self._state_map(self.operator(implicit.scale_grad(self.W, spec.eta), size), s)
-            u = fp.solution.u
-            for _ in range(self.bptt_steps):
-                u = u + self.bptt_damping * (g(u) - u)
+            u = implicit.unroll(g, fp.solution.u, self.bptt_steps, self.bptt_damping)
             self.report.unrolled_residual = lambda u=u: (g(u) - u).pow(2).mean(1)     # noqa: E731
             self.report.local_growth = partial(self.local_growth, fp, s, spec.eta)
             u.register_hook(partial(implicit.record_delta, self.report, spec))
@@ -287,14 +285,9 @@ class ConvFixedPointLayer(nn.Module):
         s = self.rows(x.to(self.W.dtype))
         alpha = float(self.solver_kwargs.get("damping", 1.0))
         with torch.no_grad():
-            g = self._state_map(self.operator(size=size), s.detach())
-            u = torch.zeros_like(s)
-            for _ in range(n):
-                u = u + alpha * (g(u) - u)
+            u = implicit.unroll(self._state_map(self.operator(size=size), s.detach()), torch.zeros_like(s), n, alpha)
         g = self._state_map(self.operator(implicit.scale_grad(self.W, self.backward_rule.eta), size), s)
-        for _ in range(k):
-            u = u + alpha * (g(u) - u)
-        return self.maps(u, size)
+        return self.maps(implicit.unroll(g, u, k, alpha), size)
 
     def local_growth(self, fp: FixedPoint, x: Tensor, eta: float = 1.0) -> Tensor:
         """‖G_i K ⋆ v_i‖ per sample (m,), with its graph to K (its gradient scaled by ``eta``) and to x:

@@ -265,9 +265,7 @@ class Layer(nn.Module):
             u = self.fixed_point(x, u0).solution.u
             steps, damping = self.bptt_steps, self.bptt_damping
         g = self.dyn.state_map(self.W if W is None else W, x, self.act)
-        for _ in range(steps):
-            u = u + damping * (g(u) - u)
-        return self.dyn.rate(u, self.act)
+        return self.dyn.rate(implicit.unroll(g, u, steps, damping), self.act)
 
     def stability(self, fp: FixedPoint) -> Tensor:
         """Per-sample stability value (max Re λ(G_i W) or ρ(G_i W), with time constants
