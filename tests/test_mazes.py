@@ -407,3 +407,39 @@ def test_the_progressive_loss_is_the_weighted_sum_with_the_iteration_written_out
         torch.testing.assert_close(after.detach(), (before - before.grad).detach(), atol=1e-12, rtol=0, msg=name)
     with pytest.raises(ValueError, match=r"progressive must be the progressive loss's weight α in \[0, 1\], got 2"):
         mazes.MazeDataModule(progressive=2)
+
+
+def test_a_bptt_warmup_then_the_rule_is_the_two_runs_one_after_the_other():
+    """module.warmup_steps=2 with rule=w3: the first two steps are bptt's (η warmup_lr, unsettled mazes
+    trained on), the third w3's — the same weights as two bptt steps, then one w3 step from them."""
+    import copy
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+    from fprnn.training.module import FixedPointModule
+    x, y = mazes.collate([(k, mazes.draw(0, "train", 3, k)) for k in range(9)])
+    options = dict(channels=4, head_channels=4, rule="w3", sigma_W=1.0, max_norm=0.6, solver="iterate",
+                   solver_kwargs={"max_iter": 300, "tol": 1e-11}, fallback=None, dtype="float64", bptt_steps=4)
+
+    def fit(net, batches, **module_options):
+        module = FixedPointModule(net, readin="gradient", **module_options)
+        trainer = pl.Trainer(max_steps=len(batches), logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
+        data = TensorDataset(torch.cat([x[b] for b in batches]), torch.cat([y[b] for b in batches]))
+        trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=3))
+        return module
+
+    thirds = [slice(0, 3), slice(3, 6), slice(6, 9)]
+    scheduled = MazeNet(**options)
+    two = copy.deepcopy(scheduled)
+    module = fit(scheduled, thirds, rule="w3", lr=0.3, warmup_steps=2, warmup_lr=0.5)
+    assert module.phase == "rule" and module.record.faults == 0
+    fit(two, thirds[:2], rule="bptt", lr=0.5, unsettled="train")
+    after_bptt = copy.deepcopy(two.state_dict())
+    fit(two, thirds[2:], rule="w3", lr=0.3)
+    assert not torch.equal(after_bptt["layers.0.W"], two.state_dict()["layers.0.W"])     # w3 moved K
+    for name, t in two.state_dict().items():
+        torch.testing.assert_close(scheduled.state_dict()[name], t, atol=1e-12, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="warmup_steps=5 is a BPTT warm-up before a rule; rule=bptt"):
+        FixedPointModule(MazeNet(channels=2, head_channels=2), rule="bptt", warmup_steps=5)
+    with pytest.raises(ValueError, match="warmup_steps must be a count of BPTT steps ≥ 0 .* got -1"):
+        FixedPointModule(MazeNet(channels=2, head_channels=2), rule="w3", warmup_steps=-1)

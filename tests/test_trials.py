@@ -3,6 +3,7 @@ BPTT against independent references — autograd through a long settling from re
 explicit per-sample w3 step — padding that leaves no trace, and trials that are the same in every
 run with one seed."""
 import json
+import re
 
 import pytest
 import torch
@@ -356,3 +357,15 @@ def test_a_network_in_time_resumes_from_its_checkpoint(tmp_path):
     more = train(quick(tmp_path, "model.N=16", "data.train_trials=64", "data.batch_size=32", "trainer.max_epochs=2",
                        "resume=true"))
     assert more["status"] == "finished" and more["steps"] == 4 and more["epochs"] == 2
+
+
+@pytest.mark.parametrize("option, value, why", [
+    ("backtrack", 2, "step control re-solves a static network's batch"),
+    ("max_nonconverged", 0.5, "a trial whose start does not converge starts from rest"),
+    ("warmup_steps", 10, "set module.warmup_steps=0"),
+])
+def test_a_network_in_time_refuses_the_options_of_a_static_one(option, value, why):
+    from fprnn.training.module import FixedPointModule
+    from fprnn.training.objectives import Trials
+    with pytest.raises(ValueError, match=rf"{option}={value}: .*{re.escape(why)}"):
+        FixedPointModule(TrialRNN(8, 3, 2, seed=0), Trials(), rule="w3", **{option: value})

@@ -60,6 +60,17 @@ def _check_options(model, rule, lr, lr_readin, lr_readout, on_fault, max_faults,
         raise ValueError("nothing to train: model.train_W, train_readin and train_readout are all false")
 
 
+def _check_warmup(rule: str, warmup_steps, warmup_lr) -> None:
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be a count of BPTT steps ≥ 0 (0 = none), got {warmup_steps!r}")
+    if warmup_steps and rule == "bptt":
+        raise ValueError(f"warmup_steps={warmup_steps} is a BPTT warm-up before a rule; rule=bptt has nothing to "
+                         f"warm up to (set module.warmup_steps=0, or a rule: w3, w1, jfb, …)")
+    if isinstance(warmup_lr, bool) or not isinstance(warmup_lr, (int, float)) or not math.isfinite(warmup_lr) \
+            or warmup_lr <= 0:
+        raise ValueError(f"warmup_lr must be a positive finite number (the warm-up's BPTT η), got {warmup_lr!r}")
+
+
 class FixedPointModule(pl.LightningModule):
     """Trains a fixed-point network — a stack ([`FixedPointRNN`][fprnn.models.dense.FixedPointRNN]), a conv net, a
     network in time ([`TrialRNN`][fprnn.TrialRNN]) — on the problem its ``objective`` describes
@@ -97,8 +108,13 @@ class FixedPointModule(pl.LightningModule):
     network learns to give is read from a fixed point rather than from an iteration still moving;
     ``stability_penalty`` μ_ρ > 0 adds μ_ρ · max(0, ρ̂_i − ``stability_target``)², ρ̂_i about
     ρ(G_i W) at the fixed point ([`Penalties`][fprnn.training.objectives.Penalties]).
+    ``warmup_steps`` k > 0 (a rule other than bptt): the first k steps are BPTT's, with η
+    ``warmup_lr`` and the unsettled samples trained on as ``unsettled="train"`` does; from step k on,
+    the ``rule`` (its mazes must settle: the unsettled are left out) — IT-Net's schedule (Knutson et
+    al. 2024: BPTT first, then the implicit backward), so that the rule starts from a network whose
+    solves settle. A resumed run takes up the phase of its step.
     An objective refuses the options that do not apply to its problem (a network in time: step
-    control, ``max_nonconverged``, ``unsettled``, the penalties).
+    control, ``max_nonconverged``, ``unsettled``, the penalties, a warm-up).
     """
 
     def __init__(self, model, objective: Objective | None = None, rule: str = "w3", lr: float = 0.25,
@@ -108,7 +124,8 @@ class FixedPointModule(pl.LightningModule):
                  on_fault: str = "skip", max_faults: int = 10, max_nonconverged: float = 0.0,
                  max_skipped: float = 0.5, backtrack: int = 0, check_every: int = 50,
                  unsettled: str = "leave_out", clip_grad_norm: float | None = None, settle_penalty: float = 0.0,
-                 stability_penalty: float = 0.0, stability_target: float = 0.9):
+                 stability_penalty: float = 0.0, stability_target: float = 0.9, warmup_steps: int = 0,
+                 warmup_lr: float = 1.0):
         super().__init__()
         objective = Static() if objective is None else objective
         if not isinstance(objective, Objective):
@@ -116,16 +133,19 @@ class FixedPointModule(pl.LightningModule):
         penalties = Penalties(settle_penalty, stability_penalty, stability_target)
         _check_options(model, rule, lr, lr_readin, lr_readout, on_fault, max_faults, max_skipped,
                        backtrack, unsettled, clip_grad_norm, penalties)
+        _check_warmup(rule, warmup_steps, warmup_lr)
         objective.check(model, dict(backtrack=backtrack, max_nonconverged=max_nonconverged,
                                     settle_penalty=settle_penalty, stability_penalty=stability_penalty,
-                                    unsettled=unsettled))
+                                    unsettled=unsettled, warmup_steps=warmup_steps))
         objective.attach(model)
         self.automatic_optimization = False
         self.model, self.objective, self.rule_name, self.lr = model, objective, rule, float(lr)
         self.lr_readin, self.lr_readout, self.readin = lr_readin, lr_readout, readin
         # faults are recorded, not raised, in backward: with several devices a raise there would
         # leave the other ranks waiting in their all-reduce
-        model.set_backward(rule, lr, rule_kwargs, readin=readin, throw=False)
+        self.rule_kwargs, self.warmup_steps, self.warmup_lr = rule_kwargs, warmup_steps, float(warmup_lr)
+        self.phase = None
+        self.set_phase(self.phase_at(0))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.on_fault, self.max_faults, self.max_nonconverged = on_fault, max_faults, max_nonconverged
         self.max_skipped, self.backtrack = float(max_skipped), backtrack
@@ -182,6 +202,26 @@ class FixedPointModule(pl.LightningModule):
             for layer in self.model.layers:
                 layer.backward_rule.gather, layer.backward_rule.world = gather, self.world
 
+    def phase_at(self, step: int) -> str:
+        """``warmup`` (BPTT) before ``warmup_steps``, then ``rule``."""
+        return "warmup" if step < self.warmup_steps else "rule"
+
+    def set_phase(self, phase: str) -> None:
+        """Give every layer the backward of ``phase``; faults are recorded, not raised, in backward:
+        with several devices a raise there would leave the other ranks waiting in their all-reduce."""
+        if phase == self.phase:
+            return
+        if phase == "warmup":
+            self.model.set_backward("bptt", self.warmup_lr, None, readin=self.readin, throw=False)
+        else:
+            self.model.set_backward(self.rule_name, self.lr, self.rule_kwargs, readin=self.readin, throw=False)
+        self.phase = phase
+
+    @property
+    def step_unsettled(self) -> str:
+        """What this step does with unsettled samples: the warm-up's BPTT trains on them."""
+        return "train" if self.phase == "warmup" else self.unsettled
+
     def compute_update(self, batch) -> Step:
         """Forward, loss and backward: every trained tensor's ``.grad`` (DDP-averaged, weighted by
         the loss each device's samples carry), without touching the weights. Every device calls
@@ -189,7 +229,8 @@ class FixedPointModule(pl.LightningModule):
         model, strategy = self.model, self.trainer.strategy
         model.zero_grad(set_to_none=True)
         weights_before = [layer.W.detach().clone() for layer in model.layers]
-        o = self.objective.forward_step(model, batch, step=self.global_step, unsettled=self.unsettled,
+        self.set_phase(self.phase_at(self.global_step))
+        o = self.objective.forward_step(model, batch, step=self.global_step, unsettled=self.step_unsettled,
                                         max_nonconverged=self.max_nonconverged, penalties=self.penalties)
         step = Step(o.fps, o.losses.detach(), o.out.detach(), o.used, weights_before, trained=o.trained)
         step.graph_mb = o.graph_mb

@@ -452,7 +452,9 @@ class Trials(Objective):
                "max_nonconverged": "does not apply to a network in time: a trial whose start does not converge "
                                    "starts from rest (set fault.max_nonconverged=0)",
                **{name: "does not apply to a network in time (its trials are unrolled in time, not to a "
-                        f"fixed point): set module.{name}=0" for name in ("settle_penalty", "stability_penalty")}}
+                        f"fixed point): set module.{name}=0" for name in ("settle_penalty", "stability_penalty")},
+               "warmup_steps": "a network in time already takes BPTT's gradient beside its start's rule "
+                               "(set module.warmup_steps=0)"}
         for name, reason in why.items():
             if options[name]:
                 raise ValueError(f"{name}={options[name]!r}: {reason}")
