@@ -180,7 +180,8 @@ def test_a_trained_run_answers_mazes_from_a_file(tmp_path):
     assert res["status"] == "finished" and 0 <= res["test_maze_acc"] <= 1
     assert set(res["extrapolation"]) == {4, 5} and Path(res["maze_figure"]).is_file()
     at_4 = res["extrapolation"][4]       # the same test mazes through the maze report's own solves
-    assert res["test_settled"] == pytest.approx(1 - at_4["unconverged"] / at_4["mazes"])
+    assert res["test_settled"] == pytest.approx(1 - at_4["unconverged"] / at_4["mazes"]) == res["settled_4"]
+    assert res["path_independent_5"] == res["path_independence"][5]["same_fixed_point"]
     assert res["test_maze_acc"] == pytest.approx(at_4["maze_acc"])
     rng = np.random.default_rng(5)
     x, y = map(np.stack, zip(*[other_generator(6, rng) for _ in range(10)]))

@@ -109,9 +109,11 @@ def maze_report(net, data: MazeDataModule, run_dir: Path | None = None, log=prin
         gap = (rest["fixed_points"] - rand["fixed_points"]).abs().amax(1)
         out["extrapolation"][c] = {**public(rest), "side": 2 * c + 1, "mazes": n}
         out[f"maze_acc_{c}"] = rest["maze_acc"]       # flat, for the sweep's table
+        out[f"settled_{c}"] = 1 - rest["unconverged"] / n
+        out[f"path_independent_{c}"] = float((gap < 1e-3).float().mean())
         out["path_independence"][c] = {"maze_acc_from_random": rand["maze_acc"],
                                        "max_state_gap": float(gap.max()),
-                                       "same_fixed_point": float((gap < 1e-3).float().mean())}
+                                       "same_fixed_point": out[f"path_independent_{c}"]}
         out["budget_curve"][c] = budget_curve(net, x[:200], y[:200])
         shown[c] = (x[:3], y[:3])
         log(f"mazes of {c} cells ({2 * c + 1}×{2 * c + 1}): maze acc {rest['maze_acc']:.3f}, pixel acc "

@@ -124,6 +124,16 @@ PRESETS["mazes"] = {"base": ["experiment=mazes"],
                     "doc": "Mazes (experiment=mazes): bptt (the preset), K ≡ 0, and w3, w1, jfb with the settings a "
                            "rule needs; whole-maze accuracy at the training size (4 cells) and, without retraining, "
                            "at 6, 9, 12 and 16 cells"}
+PRESETS["maze_seeds"] = {"base": ["experiment=mazes"],
+                         "points": [(f"seed{s}", "bptt", "1", [f"seed={s}"], {"seed": s}) for s in range(10)],
+                         "lr": [],
+                         "columns": ["seed", "status", "test_maze_acc", "test_settled", "maze_acc_9", "settled_9",
+                                     "path_independent_4", "path_independent_9", "peak_max_re_eig", "best_epoch",
+                                     "wall_s"],
+                         "doc": "the maze preset (or it with the overrides given, e.g. model.channels=32) on seeds "
+                                "0–9: whole-maze accuracy and the share settled at the training size and at twice "
+                                "the side (9 cells), the share of random starts that reach rest's fixed point, peak "
+                                "stability"}
 
 
 def _timescales_points() -> list[tuple[str, str, str, list[str], dict]]:
