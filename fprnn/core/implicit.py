@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from fprnn.core.checks import positive
 from fprnn.core import rules
 
 Tensor = torch.Tensor
@@ -69,9 +70,7 @@ class RuleBackward:
     def __post_init__(self):
         if self.rule != "bptt":
             rules.get_rule(self.rule)
-        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) \
-                or not math.isfinite(self.eta) or self.eta <= 0:
-            raise ValueError(f"eta (the rule's η) must be a positive finite number, got {self.eta!r}")
+        positive("eta", self.eta, why="the rule's η")
         if self.readin not in READIN_UPDATES:
             raise ValueError(f"unknown readin update {self.readin!r}; choose one of {list(READIN_UPDATES)}")
         if not isinstance(self.throw, bool):

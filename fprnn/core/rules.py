@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from fprnn.core.checks import positive
 from fprnn.core.operators import Dense, as_operator
 from fprnn.core.solvers import anderson
 
@@ -46,8 +47,7 @@ def _check(W, r: Tensor, gain: Tensor, grad_r: Tensor, lr):
                          f"{tuple(r.shape)}, {tuple(gain.shape)}, {tuple(grad_r.shape)}")
     if r.shape[0] == 0:
         raise ValueError("the batch is empty (m = 0)")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    positive("lr", lr)
     return op
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fprnn.core.checks import positive_int
+from fprnn.core.checks import non_negative, positive_int
 from fprnn.core import implicit, solvers
 from fprnn.core.activations import get_activation
 from fprnn.core.dynamics import get_dynamics, power_direction, power_radius, row_gatherer
@@ -125,9 +125,7 @@ class ConvFixedPointLayer(nn.Module):
             raise ValueError(f"unknown padding {padding!r}; choose one of {list(PADDINGS)}")
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
-        if isinstance(sigma_W, bool) or not isinstance(sigma_W, (int, float)) or not math.isfinite(sigma_W) \
-                or sigma_W < 0:
-            raise ValueError(f"sigma_W must be a non-negative finite number, got {sigma_W!r}")
+        non_negative("sigma_W", sigma_W)
         if solver not in solvers.SOLVERS or solver == "euler":
             raise ValueError(f"solver {solver!r} is not one for a conv layer; choose 'anderson' or 'iterate'")
         if isinstance(fallback, dict) and fallback.get("method") not in MATRIX_FREE_FALLBACKS:

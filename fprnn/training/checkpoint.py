@@ -23,6 +23,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger
 
+from fprnn.core.checks import count
 from fprnn.models.saved import network_state, read_weights, state_mismatch
 
 
@@ -119,8 +120,7 @@ class RunCheckpoint(pl.Callback):
     OnExceptionCheckpoint, this callback never makes a fresh ``fit`` resume on its own."""
 
     def __init__(self, dirpath: str | Path, every_n_steps: int = 50):
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
-            raise ValueError(f"ckpt.every_n_steps must be a non-negative integer, got {every_n_steps!r}")
+        count("ckpt.every_n_steps", every_n_steps)
         self.path = Path(dirpath) / "last.ckpt"
         self.every = every_n_steps
         self.saved_at: int | None = None

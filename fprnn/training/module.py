@@ -3,7 +3,6 @@ fprnn.core.implicit) → a torch optimizer's step → constraints, with faults a
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from functools import partial
 from typing import Callable
@@ -12,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from fprnn.core import constraints, rules
-from fprnn.core.checks import positive_int
+from fprnn.core.checks import count, positive, positive_int
 
 from fprnn.core.implicit import all_finite
 from fprnn.training import ddp
@@ -30,28 +29,22 @@ def _check_options(model, rule, lr, lr_readin, lr_readout, on_fault, max_faults,
     """FixedPointModule's arguments, each bad one named with what is allowed."""
     if rule not in ALL_RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {ALL_RULES}")
-    for name, v, optional in (("lr", lr, False), ("lr_readin", lr_readin, True),
-                              ("lr_readout", lr_readout, True)):
-        if not (optional and v is None) and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                             or not math.isfinite(v) or v <= 0):
-            raise ValueError(f"{name} must be a positive finite number{' or null' if optional else ''}, "
-                             f"got {v!r}")
+    positive("lr", lr)
+    positive("lr_readin", lr_readin, allow_none=True)
+    positive("lr_readout", lr_readout, allow_none=True)
     if on_fault not in ("skip", "stop"):
         raise ValueError(f"on_fault must be 'skip' or 'stop', got {on_fault!r}")
     positive_int("max_faults", max_faults)
     if isinstance(max_skipped, bool) or not isinstance(max_skipped, (int, float)) \
             or not 0 <= max_skipped < 1:
         raise ValueError(f"max_skipped must be a fraction in [0, 1), got {max_skipped!r}")
-    if isinstance(backtrack, bool) or not isinstance(backtrack, int) or backtrack < 0:
-        raise ValueError(f"backtrack must be a count of halvings ≥ 0 (0 = off), got {backtrack!r}")
+    count("backtrack", backtrack, why="halvings, 0 = off")
     if unsettled not in UNSETTLED:
         raise ValueError(f"unsettled must be one of {list(UNSETTLED)}, got {unsettled!r}")
     if unsettled == "train" and rule != "bptt":
         raise ValueError(f"unsettled='train' needs rule=bptt, got rule={rule!r}: {rule}'s step is derived at a "
                          f"fixed point, and an unsettled sample has none (use unsettled='leave_out')")
-    if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
-                                       or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0):
-        raise ValueError(f"clip_grad_norm must be a positive finite number or null (off), got {clip_grad_norm!r}")
+    positive("clip_grad_norm", clip_grad_norm, allow_none=True, why="null: off")
     for name, value, what in (("settle_penalty", penalties.settle, "the unrolled state's distance from a fixed point"),
                               ("stability_penalty", penalties.stability, "the fixed point's local growth through K")):
         if value and rule != "bptt":
@@ -61,14 +54,11 @@ def _check_options(model, rule, lr, lr_readin, lr_readout, on_fault, max_faults,
 
 
 def _check_warmup(rule: str, warmup_steps, warmup_lr) -> None:
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be a count of BPTT steps ≥ 0 (0 = none), got {warmup_steps!r}")
+    count("warmup_steps", warmup_steps, why="BPTT steps before the rule, 0 = none")
     if warmup_steps and rule == "bptt":
         raise ValueError(f"warmup_steps={warmup_steps} is a BPTT warm-up before a rule; rule=bptt has nothing to "
                          f"warm up to (set module.warmup_steps=0, or a rule: w3, w1, jfb, …)")
-    if isinstance(warmup_lr, bool) or not isinstance(warmup_lr, (int, float)) or not math.isfinite(warmup_lr) \
-            or warmup_lr <= 0:
-        raise ValueError(f"warmup_lr must be a positive finite number (the warm-up's BPTT η), got {warmup_lr!r}")
+    positive("warmup_lr", warmup_lr, why="the warm-up's BPTT η")
 
 
 class FixedPointModule(pl.LightningModule):

@@ -18,7 +18,6 @@ here, registered in ``OBJECTIVES``: the module does not change.
 """
 from __future__ import annotations
 
-import math
 import resource
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from fprnn.core.checks import positive_int
+from fprnn.core.checks import non_negative, positive, positive_int
 from fprnn.core.implicit import all_finite
 from fprnn.models.dense import FixedPoint
 from fprnn.training.update import per_sample_loss, solution_fault
@@ -52,13 +51,9 @@ class Penalties:
     stability_target: float = 0.9
 
     def __post_init__(self):
-        for name, v in (("settle_penalty", self.settle), ("stability_penalty", self.stability)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a non-negative finite number (0: off), got {v!r}")
-        t = self.stability_target
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise ValueError(f"stability_target must be a positive finite number (ρ below which the "
-                             f"stability penalty is 0), got {t!r}")
+        non_negative("settle_penalty", self.settle, why="0: off")
+        non_negative("stability_penalty", self.stability, why="0: off")
+        positive("stability_target", self.stability_target, why="ρ below which the stability penalty is 0")
 
     def __bool__(self) -> bool:
         return bool(self.settle or self.stability)
