@@ -131,8 +131,6 @@ class FixedPointModule(pl.LightningModule):
         self.automatic_optimization = False
         self.model, self.objective, self.rule_name, self.lr = model, objective, rule, float(lr)
         self.lr_readin, self.lr_readout, self.readin = lr_readin, lr_readout, readin
-        # faults are recorded, not raised, in backward: with several devices a raise there would
-        # leave the other ranks waiting in their all-reduce
         self.rule_kwargs, self.warmup_steps, self.warmup_lr = rule_kwargs, warmup_steps, float(warmup_lr)
         self.phase = None
         self.set_phase(self.phase_at(0))
