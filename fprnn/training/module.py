@@ -124,9 +124,8 @@ class FixedPointModule(pl.LightningModule):
         _check_options(model, rule, lr, lr_readin, lr_readout, on_fault, max_faults, max_skipped,
                        backtrack, unsettled, clip_grad_norm, penalties)
         _check_warmup(rule, warmup_steps, warmup_lr)
-        objective.check(model, dict(backtrack=backtrack, max_nonconverged=max_nonconverged,
-                                    settle_penalty=settle_penalty, stability_penalty=stability_penalty,
-                                    unsettled=unsettled, warmup_steps=warmup_steps))
+        objective.check(dict(backtrack=backtrack, max_nonconverged=max_nonconverged, settle_penalty=settle_penalty,
+                             stability_penalty=stability_penalty, unsettled=unsettled, warmup_steps=warmup_steps))
         objective.attach(model)
         self.automatic_optimization = False
         self.model, self.objective, self.rule_name, self.lr = model, objective, rule, float(lr)

@@ -92,7 +92,7 @@ class Objective(nn.Module, ABC):
     """A problem's losses and metrics (an ``nn.Module``: its metrics move with the module to the
     device and reset with Lightning's epochs)."""
 
-    def check(self, model, options: dict) -> None:
+    def check(self, options: dict) -> None:
         """Refuse, naming it, a module option that does not apply to this problem."""
 
     @abstractmethod
@@ -441,7 +441,7 @@ class Trials(Objective):
     def from_data(cls, data) -> "Trials":
         return cls(data.targets)
 
-    def check(self, model, options: dict) -> None:
+    def check(self, options: dict) -> None:
         why = {"backtrack": "step control re-solves a static network's batch; a network in time has none "
                             "(set fault.backtrack=0)",
                "max_nonconverged": "does not apply to a network in time: a trial whose start does not converge "
