@@ -143,35 +143,6 @@ def test_the_mnist_example_trains_with_the_layer_and_counts_its_faults(mnist_dir
     assert out["faults"] == 0 and 0.2 < out["test_acc"] <= 1 and out["rescaled"] >= 1
 
 
-def other_generator(cells: int, rng: np.random.Generator):
-    """Mazes from randomized Kruskal (not fprnn's depth-first search), path by BFS."""
-    side = 2 * cells + 1
-    open_ = np.zeros((side, side), dtype=bool)
-    open_[1::2, 1::2] = True
-    root = list(range(cells * cells))
-
-    def find(a):
-        while root[a] != a:
-            root[a] = root[root[a]]
-            a = root[a]
-        return a
-    walls = [(i, j, i + di, j + dj) for i in range(cells) for j in range(cells) for di, dj in ((0, 1), (1, 0))
-             if i + di < cells and j + dj < cells]
-    for w in rng.permutation(len(walls)):
-        i, j, a, b = walls[w]
-        ra, rb = find(i * cells + j), find(a * cells + b)
-        if ra != rb:
-            root[ra] = rb
-            open_[i + a + 1, j + b + 1] = True
-    s, g = [(2 * (c // cells) + 1, 2 * (c % cells) + 1) for c in rng.choice(cells * cells, 2, replace=False)]
-    parent, path, p = bfs_parents(open_, s), np.zeros_like(open_), g
-    while p is not None:
-        path[p], p = True, parent[p]
-    x = np.stack([open_, np.zeros_like(open_), np.zeros_like(open_)]).astype(np.uint8)
-    x[1][s] = x[2][g] = 1
-    return x, path
-
-
 def test_a_trained_run_answers_mazes_from_a_file(tmp_path):
     run = tmp_path / "run"
     res = train(make_cfg(["experiment=mazes", "progress_bar=false", "logger=csv", "data.train_mazes=64",
@@ -184,7 +155,8 @@ def test_a_trained_run_answers_mazes_from_a_file(tmp_path):
     assert res["path_independent_5"] == res["path_independence"][5]["same_fixed_point"]
     assert res["test_maze_acc"] == pytest.approx(at_4["maze_acc"])
     rng = np.random.default_rng(5)
-    x, y = map(np.stack, zip(*[other_generator(6, rng) for _ in range(10)]))
+    x, y = map(np.stack, zip(*[mazes.make_maze(6, rng, "kruskal") for _ in range(10)]))
+    x = x.astype(np.uint8)      # any numbers are read as floats
     np.savez(tmp_path / "m.npz", inputs=x, targets=y)
     proc = subprocess.run([sys.executable, "-m", "fprnn.mazes", str(run), str(tmp_path / "m.npz")],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
