@@ -416,3 +416,31 @@ def test_a_bptt_warmup_then_the_rule_is_the_two_runs_one_after_the_other():
         FixedPointModule(MazeNet(channels=2, head_channels=2), rule="bptt", warmup_steps=5)
     with pytest.raises(ValueError, match="warmup_steps must be a count of BPTT steps ≥ 0 .* got -1"):
         FixedPointModule(MazeNet(channels=2, head_channels=2), rule="w3", warmup_steps=-1)
+
+
+@pytest.mark.parametrize("mu, mu_rho", [(0.0, 0.0), (0.5, 1.0)])
+def test_a_bptt_step_leaves_nothing_of_the_last_one_alive(mu, mu_rho):
+    """The report of a bptt step holds its unrolled state's graph (for the penalties), and the hook
+    that records δ on that state holds the report: a strong reference would be a cycle through
+    autograd's node that Python's collector cannot break, and every step's graph would stay (a
+    4,000-step maze run grew to 11 GB). After the step, no earlier step's report is alive."""
+    import gc
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+    from fprnn.core.implicit import Report
+    from fprnn.training.module import FixedPointModule
+    x, y = mazes.collate([(k, mazes.draw(0, "train", 3, k)) for k in range(12)])
+    net = MazeNet(channels=4, head_channels=4, rule="bptt", sigma_W=1.0, max_norm=None, solver="iterate",
+                  solver_kwargs={"max_iter": 5, "tol": 1e-9}, fallback=None, bptt_steps=3)
+    module = FixedPointModule(net, rule="bptt", lr=1.0, unsettled="train", settle_penalty=mu,
+                              stability_penalty=mu_rho)
+    alive = []
+
+    class Count(pl.Callback):
+        def on_train_batch_end(self, *args):
+            gc.collect()
+            alive.append(sum(isinstance(o, Report) for o in gc.get_objects()))
+    trainer = pl.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         limit_val_batches=0, enable_model_summary=False, callbacks=[Count()])
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=2))
+    assert module.record.faults == 0 and alive == [1] * 6, alive

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -254,6 +255,20 @@ def record_delta(report: Report, spec: RuleBackward, grad_r: Tensor) -> None:
     n = spec.norm(len(grad_r))
     report.delta = n * (grad_r if bool(report.used.all())
                         else torch.where(report.used.unsqueeze(1), grad_r, torch.zeros_like(grad_r)))
+
+
+def delta_hook(report: Report, spec: RuleBackward) -> Callable[[Tensor], None]:
+    """A tensor hook that records δ in ``report`` (`record_delta`) when the gradient reaches the
+    unrolled rates. It holds the report weakly: the report may hold the rates' graph
+    (``unrolled_residual``, ``local_growth``), and the hook lives on autograd's node, out of sight
+    of Python's collector, so a strong reference back would keep every step's graph alive."""
+    ref = weakref.ref(report)
+
+    def hook(grad_r: Tensor) -> None:
+        alive = ref()
+        if alive is not None:
+            record_delta(alive, spec, grad_r)
+    return hook
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -268,7 +268,7 @@ class ConvFixedPointLayer(nn.Module):
             u = implicit.unroll(g, fp.solution.u, self.bptt_steps, self.bptt_damping)
             self.report.unrolled_residual = lambda u=u: (g(u) - u).pow(2).mean(1)     # noqa: E731
             self.report.local_growth = partial(self.local_growth, fp, s, spec.eta)
-            u.register_hook(partial(implicit.record_delta, self.report, spec))
+            u.register_hook(implicit.delta_hook(self.report, spec))
             return self.maps(u, size)
         r = implicit.attach(fp.r, fp.gain, self.W, None, None, s, spec, self.report,
                             partial(self.operator, size=size))

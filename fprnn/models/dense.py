@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Sequence
 
 import torch
@@ -165,7 +164,7 @@ class Layer(nn.Module):
             return fp.r
         if spec.rule == "bptt":
             rate = self.unrolled(x, fp.solution.u, W=implicit.scale_grad(self.W, spec.eta))
-            rate.register_hook(partial(implicit.record_delta, self.report, spec))
+            rate.register_hook(implicit.delta_hook(self.report, spec))
             return rate
         return implicit.attach(fp.r, fp.gain, self.W, self.V, self.b, s, spec, self.report)
 
