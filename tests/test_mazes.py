@@ -414,7 +414,7 @@ def test_a_bptt_warmup_then_the_rule_is_the_two_runs_one_after_the_other():
         torch.testing.assert_close(scheduled.state_dict()[name], t, atol=1e-12, rtol=0, msg=name)
     with pytest.raises(ValueError, match="warmup_steps=5 is a BPTT warm-up before a rule; rule=bptt"):
         FixedPointModule(MazeNet(channels=2, head_channels=2), rule="bptt", warmup_steps=5)
-    with pytest.raises(ValueError, match="warmup_steps must be a count of BPTT steps ≥ 0 .* got -1"):
+    with pytest.raises(ValueError, match=r"warmup_steps must be a non-negative integer \(BPTT steps before the rule, 0 = none\), got -1"):
         FixedPointModule(MazeNet(channels=2, head_channels=2), rule="w3", warmup_steps=-1)
 
 
