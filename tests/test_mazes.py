@@ -412,6 +412,11 @@ def test_a_bptt_warmup_then_the_rule_is_the_two_runs_one_after_the_other():
     assert not torch.equal(after_bptt["layers.0.W"], two.state_dict()["layers.0.W"])     # w3 moved K
     for name, t in two.state_dict().items():
         torch.testing.assert_close(scheduled.state_dict()[name], t, atol=1e-12, rtol=0, msg=name)
+    # the phase is the step count's (a resumed run's global_step picks it): bptt before k, the rule from k on
+    fresh = FixedPointModule(MazeNet(**options), rule="w3", lr=0.3, warmup_steps=4, warmup_lr=0.5)
+    for step, rule, eta in ((0, "bptt", 0.5), (3, "bptt", 0.5), (4, "w3", 0.3), (900, "w3", 0.3)):
+        fresh.set_phase(fresh.phase_at(step))
+        assert (fresh.model.layer.backward_rule.rule, fresh.model.layer.backward_rule.eta) == (rule, eta), step
     with pytest.raises(ValueError, match="warmup_steps=5 is a BPTT warm-up before a rule; rule=bptt"):
         FixedPointModule(MazeNet(channels=2, head_channels=2), rule="bptt", warmup_steps=5)
     with pytest.raises(ValueError, match=r"warmup_steps must be a non-negative integer \(BPTT steps before the rule, 0 = none\), got -1"):
