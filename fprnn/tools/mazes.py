@@ -50,14 +50,16 @@ def read_mazes(path: Path) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
 
 
-def large_mazes(net, cells, n: int, generator: str, seed: int, iters_per_side, log=print) -> dict:
+def large_mazes(net, cells, n: int, generator: str, seed: int, iters_per_side, batch: int = 100,
+                log=print) -> dict:
     """{cells: {iterations: settling_curve point}} on n mazes of each size from ``generator``
-    (test split, ``seed``), with budgets of each of ``iters_per_side`` iterations a pixel of the side."""
+    (test split, ``seed``), with budgets of each of ``iters_per_side`` iterations a pixel of the side,
+    ``batch`` mazes solved at a time."""
     out = {}
     for c in cells:
         x, y = collate([(k, draw(seed, "test", c, k, generator)) for k in range(n)])
         side = 2 * c + 1
-        out[c] = settling_curve(net, x, y, [math.ceil(k * side) for k in iters_per_side], batch=n)
+        out[c] = settling_curve(net, x, y, [math.ceil(k * side) for k in iters_per_side], batch=batch)
         for its, point in out[c].items():
             log(f"| {c} | {side} | {its} | {point['maze_acc']:.3f} | {point['settled']:.3f} | "
                 f"{point['seconds_per_maze']:.3f} |")
@@ -70,7 +72,7 @@ def main(argv=None) -> dict:
                                      "a file, or on larger mazes it draws (--cells); the last line printed is JSON.")
     parser.add_argument("run_dir", type=Path, help="a run directory of experiment=mazes (model.json, weights.pt)")
     parser.add_argument("file", type=Path, nargs="?", help=".npz with inputs (n, 3, H, W) and targets (n, H, W)")
-    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=100, help="mazes solved at a time")
     parser.add_argument("--cells", type=int, nargs="+", help="draw mazes of these cells per side instead of a file")
     parser.add_argument("--mazes", type=int, default=100, help="mazes of each size (--cells)")
     parser.add_argument("--generator", default="dfs", help=f"how drawn mazes are made: {sorted(GENERATORS)}")
@@ -82,6 +84,8 @@ def main(argv=None) -> dict:
     try:
         if (args.file is None) == (args.cells is None):
             raise ValueError("give a mazes file or --cells (not both)")
+        if args.batch < 1:
+            raise ValueError(f"--batch must be ≥ 1, got {args.batch}")
         if args.cells is not None:
             for c in args.cells:
                 if c < 2:
@@ -100,7 +104,7 @@ def main(argv=None) -> dict:
               f"| cells | side (px) | iterations | whole-maze acc | settled | s a maze |\n| --- | --- | --- | --- | --- | --- |",
               flush=True)
         curves = large_mazes(net, args.cells, args.mazes, args.generator, args.seed, args.iters_per_side,
-                             log=lambda line: print(line, flush=True))
+                             batch=args.batch, log=lambda line: print(line, flush=True))
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "large_mazes.json").write_text(json.dumps(curves, indent=1))
