@@ -86,6 +86,35 @@ def test_a_resumed_epoch_draws_the_mazes_it_had_not_seen():
     assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip(rest, full[2:]))
 
 
+def test_mixed_sizes_lay_each_maze_in_a_closed_canvas_of_the_largest():
+    """train_cells: every training maze is a maze of one of the sizes (a tree whose target is the BFS
+    path), at an even offset in a closed canvas of the largest size; validation stays at ``cells``."""
+    data = mazes.MazeDataModule(cells=4, train_cells=[2, 3, 4], train_mazes=96, batch_size=32, test_cells=[])
+    xs, ys = map(torch.cat, zip(*data.train_dataloader()))
+    assert xs.shape == (96, 3, 9, 9) and ys.shape == (96, 9, 9)
+    seen = set()
+    for x, y in zip(xs.numpy(), ys.numpy()):
+        open_ = x[0].astype(bool)
+        rows, cols = np.nonzero(open_.any(1))[0], np.nonzero(open_.any(0))[0]
+        c = (rows[-1] - rows[0]) // 2 + 1                       # the cells the open pixels span
+        assert cols[-1] - cols[0] == rows[-1] - rows[0] and rows[0] % 2 == 1 and cols[0] % 2 == 1
+        assert open_.sum() == 2 * c * c - 1                     # a tree of c² cells
+        seen.add(int(c))
+        s, g = [tuple(int(v) for v in np.argwhere(x[ch])[0]) for ch in (1, 2)]
+        parent, path, p = bfs_parents(open_, s), np.zeros_like(open_), g
+        while p is not None:
+            path[p], p = True, parent[p]
+        assert np.array_equal(path, y.astype(bool))
+    assert seen == {2, 3, 4}
+    data.setup()
+    assert data.val_set[0][1][0].shape == (3, 9, 9)
+    again = mazes.MazeDataModule(cells=4, train_cells=[2, 3, 4], train_mazes=96, batch_size=32, test_cells=[])
+    assert torch.equal(next(iter(again.train_dataloader()))[0], xs[:32])
+    for bad in (3, [], [1, 3]):
+        with pytest.raises(ValueError, match="train_cells"):
+            mazes.MazeDataModule(train_cells=bad)
+
+
 def test_the_size_agnostic_layer_is_the_fixed_size_one():
     x = torch.randn(3, 4, 5, 7, dtype=D, generator=torch.Generator().manual_seed(0))
     out = {}

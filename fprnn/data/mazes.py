@@ -139,6 +139,21 @@ def draw(seed: int, split: str, cells: int, k: int, generator: str = "dfs") -> t
     return make_maze(cells, maze_rng(seed, split, cells, k), generator)
 
 
+def draw_mixed(seed: int, k: int, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Training maze k of a run that trains on several sizes: its size drawn from ``sizes``, the maze
+    drawn at that size and laid at a random offset (an even number of pixels, so cells stay at odd
+    pixels) in a closed canvas of the largest size. Walls all round a maze are what its border is
+    already, so a network sees a smaller maze as it would alone, and every batch has one shape."""
+    big = max(sizes)
+    rng = maze_rng(seed, "train", big, k)
+    c = int(sizes[int(rng.integers(len(sizes)))])
+    x, y = make_maze(c, rng)
+    side, i, j = 2 * big + 1, 2 * int(rng.integers(big - c + 1)), 2 * int(rng.integers(big - c + 1))
+    canvas_x, canvas_y = np.zeros((3, side, side), dtype=x.dtype), np.zeros((side, side), dtype=y.dtype)
+    canvas_x[:, i:i + 2 * c + 1, j:j + 2 * c + 1], canvas_y[i:i + 2 * c + 1, j:j + 2 * c + 1] = x, y
+    return canvas_x, canvas_y
+
+
 def _cells(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 2:
         raise ValueError(f"{name} must be a number of cells per side ≥ 2, got {v!r}")
@@ -159,7 +174,9 @@ class MazeDataModule(ResumableData):
     training mazes whose solve starts from a random state (uniform in (−1, 1)) instead of rest
     (Anil et al. 2022: a network trained so settles to one fixed point from anywhere); ``progressive``:
     the weight α of the progressive loss, drawn within ``progressive_iters`` iterations
-    ([`fprnn.training.objectives.Mazes`][fprnn.training.objectives.Mazes])."""
+    ([`fprnn.training.objectives.Mazes`][fprnn.training.objectives.Mazes]). ``train_cells``: train on
+    mazes of these sizes instead (each maze's drawn at random, laid in a closed canvas of the largest,
+    `draw_mixed`); validation and test stay at ``cells``."""
 
     task = "classification"
     n_in = None
@@ -170,9 +187,12 @@ class MazeDataModule(ResumableData):
     def __init__(self, cells: int = 4, test_cells=(6, 9, 12), train_mazes: int = 20000, val_mazes: int = 500,
                  test_mazes: int = 1000, test_mazes_large: int = 200, batch_size: int = 32,
                  eval_batch_size: int = 250, seed: int = 0, random_starts: float = 0.0, progressive: float = 0.0,
-                 progressive_iters: int = 30):
+                 progressive_iters: int = 30, train_cells=None):
         super().__init__()
         self.cells = _cells("cells", cells)
+        if train_cells is not None and (isinstance(train_cells, (int, str)) or not train_cells):
+            raise ValueError(f"train_cells must be a non-empty list of cell counts (or null: cells), got {train_cells!r}")
+        self.train_cells = None if train_cells is None else [_cells("train_cells", c) for c in train_cells]
         self.random_starts = number("random_starts", random_starts)
         if self.random_starts > 1:
             raise ValueError(f"random_starts must be a share of the training mazes in [0, 1], got {random_starts!r}")
@@ -216,7 +236,10 @@ class MazeDataModule(ResumableData):
         rank, world = dist_info(self)
         per = per_device(self.batch_size, world)
         n = (self.train_mazes // self.batch_size) * self.batch_size
-        train = TrialSet(lambda sp, k: draw(self.seed, sp, self.cells, k), n, "train", keep=False)
+        if self.train_cells is None:
+            train = TrialSet(lambda sp, k: draw(self.seed, sp, self.cells, k), n, "train", keep=False)
+        else:
+            train = TrialSet(lambda sp, k: draw_mixed(self.seed, k, self.train_cells), n, "train", keep=False)
         return DataLoader(train, batch_size=per, sampler=EpochTrials(n, self.batch_size, rank, world, self._skip(per)),
                           collate_fn=collate)
 
