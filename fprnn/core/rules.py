@@ -278,7 +278,7 @@ def operator_adjoint(op, gain: Tensor, grad_r: Tensor, *, tol: float | None = No
     """p_i = G_i (I − G_i W)^{−T} δ_i for W an operator, matrix-free: (I − G_i W)ᵀ has no LU here.
     First the adjoint iteration p ← g ⊙ (δ + Wᵀ p) per sample (cheap where the map contracts);
     the samples it does not settle within ``max_iter`` (default 50) go to Anderson acceleration
-    of the same linear fixed point ([`fprnn.core.solvers.anderson`][fprnn.core.solvers.anderson]: secant steps, GMRES-like on a
+    of the same linear fixed point ([`fprnn.core.solvers.iteration.anderson`][fprnn.core.solvers.iteration.anderson]: secant steps, GMRES-like on a
     linear map; a memory of 10, as Anderson's usual 5 stalls on non-contracting cases such as
     ρ(G_i W) ≈ 1.1), which also solves slowly contracting and many non-contracting ones — each row
     scaled to max |g ⊙ δ| = 1 so that one tolerance is relative for all.

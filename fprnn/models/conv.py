@@ -17,7 +17,7 @@ instead of raising them ([`ConvFixedPointLayer`][fprnn.models.conv.ConvFixedPoin
 
 Forward: fprnn's solvers on the flattened maps (Anderson by default, per-sample stopping); the
 samples it leaves unconverged follow the rate dynamics dr/dt = −r + f(K ⋆ r + x) from rest by
-error-controlled explicit Runge–Kutta steps to the same tolerance ([`fprnn.core.solvers.follow_rk23`][fprnn.core.solvers.follow_rk23]:
+error-controlled explicit Runge–Kutta steps to the same tolerance ([`fprnn.core.solvers.following.follow_rk23`][fprnn.core.solvers.following.follow_rk23]:
 matrix-free, so the trajectory — and which attractor it reaches — is followed to a stated accuracy;
 fixed-step Euler on request; PTC would need per-sample N×N Jacobians and is refused). Stability per sample: ρ(G_i W) by power
 iteration ([`spectral_radius`][fprnn.models.conv.spectral_radius]). The exact ρ bounds max Re λ(G_i W) from above, so ρ < 1 would
@@ -48,7 +48,7 @@ from fprnn.core.operators import LAYOUTS, PADDINGS, Conv2d, to_maps, to_rows
 
 Tensor = torch.Tensor
 
-#: the fallbacks that need nothing of W but products (fprnn.core.solvers.FALLBACKS)
+#: the fallbacks that need nothing of W but products (fprnn.core.solvers.following.FALLBACKS)
 MATRIX_FREE_FALLBACKS = ("rk23", "euler")
 STEM_ACTIVATIONS = {"relu": nn.ReLU, "identity": nn.Identity}
 #: the maps (side) on which a layer's max_norm is estimated: circular padding, so their norm is the

@@ -98,7 +98,7 @@ class Layer(nn.Module):
     population; default σ_W for all four: balanced). ``tau`` (and ``tau_I`` for inhibitory units)
     are time constants: they move no fixed point, but stability and Euler's steps use them.
 
-    ``fallback`` ({"method": "ptc", options…}, see [`fprnn.core.solvers.settle`][fprnn.core.solvers.settle]; None: off): with
+    ``fallback`` ({"method": "ptc", options…}, see [`fprnn.core.solvers.following.settle`][fprnn.core.solvers.following.settle]; None: off): with
     continuous dynamics, samples the solver leaves unconverged are solved again from their start
     by following the network's dynamics. The discrete network is its map: a sample the map does
     not settle has no fixed point the network reaches, and stays unconverged.
@@ -284,7 +284,7 @@ class FixedPointRNN(StaticNetwork):
     ``activation``, ``dynamics``, ``solver``,
     ``solver_kwargs``, ``sigma_W`` and ``fallback`` are shared by the layers, or lists of one per
     layer. ``encoder`` (a spec, [`fprnn.models.encoders`][fprnn.models.encoders]; None: none) is a front end between the raw
-    input (n_in values) and the first layer's read-in, trained by autograd. ``fallback`` (default: `fprnn.core.solvers.DEFAULT_FALLBACK`, pseudo-transient
+    input (n_in values) and the first layer's read-in, trained by autograd. ``fallback`` (default: `fprnn.core.solvers.following.DEFAULT_FALLBACK`, pseudo-transient
     continuation) re-solves the samples the solver leaves by following the dynamics (``Layer``).
     """
 
