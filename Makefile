@@ -18,12 +18,15 @@ install: $(BIN)/fprnn-ready
 train: install
 	$(BIN)/python train.py experiment=paper_mnist rule=w3 lr=0.25 data.root=$(DATA) $(ARGS)
 
+# one worker a core (pytest-xdist; a file's tests, and a docs page's examples, stay together and in order)
+XDIST ?= -n auto --dist loadfile
+
 test: install
-	FPRNN_DATA=$(DATA) $(BIN)/python -m pytest -q $(ARGS)
+	FPRNN_DATA=$(DATA) $(BIN)/python -m pytest -q $(XDIST) $(ARGS)
 
 # the unit tests alone, for the edit–run loop (the docs' examples and the tests that train are left out)
 test-fast: install
-	FPRNN_DATA=$(DATA) $(BIN)/python -m pytest -q -m "not integration" tests $(ARGS)
+	FPRNN_DATA=$(DATA) $(BIN)/python -m pytest -q $(XDIST) -m "not integration" tests $(ARGS)
 
 bench: install
 	FPRNN_DATA=$(DATA) $(BIN)/python -m fprnn.bench $(ARGS)

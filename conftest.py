@@ -133,6 +133,16 @@ INTEGRATION = re.compile(r"\b(train|make_figures|plot_trials|run_ddp|maze_report
 def pytest_configure(config):
     config.addinivalue_line("markers", "integration: trains, draws a run's figures or starts processes "
                                        "(left out by make test-fast)")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        # pytest -n k: the cores shared out, so that k workers (and the processes they start, which
+        # inherit the environment) do not each run a pool of threads as large as the machine's —
+        # on 2 cores two full pools slow each other far more than twice
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = threads
+        import torch
+        torch.set_num_threads(int(threads))
 
 
 def pytest_collection_modifyitems(items):
