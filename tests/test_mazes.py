@@ -115,6 +115,26 @@ def test_mixed_sizes_lay_each_maze_in_a_closed_canvas_of_the_largest():
             mazes.MazeDataModule(train_cells=bad)
 
 
+def test_anderson_at_test_time_is_checked_against_the_networks_own_fixed_point():
+    """A contraction has one fixed point: another solver at test time (plain iteration, against the
+    layer's classic Anderson) reaches it, to the tolerance — the same state within 1e-3, not bit for
+    bit (atol 0 finds them apart); the curve's first point with it is a fresh solve; an unknown
+    method is named."""
+    from fprnn.analysis.mazes import evaluate, same_fixed_point, settling_curve, solve_options
+    net = MazeNet(channels=4, head_channels=4, sigma_W=0.3, solver="anderson",
+                  solver_kwargs={"tol": 1e-6, "mix_above": 0.0}, seed=3, iters_per_side=8).double()
+    x, y = mazes.collate([(k, mazes.draw(0, "test", 4, k)) for k in range(6)])
+    agree = same_fixed_point(net, x, "iterate", 200)
+    assert agree == {"both_settled": 1.0, "same_state": 1.0, "same_answer": 1.0}
+    assert same_fixed_point(net, x, "iterate", 200, atol=0.0)["same_state"] < 1
+    curve = settling_curve(net, x, y, [3, 200], method="iterate")
+    fresh = evaluate(net, x, y, budget=solve_options(net, "iterate", 3))
+    assert curve[3]["maze_acc"] == fresh["maze_acc"] and curve[3]["settled"] == 1 - fresh["unconverged"] / 6
+    assert curve[200]["settled"] == 1.0
+    with pytest.raises(ValueError, match=r"unknown solver 'newton' in the budget; choose one of \['anderson'"):
+        net(x, None, {**solve_options(net, None, 10), "method": "newton"})
+
+
 def test_the_size_agnostic_layer_is_the_fixed_size_one():
     x = torch.randn(3, 4, 5, 7, dtype=D, generator=torch.Generator().manual_seed(0))
     out = {}
@@ -172,7 +192,7 @@ def test_the_mnist_example_trains_with_the_layer_and_counts_its_faults(mnist_dir
     assert out["faults"] == 0 and 0.2 < out["test_acc"] <= 1 and out["rescaled"] >= 1
 
 
-def test_a_trained_run_answers_mazes_from_a_file(tmp_path):
+def test_a_trained_run_answers_mazes_from_a_file(tmp_path, capsys):
     run = tmp_path / "run"
     res = train(make_cfg(["experiment=mazes", "progress_bar=false", "logger=csv", "data.train_mazes=64",
                           "data.val_mazes=16", "data.test_mazes=16", "data.test_mazes_large=4", "data.test_cells=[5]",
@@ -222,6 +242,14 @@ def test_a_trained_run_answers_mazes_from_a_file(tmp_path):
         bad = subprocess.run([sys.executable, "-m", "fprnn.mazes", str(run), *argv],
                              capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert bad.returncode == 2 and why in bad.stderr, bad.stderr
+
+    from fprnn.tools.mazes import main       # --solver: the curve by another solver, checked against the layer's
+    checked = main([str(run), "--cells", "5", "--mazes", "4", "--iters-per-side", "3", "--solver", "anderson"])
+    assert set(checked) == {"curves", "same_fixed_point"} and list(checked["curves"][5]) == [33]
+    assert set(checked["same_fixed_point"][5]) == {"both_settled", "same_state", "same_answer"}
+    with pytest.raises(SystemExit) as stop:
+        main([str(run), "--cells", "5", "--solver", "newton"])
+    assert stop.value.code == 2 and "unknown --solver 'newton'" in capsys.readouterr().err
 
     np.savez(tmp_path / "bad.npz", inputs=x[:, :2], targets=y)
     bad = subprocess.run([sys.executable, "-m", "fprnn.mazes", str(run), str(tmp_path / "bad.npz")],

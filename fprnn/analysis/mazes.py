@@ -54,13 +54,23 @@ def public(result: dict) -> dict:
 
 
 @torch.no_grad()
-def settling_curve(net, x: Tensor, y: Tensor, budgets=BUDGETS, batch: int = 250) -> dict[int, dict]:
-    """After each of ``budgets`` iterations of the layer's solver from rest (no fallback): the
-    whole-maze accuracy, the share of mazes settled (within the solver's tolerance) and the seconds
-    of solving a maze has taken. Each batch is solved once, continued from where the last budget
-    stopped: for (damped) iteration, whose state is all it carries, that is the same iteration as a
-    fresh solve with the larger budget, so the curve costs its largest budget rather than their sum
-    (an accelerated solver restarts its history at each budget)."""
+def solve_options(net, method: str | None, max_iter: int) -> dict:
+    """A budget of ``max_iter`` iterations of ``method`` (the layer's own solver for None; another
+    takes its defaults and the layer's tolerance) and no fallback."""
+    if method is None or method == net.layer.solver_name:
+        return {"solver": {**net.layer.solver_kwargs, "max_iter": max_iter}, "fallback": None}
+    tol = net.layer.solver_kwargs.get("tol", 1e-5)
+    return {"solver": {"tol": tol, "max_iter": max_iter}, "fallback": None, "method": method}
+
+
+def settling_curve(net, x: Tensor, y: Tensor, budgets=BUDGETS, batch: int = 250,
+                   method: str | None = None) -> dict[int, dict]:
+    """After each of ``budgets`` iterations of the layer's solver (or ``method``) from rest (no
+    fallback): the whole-maze accuracy, the share of mazes settled (within the solver's tolerance)
+    and the seconds of solving a maze has taken. Each batch is solved once, continued from where the
+    last budget stopped: for (damped) iteration, whose state is all it carries, that is the same
+    iteration as a fresh solve with the larger budget, so the curve costs its largest budget rather
+    than their sum (an accelerated solver restarts its history at each budget)."""
     budgets = sorted({positive_int("budget", b) for b in budgets})
     net.eval()
     right, settled, seconds = ({b: 0.0 for b in budgets} for _ in range(3))
@@ -69,7 +79,7 @@ def settling_curve(net, x: Tensor, y: Tensor, budgets=BUDGETS, batch: int = 250)
         u, done, spent = None, 0, 0.0
         for b in budgets:
             t0 = time.perf_counter()
-            out = net(xb, u, {"solver": {**net.layer.solver_kwargs, "max_iter": b - done}, "fallback": None})
+            out = net(xb, u, solve_options(net, method, b - done))
             spent += time.perf_counter() - t0
             sol = net.layer.report.fixed_point.solution
             right[b] += int((out.argmax(1) == yb.to(out.device)).flatten(1).all(1).sum())
@@ -79,6 +89,31 @@ def settling_curve(net, x: Tensor, y: Tensor, budgets=BUDGETS, batch: int = 250)
     n = len(x)
     return {b: {"maze_acc": right[b] / n, "settled": settled[b] / n, "seconds_per_maze": seconds[b] / n}
             for b in budgets}
+
+
+@torch.no_grad()
+def same_fixed_point(net, x: Tensor, method: str, max_iter: int, batch: int = 250, atol: float = 1e-3) -> dict:
+    """Does ``method`` (e.g. Anderson) reach the fixed point that the layer's own solver reaches from
+    rest? Both solve every maze with ``max_iter`` iterations; of the mazes both settled, the share
+    whose states differ by at most ``atol`` at every unit (``same_state``) and whose answers are
+    the same at every pixel (``same_answer``). An accelerated solve is of use at test time only
+    where it returns the network's own fixed point: an input can have several."""
+    net.eval()
+    both = same_state = same_answer = 0
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        out = []
+        for m in (None, method):
+            pred = net(xb, None, solve_options(net, m, max_iter)).argmax(1)
+            fp = net.layer.report.fixed_point
+            out.append((pred, fp.r, fp.solution.converged))
+        (p0, r0, c0), (p1, r1, c1) = out
+        ok = c0 & c1
+        both += int(ok.sum())
+        same_state += int((ok & ((r0 - r1).abs().amax(1) <= atol)).sum())
+        same_answer += int((ok & (p0 == p1).flatten(1).all(1)).sum())
+    return {"both_settled": both / len(x), "same_state": same_state / max(both, 1),
+            "same_answer": same_answer / max(both, 1)}
 
 
 def budget_curve(net, x: Tensor, y: Tensor, budgets=BUDGETS) -> dict:

@@ -233,7 +233,8 @@ class ConvFixedPointLayer(nn.Module):
     def fixed_point(self, x: Tensor, u0: Tensor | None = None, size=None, budget: dict | None = None) -> FixedPoint:
         """Solve r = f(K ⋆ r + x) for inputs x (m, N) as rows in the layer's layout (`rows`)
         of maps of ``size`` (the layer's own by default), from u0 (rest by default), with
-        ``budget`` ({"solver": options, "fallback": options or None}; the layer's own,
+        ``budget`` ({"solver": options, "fallback": options or None, and optionally "method": another
+        of `fprnn.core.solvers.SOLVERS`, e.g. Anderson at test time; the layer's own,
         [`budget`][fprnn.models.conv.ConvFixedPointLayer.budget], by default); the fixed point's rows
         are in that layout too (`maps`)."""
         size = self._size(size)
@@ -241,7 +242,10 @@ class ConvFixedPointLayer(nn.Module):
         g = self._state_map(op, x)
         u0 = torch.zeros_like(x) if u0 is None else u0
         budget = self.budget(size) if budget is None else budget
-        sol = solvers.SOLVERS[self.solver_name](g, u0, **budget["solver"])
+        method = budget.get("method", self.solver_name)
+        if method not in solvers.SOLVERS:
+            raise ValueError(f"unknown solver {method!r} in the budget; choose one of {sorted(solvers.SOLVERS)}")
+        sol = solvers.SOLVERS[method](g, u0, **budget["solver"])
         if budget["fallback"] is not None:
             sol = solvers.settle(g, u0, sol, **budget["fallback"])
         z = op(sol.u) + x

@@ -9,7 +9,10 @@ reads ``inputs`` (n, 3, H, W) and ``targets`` (n, H, W) and prints, last, one JS
 
 prints a table — at each size and budget (iterations a pixel of the side, ``--iters-per-side``),
 the whole-maze accuracy, the share settled and the seconds a maze took — and, last, one JSON line
-of it; ``--out DIR`` also writes it (large_mazes.json) and its figure (large_mazes.png)."""
+of it; ``--out DIR`` also writes it (large_mazes.json) and its figure (large_mazes.png). With
+``--solver anderson`` (another of the solvers than the network's own) the mazes are solved by it,
+and at the largest budget its fixed points are checked against the network's own solver's (the JSON
+is then {"curves": …, "same_fixed_point": {cells: …}}, `fprnn.analysis.mazes.same_fixed_point`)."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fprnn.analysis.mazes import curve_figure, evaluate, public, settling_curve
+from fprnn.analysis.mazes import curve_figure, evaluate, public, same_fixed_point, settling_curve
+from fprnn.core.solvers import SOLVERS
 from fprnn.data.mazes import GENERATORS, collate, draw
 
 Tensor = torch.Tensor
@@ -51,19 +55,27 @@ def read_mazes(path: Path) -> tuple[Tensor, Tensor]:
 
 
 def large_mazes(net, cells, n: int, generator: str, seed: int, iters_per_side, batch: int = 100,
-                log=print) -> dict:
+                log=print, method: str | None = None) -> dict:
     """{cells: {iterations: settling_curve point}} on n mazes of each size from ``generator``
     (test split, ``seed``), with budgets of each of ``iters_per_side`` iterations a pixel of the side,
-    ``batch`` mazes solved at a time."""
-    out = {}
+    ``batch`` mazes solved at a time by the layer's solver, or by ``method`` — and then also
+    {"curves": that, "same_fixed_point": {cells: its agreement with the layer's own solver at the
+    largest budget}}."""
+    curves, agreement = {}, {}
     for c in cells:
         x, y = collate([(k, draw(seed, "test", c, k, generator)) for k in range(n)])
         side = 2 * c + 1
-        out[c] = settling_curve(net, x, y, [math.ceil(k * side) for k in iters_per_side], batch=batch)
-        for its, point in out[c].items():
+        budgets = [math.ceil(k * side) for k in iters_per_side]
+        curves[c] = settling_curve(net, x, y, budgets, batch=batch, method=method)
+        for its, point in curves[c].items():
             log(f"| {c} | {side} | {its} | {point['maze_acc']:.3f} | {point['settled']:.3f} | "
                 f"{point['seconds_per_maze']:.3f} |")
-    return out
+        if method is not None:
+            agreement[c] = same_fixed_point(net, x, method, max(budgets), batch=batch)
+            log(f"{c} cells, {max(budgets)} iterations: both solvers settled {agreement[c]['both_settled']:.3f} of "
+                f"the mazes; of those, the same fixed point {agreement[c]['same_state']:.3f}, the same answer "
+                f"{agreement[c]['same_answer']:.3f}")
+    return curves if method is None else {"curves": curves, "same_fixed_point": agreement}
 
 
 def main(argv=None) -> dict:
@@ -79,6 +91,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="the drawn mazes' seed (test split)")
     parser.add_argument("--iters-per-side", type=positive_float_list, default=[1, 2, 4, 8, 16],
                         help="budgets, in iterations a pixel of the side (comma-separated)")
+    parser.add_argument("--solver", help=f"solve the drawn mazes with this solver ({sorted(SOLVERS)}) and check "
+                        "its fixed points against the network's own solver's")
     parser.add_argument("--out", type=Path, help="write large_mazes.json and large_mazes.png here")
     args = parser.parse_args(argv)
     try:
@@ -94,6 +108,8 @@ def main(argv=None) -> dict:
                 raise ValueError(f"--mazes must be ≥ 1, got {args.mazes}")
             if args.generator not in GENERATORS:
                 raise ValueError(f"unknown --generator {args.generator!r}; choose one of {sorted(GENERATORS)}")
+            if args.solver is not None and args.solver not in SOLVERS:
+                raise ValueError(f"unknown --solver {args.solver!r}; choose one of {sorted(SOLVERS)}")
         net = MazeNet.load(args.run_dir)
         x, y = (None, None) if args.file is None else read_mazes(args.file)
     except (ValueError, FileNotFoundError, TypeError) as e:
@@ -103,14 +119,14 @@ def main(argv=None) -> dict:
         print(f"{args.mazes} {args.generator} mazes a size (seed {args.seed}), solved from rest\n"
               f"| cells | side (px) | iterations | whole-maze acc | settled | s a maze |\n| --- | --- | --- | --- | --- | --- |",
               flush=True)
-        curves = large_mazes(net, args.cells, args.mazes, args.generator, args.seed, args.iters_per_side,
-                             batch=args.batch, log=lambda line: print(line, flush=True))
+        result = large_mazes(net, args.cells, args.mazes, args.generator, args.seed, args.iters_per_side,
+                             batch=args.batch, log=lambda line: print(line, flush=True), method=args.solver)
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "large_mazes.json").write_text(json.dumps(curves, indent=1))
-            curve_figure(curves, args.out / "large_mazes.png")
-        print(json.dumps(curves), flush=True)
-        return curves
+            (args.out / "large_mazes.json").write_text(json.dumps(result, indent=1))
+            curve_figure(result if args.solver is None else result["curves"], args.out / "large_mazes.png")
+        print(json.dumps(result), flush=True)
+        return result
     print(f"{len(x)} mazes of {x.shape[2]}×{x.shape[3]} pixels from {args.file}", flush=True)
     out = public(evaluate(net, x, y, batch=args.batch))
     out.update(mazes=len(x), height=int(x.shape[2]), width=int(x.shape[3]))
