@@ -439,9 +439,12 @@ def test_the_progressive_loss_is_the_weighted_sum_with_the_iteration_written_out
         mazes.MazeDataModule(progressive=2)
 
 
-def test_a_bptt_warmup_then_the_rule_is_the_two_runs_one_after_the_other():
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_a_bptt_warmup_then_the_rule_is_the_two_runs_one_after_the_other(scale):
     """module.warmup_steps=2 with rule=w3: the first two steps are bptt's (η warmup_lr, unsettled mazes
-    trained on), the third w3's — the same weights as two bptt steps, then one w3 step from them."""
+    trained on), the third w3's — the same weights as two bptt steps, then one w3 step from them;
+    rule_lr_scale: K's optimizer lr (SGD's 1 here) times it from the third step on, which under SGD
+    is w3 with η times it."""
     import copy
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset
@@ -461,11 +464,12 @@ def test_a_bptt_warmup_then_the_rule_is_the_two_runs_one_after_the_other():
     thirds = [slice(0, 3), slice(3, 6), slice(6, 9)]
     scheduled = MazeNet(**options)
     two = copy.deepcopy(scheduled)
-    module = fit(scheduled, thirds, rule="w3", lr=0.3, warmup_steps=2, warmup_lr=0.5)
+    module = fit(scheduled, thirds, rule="w3", lr=0.3, warmup_steps=2, warmup_lr=0.5, rule_lr_scale=scale)
     assert module.phase == "rule" and module.record.faults == 0
+    assert [g["lr"] for g in module.optimizers().param_groups] == [scale, 1.0, 1.0]     # K, stem, head
     fit(two, thirds[:2], rule="bptt", lr=0.5, unsettled="train")
     after_bptt = copy.deepcopy(two.state_dict())
-    fit(two, thirds[2:], rule="w3", lr=0.3)
+    fit(two, thirds[2:], rule="w3", lr=0.3 * scale)
     assert not torch.equal(after_bptt["layers.0.W"], two.state_dict()["layers.0.W"])     # w3 moved K
     for name, t in two.state_dict().items():
         torch.testing.assert_close(scheduled.state_dict()[name], t, atol=1e-12, rtol=0, msg=name)
@@ -478,6 +482,8 @@ def test_a_bptt_warmup_then_the_rule_is_the_two_runs_one_after_the_other():
         FixedPointModule(MazeNet(channels=2, head_channels=2), rule="bptt", warmup_steps=5)
     with pytest.raises(ValueError, match=r"warmup_steps must be a non-negative integer \(BPTT steps before the rule, 0 = none\), got -1"):
         FixedPointModule(MazeNet(channels=2, head_channels=2), rule="w3", warmup_steps=-1)
+    with pytest.raises(ValueError, match="rule_lr_scale=0.1 scales W's optimizer lr at the end of a warm-up"):
+        FixedPointModule(MazeNet(channels=2, head_channels=2), rule="w3", rule_lr_scale=0.1)
 
 
 @pytest.mark.parametrize("mu, mu_rho", [(0.0, 0.0), (0.5, 1.0)])

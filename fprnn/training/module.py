@@ -53,12 +53,16 @@ def _check_options(model, rule, lr, lr_readin, lr_readout, on_fault, max_faults,
         raise ValueError("nothing to train: model.train_W, train_readin and train_readout are all false")
 
 
-def _check_warmup(rule: str, warmup_steps, warmup_lr) -> None:
+def _check_warmup(rule: str, warmup_steps, warmup_lr, rule_lr_scale) -> None:
     count("warmup_steps", warmup_steps, why="BPTT steps before the rule, 0 = none")
     if warmup_steps and rule == "bptt":
         raise ValueError(f"warmup_steps={warmup_steps} is a BPTT warm-up before a rule; rule=bptt has nothing to "
                          f"warm up to (set module.warmup_steps=0, or a rule: w3, w1, jfb, …)")
     positive("warmup_lr", warmup_lr, why="the warm-up's BPTT η")
+    positive("rule_lr_scale", rule_lr_scale, why="W's optimizer lr is multiplied by it at the warm-up's end")
+    if rule_lr_scale != 1 and not warmup_steps:
+        raise ValueError(f"rule_lr_scale={rule_lr_scale} scales W's optimizer lr at the end of a warm-up, and "
+                         f"warmup_steps=0 has none (set module.warmup_steps, or rule_lr_scale=1)")
 
 
 class FixedPointModule(pl.LightningModule):
@@ -102,7 +106,10 @@ class FixedPointModule(pl.LightningModule):
     ``warmup_lr`` and the unsettled samples trained on as ``unsettled="train"`` does; from step k on,
     the ``rule`` (its mazes must settle: the unsettled are left out) — IT-Net's schedule (Knutson et
     al. 2024: BPTT first, then the implicit backward), so that the rule starts from a network whose
-    solves settle. A resumed run takes up the phase of its step.
+    solves settle. A resumed run takes up the phase of its step. ``rule_lr_scale``: at step k, W's
+    optimizer lr is multiplied by it (once; a scheduler goes on from there, and a resumed run has it
+    in its optimizer's state) — with Adam the rule's η sets no step size, and a fixed point that
+    BPTT's steps found may be held only by smaller ones.
     An objective refuses the options that do not apply to its problem (a network in time: step
     control, ``max_nonconverged``, ``unsettled``, the penalties, a warm-up).
     """
@@ -115,7 +122,7 @@ class FixedPointModule(pl.LightningModule):
                  max_skipped: float = 0.5, backtrack: int = 0, check_every: int = 50,
                  unsettled: str = "leave_out", clip_grad_norm: float | None = None, settle_penalty: float = 0.0,
                  stability_penalty: float = 0.0, stability_target: float = 0.9, warmup_steps: int = 0,
-                 warmup_lr: float = 1.0):
+                 warmup_lr: float = 1.0, rule_lr_scale: float = 1.0):
         super().__init__()
         objective = Static() if objective is None else objective
         if not isinstance(objective, Objective):
@@ -123,7 +130,7 @@ class FixedPointModule(pl.LightningModule):
         penalties = Penalties(settle_penalty, stability_penalty, stability_target)
         _check_options(model, rule, lr, lr_readin, lr_readout, on_fault, max_faults, max_skipped,
                        backtrack, unsettled, clip_grad_norm, penalties)
-        _check_warmup(rule, warmup_steps, warmup_lr)
+        _check_warmup(rule, warmup_steps, warmup_lr, rule_lr_scale)
         objective.check(dict(backtrack=backtrack, max_nonconverged=max_nonconverged, settle_penalty=settle_penalty,
                              stability_penalty=stability_penalty, unsettled=unsettled, warmup_steps=warmup_steps))
         objective.attach(model)
@@ -131,6 +138,7 @@ class FixedPointModule(pl.LightningModule):
         self.model, self.objective, self.rule_name, self.lr = model, objective, rule, float(lr)
         self.lr_readin, self.lr_readout, self.readin = lr_readin, lr_readout, readin
         self.rule_kwargs, self.warmup_steps, self.warmup_lr = rule_kwargs, warmup_steps, float(warmup_lr)
+        self.rule_lr_scale = float(rule_lr_scale)
         self.phase = None
         self.set_phase(self.phase_at(0))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -216,6 +224,11 @@ class FixedPointModule(pl.LightningModule):
         model, strategy = self.model, self.trainer.strategy
         model.zero_grad(set_to_none=True)
         weights_before = [layer.W.detach().clone() for layer in model.layers]
+        if self.phase == "warmup" and self.global_step == self.warmup_steps and self.rule_lr_scale != 1:
+            recurrent = {id(layer.W) for layer in model.layers}
+            for group in self.optimizers().param_groups:
+                if any(id(p) in recurrent for p in group["params"]):
+                    group["lr"] *= self.rule_lr_scale
         self.set_phase(self.phase_at(self.global_step))
         o = self.objective.forward_step(model, batch, step=self.global_step, unsettled=self.step_unsettled,
                                         max_nonconverged=self.max_nonconverged, penalties=self.penalties)
