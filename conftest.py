@@ -138,7 +138,8 @@ def pytest_configure(config):
         # pytest -n k: the cores shared out, so that k workers (and the processes they start, which
         # inherit the environment) do not each run a pool of threads as large as the machine's —
         # on 2 cores two full pools slow each other far more than twice
-        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = str(max(1, cores // workers))
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = threads
         import torch
