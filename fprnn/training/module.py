@@ -107,9 +107,9 @@ class FixedPointModule(pl.LightningModule):
     the ``rule`` (its mazes must settle: the unsettled are left out) — IT-Net's schedule (Knutson et
     al. 2024: BPTT first, then the implicit backward), so that the rule starts from a network whose
     solves settle. A resumed run takes up the phase of its step. ``rule_lr_scale``: at step k, W's
-    optimizer lr is multiplied by it (once; a scheduler goes on from there, and a resumed run has it
-    in its optimizer's state) — with Adam the rule's η sets no step size, and a fixed point that
-    BPTT's steps found may be held only by smaller ones.
+    optimizer lr is multiplied by it, once (the cosine schedule scales the current lr, so it goes on
+    from there; a schedule that resets the lr from its base would undo it) — with Adam the rule's η
+    sets no step size, and a fixed point that BPTT's steps found may be held only by smaller ones.
     An objective refuses the options that do not apply to its problem (a network in time: step
     control, ``max_nonconverged``, ``unsettled``, the penalties, a warm-up).
     """
