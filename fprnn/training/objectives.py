@@ -160,8 +160,11 @@ class Static(Objective):
                 setattr(self, f"{split}_settled", torchmetrics.MeanMetric())
             if self.task == "classification":
                 setattr(self, f"{split}_acc", torchmetrics.Accuracy("multiclass", num_classes=model.n_out))
-                # maps of classes (a maze's pixels): the share of maps with every pixel right
+                # maps of classes (a maze's pixels): the share of maps with every pixel right, and
+                # (held-out splits) the share solved: every pixel right at a fixed point the solve reached
                 setattr(self, f"{split}_maze_acc", torchmetrics.MeanMetric())
+                if split != "train":
+                    setattr(self, f"{split}_solved", torchmetrics.MeanMetric())
             elif self.units is not None:     # pooled over units: 1 − SS_res / SS_tot (variance-weighted)
                 setattr(self, f"{split}_r2", torchmetrics.R2Score(len(self.units), multioutput="variance_weighted"))
 
@@ -223,6 +226,10 @@ class Static(Objective):
         logs = {f"{split}/loss": getattr(self, f"{split}_loss")}
         if self.task == "classification":
             logs.update(self._accuracy(split, out, y))
+            if out.dim() > 2:
+                solved = getattr(self, f"{split}_solved")
+                solved(((out.argmax(1) == y).flatten(1).all(1) & model.used).float())
+                logs[f"{split}/solved"] = solved
         elif self.units is not None:
             r2 = getattr(self, f"{split}_r2")
             r2(out.float(), y.float())

@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fprnn.training.checkpoint import ResumableCSVLogger, atomic_save, atomic_write_text, check_checkpoint
+from fprnn.training.restarts import GiveWay, Restart, attempt_seed, attempts_set_aside, set_aside
 
 log = logging.getLogger(__name__)
 #: the summary's copy for Hydra's train.log (the console gets it printed; conf/train.yaml)
@@ -135,8 +136,9 @@ def _instantiate(node, **kw):
         raise
 
 
-def build(cfg: DictConfig, run_dir: Path | str):
-    """Instantiate data, model, module, loggers, callbacks and trainer from the config."""
+def build(cfg: DictConfig, run_dir: Path | str, attempt: int = 0):
+    """Instantiate data, model, module, loggers, callbacks and trainer from the config; ``attempt``
+    k > 0 initialises the network from another seed (``restart``: [`fprnn.training.restarts`][fprnn.training.restarts])."""
     run_dir = Path(run_dir)
     import hydra
     import pytorch_lightning as pl
@@ -145,9 +147,12 @@ def build(cfg: DictConfig, run_dir: Path | str):
     from fprnn.training.checkpoint import AtomicCheckpointIO, RunCheckpoint, best_callbacks, load_init_weights
     from fprnn.training import objectives
 
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    restart = Restart(**_plain(cfg.get("restart")))
+    seed = attempt_seed(int(cfg.seed), attempt)
+    pl.seed_everything(seed, workers=True, verbose=False)
     data = _instantiate(cfg.data)
-    model = _instantiate(cfg.model, **_model_sizes(cfg, data))
+    restart.check(cfg.trainer.get("max_epochs"), _held_out_validation(data))
+    model = _instantiate(cfg.model, **_model_sizes(cfg, data), **({"seed": seed} if "seed" in cfg.model else {}))
     check_compatible(model, data)
     if data.note:
         log.warning(data.note)
@@ -174,6 +179,9 @@ def build(cfg: DictConfig, run_dir: Path | str):
     if cfg.get("progress_bar", True):
         callbacks.append(RichProgressBar())
     callbacks += [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    give_way = restart.callback(attempt)
+    if give_way is not None:
+        callbacks.append(give_way)
     kept = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                                       **({"enable_checkpointing": True} if kept else {}),
@@ -236,19 +244,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = trainer = data = None
     error = None
     try:
-        data, model, module, trainer = build(cfg, run_dir)
-        results.update(task=data.task, data=data.name or type(data).__name__)
+        attempts = attempts_set_aside(run_dir)      # a resumed run goes on with the attempt it was in
         ckpt = cfg.get("ckpt_path")
         if cfg.get("resume") and not ckpt and (run_dir / "checkpoints" / "last.ckpt").exists():
             ckpt = str(run_dir / "checkpoints" / "last.ckpt")
-        if ckpt:
-            step = check_checkpoint(ckpt, model)
-            for lg in trainer.loggers:
-                if isinstance(lg, ResumableCSVLogger):
-                    lg.resume_at(step)
-        log_config(trainer, cfg)
-        with _sigint_between_steps(module):
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+        while True:
+            data, model, module, trainer = build(cfg, run_dir, len(attempts))
+            results.update(task=data.task, data=data.name or type(data).__name__, attempt=len(attempts),
+                           init_seed=attempt_seed(int(cfg.seed), len(attempts)))
+            if ckpt:
+                step = check_checkpoint(ckpt, model)
+                for lg in trainer.loggers:
+                    if isinstance(lg, ResumableCSVLogger):
+                        lg.resume_at(step)
+            log_config(trainer, cfg)
+            with _sigint_between_steps(module):
+                trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+            give_way = next((c for c in trainer.callbacks if isinstance(c, GiveWay)), None)
+            ended = module.record.status if module.record.status in ("diverged", "no_progress") else None
+            if give_way is None or module.interrupt_requested or not (give_way.gave_way or ended):
+                break
+            attempts.append(_give_way(cfg, run_dir, trainer, give_way, len(attempts), ended))
+            ckpt = None
+        if attempts:
+            results["attempts"] = attempts
         module.fit_metrics = {k: _finite(v) for k, v in trainer.callback_metrics.items()}
         if module.record.status == "running":
             module.record.status = "finished"
@@ -282,6 +301,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise SystemExit(f"strict=true: the run ended with status {results['status']!r} and "
                          f"{results.get('faults')} faults (see {run_dir / 'results.json'})")
     return results
+
+
+def _give_way(cfg, run_dir: Path, trainer, give_way: GiveWay, attempt: int, ended: str | None) -> dict[str, Any]:
+    """Set aside an attempt that has not learned or that ended early ("diverged", "no_progress"),
+    and say so (restarts: [`fprnn.training.restarts`][fprnn.training.restarts])."""
+    why = ended or "not learned"
+    record = {"attempt": attempt, "init_seed": attempt_seed(int(cfg.seed), attempt), "ended": why,
+              "monitor": give_way.monitor, "best": give_way.best, "threshold": give_way.threshold,
+              "epochs": int(trainer.current_epoch), "steps": int(trainer.global_step)}
+    _close_wandb(trainer, failed=False)
+    where = set_aside(run_dir, record)
+    log.warning(f"attempt {attempt}: {why} ({give_way.monitor}: best {give_way.best}, {give_way.threshold} needed "
+                f"within {give_way.by_epoch} epochs); set aside in {where}; attempt {attempt + 1} starts from seed "
+                f"{attempt_seed(int(cfg.seed), attempt + 1)}")
+    return record
 
 
 def finish(cfg, run_dir: Path, data, module, trainer, results: dict) -> dict[str, Any]:
