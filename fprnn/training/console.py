@@ -94,6 +94,11 @@ def summary(results: dict) -> list[str]:
             faults += f" · peak stability {_fmt(stability)} (< 1 stable)"
         lines.append(faults)
         lines += [f"    {f}" for f in (results.get("fault_log") or [])[-3:]]
+    if results.get("attempts"):
+        aside = results["attempts"]
+        lines.append(f"  attempt {results.get('attempt')} (init seed {results.get('init_seed')}); "
+                     f"{len(aside)} set aside in attempts/: " + ", ".join(
+                         f"{a['ended']} ({a['monitor']} {_fmt(a['best'])})" for a in aside))
     if results.get("error"):
         lines.append(f"  error: {results['error']}")
     run_dir = results.get("run_dir")

@@ -15,6 +15,7 @@ The test split is read once, by the attempt that ran to the end.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import numpy as np
 import pytorch_lightning as pl
 
 from fprnn.core.checks import positive_int
+
+log = logging.getLogger(__name__)
 
 ATTEMPTS_DIR = "attempts"
 #: what an attempt leaves in the run directory besides the run's own files (set aside when it gives way)
@@ -62,19 +65,21 @@ class Restart:
         if self.mode not in ("max", "min"):
             raise ValueError(f"restart.mode must be 'max' or 'min', got {self.mode!r}")
 
-    def check(self, max_epochs: int | None, held_out_validation: bool) -> None:
-        """An attempt can only give way before the end, and only on held-out validation."""
+    def callback(self, attempt: int, max_epochs: int | None, held_out_validation: bool) -> "GiveWay | None":
+        """The callback that stops attempt ``attempt`` if it has not learned; none for the last, and
+        none (with a warning: a preset's restarts under a user's shorter training or no validation)
+        where no attempt could give way: without a held-out validation split, or when ``by_epoch`` is
+        not before the end of training."""
         if self.attempts == 1:
-            return
+            return None
         if not held_out_validation:
-            raise ValueError(f"restart.attempts={self.attempts} judges attempts on a held-out validation split; "
-                             f"this data has none")
-        if max_epochs is not None and max_epochs > 0 and self.by_epoch >= max_epochs:
-            raise ValueError(f"restart.by_epoch={self.by_epoch} must be fewer than trainer.max_epochs={max_epochs}: "
-                             f"an attempt gives way before its training ends")
-
-    def callback(self, attempt: int) -> "GiveWay | None":
-        """The callback that stops attempt ``attempt`` if it has not learned; none for the last."""
+            log.warning(f"restart.attempts={self.attempts} judges attempts on a held-out validation split; this "
+                        f"data has none, so the run makes one attempt")
+            return None
+        if max_epochs is not None and 0 < max_epochs <= self.by_epoch:
+            log.warning(f"restart.by_epoch={self.by_epoch} is not before the end of training (trainer.max_epochs="
+                        f"{max_epochs}), so the run makes one attempt")
+            return None
         if attempt >= self.attempts - 1:
             return None
         return GiveWay(self.monitor, float(self.threshold), self.by_epoch, self.mode)

@@ -151,7 +151,6 @@ def build(cfg: DictConfig, run_dir: Path | str, attempt: int = 0):
     seed = attempt_seed(int(cfg.seed), attempt)
     pl.seed_everything(seed, workers=True, verbose=False)
     data = _instantiate(cfg.data)
-    restart.check(cfg.trainer.get("max_epochs"), _held_out_validation(data))
     model = _instantiate(cfg.model, **_model_sizes(cfg, data), **({"seed": seed} if "seed" in cfg.model else {}))
     check_compatible(model, data)
     if data.note:
@@ -179,7 +178,7 @@ def build(cfg: DictConfig, run_dir: Path | str, attempt: int = 0):
     if cfg.get("progress_bar", True):
         callbacks.append(RichProgressBar())
     callbacks += [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    give_way = restart.callback(attempt)
+    give_way = restart.callback(attempt, cfg.trainer.get("max_epochs"), _held_out_validation(data))
     if give_way is not None:
         callbacks.append(give_way)
     kept = any(isinstance(c, ModelCheckpoint) for c in callbacks)
