@@ -3,6 +3,7 @@ to another initialisation; its outputs are kept aside; a met threshold changes n
 run goes on with its attempt; the maze objective's val/solved against a per-maze count."""
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -119,3 +120,21 @@ def test_a_monitor_that_is_not_logged_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"restart.monitor='val/solve' is not logged in validation; logged: .*val/solved"):
         train(make_cfg([*SMALL, "trainer.max_epochs=2", "restart.attempts=2", "restart.monitor=val/solve",
                         "restart.threshold=0.5", "restart.by_epoch=1"], tmp_path / "run"))
+
+
+def test_an_attempt_is_judged_on_its_best_also_across_a_resume():
+    def validate(cb, epoch, value):
+        trainer = SimpleNamespace(sanity_checking=False, current_epoch=epoch, should_stop=False,
+                                  callback_metrics={cb.monitor: torch.tensor(value)})
+        cb.on_validation_end(trainer, None)
+        return trainer.should_stop
+
+    cb = GiveWay("val/solved", 0.9, by_epoch=3)
+    assert not validate(cb, 0, 0.95) and not validate(cb, 1, 0.2)
+    resumed = GiveWay("val/solved", 0.9, by_epoch=3)
+    resumed.load_state_dict(cb.state_dict())          # the checkpoint's: the best before the cut was 0.95
+    assert not validate(resumed, 2, 0.1) and not resumed.gave_way
+    fresh = GiveWay("val/solved", 0.9, by_epoch=3)    # without it the attempt would give way
+    assert not validate(fresh, 1, 0.2) and validate(fresh, 2, 0.1) and fresh.gave_way and fresh.best == pytest.approx(0.2)
+    low = GiveWay("val/loss", 0.5, by_epoch=1, mode="min")
+    assert not validate(low, 0, 0.4) and validate(GiveWay("val/loss", 0.5, by_epoch=1, mode="min"), 0, 0.6)

@@ -129,11 +129,11 @@ PRESETS["maze_seeds"] = {"base": ["experiment=mazes"],
                          "lr": [],
                          "columns": ["seed", "status", "test_maze_acc", "test_settled", "maze_acc_9", "settled_9",
                                      "path_independent_4", "path_independent_9", "peak_max_re_eig", "best_epoch",
-                                     "wall_s"],
+                                     "attempt", "wall_s"],
                          "doc": "the maze preset (or it with the overrides given, e.g. model.channels=32) on seeds "
                                 "0–9: whole-maze accuracy and the share settled at the training size and at twice "
                                 "the side (9 cells), the share of random starts that reach rest's fixed point, peak "
-                                "stability"}
+                                "stability, and the attempt that ran to the end (restart.*)"}
 
 
 def _timescales_points() -> list[tuple[str, str, str, list[str], dict]]:

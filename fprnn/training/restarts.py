@@ -94,6 +94,13 @@ class GiveWay(pl.Callback):
         self.best: float | None = None
         self.gave_way = False
 
+    def state_dict(self) -> dict:
+        """In every checkpoint: a resumed attempt is judged on its validations before the cut too."""
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state["best"]
+
     def _better(self, a: float, b: float | None) -> bool:
         return b is None or (a > b if self.mode == "max" else a < b)
 
