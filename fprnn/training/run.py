@@ -5,7 +5,7 @@ Writes into the run directory: ``results.json`` (always, also for a diverged or 
 ``model.json`` (``FixedPointRNN.load(run_dir)`` rebuilds the network), ``checkpoints/last.ckpt``,
 with a held-out validation split ``checkpoints/best.ckpt`` (the best validation metric's network:
 the one tested and saved as ``weights.pt``; results.json says which), CSV logs and the offline
-W&B run.
+W&B run; with restarts, ``attempts/<k>/`` for each attempt set aside ([`fprnn.training.restarts`][fprnn.training.restarts]).
 """
 from __future__ import annotations
 
