@@ -138,3 +138,22 @@ def test_an_attempt_is_judged_on_its_best_also_across_a_resume():
     assert not validate(fresh, 1, 0.2) and validate(fresh, 2, 0.1) and fresh.gave_way and fresh.best == pytest.approx(0.2)
     low = GiveWay("val/loss", 0.5, by_epoch=1, mode="min")
     assert not validate(low, 0, 0.4) and validate(GiveWay("val/loss", 0.5, by_epoch=1, mode="min"), 0, 0.6)
+
+
+def test_a_diverged_attempt_gives_way_and_the_last_ends_with_its_status(tmp_path, monkeypatch):
+    from fprnn.training.objectives import Mazes
+    forward = Mazes.forward_step
+
+    def non_finite(self, *args, **kwargs):      # every step's loss "non-finite": the first fault stops an attempt
+        o = forward(self, *args, **kwargs)
+        o.fault = "non-finite loss"
+        return o
+
+    monkeypatch.setattr(Mazes, "forward_step", non_finite)
+    run = tmp_path / "run"
+    res = train(make_cfg([*SMALL, "trainer.max_epochs=2", "restart.attempts=2", "restart.by_epoch=1",
+                          "fault.on_fault=stop"], run))
+    (aside,) = res["attempts"]
+    assert aside["ended"] == "diverged" and aside["steps"] == 0 and aside["init_seed"] == 0
+    assert (run / "attempts" / "0" / "attempt.json").is_file()
+    assert res["status"] == "diverged" and res["attempt"] == 1 and res["faults"] == 1
