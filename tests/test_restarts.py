@@ -136,6 +136,8 @@ def test_an_attempt_is_judged_on_its_best_also_across_a_resume():
     assert not validate(resumed, 2, 0.1) and not resumed.gave_way
     fresh = GiveWay("val/solved", 0.9, by_epoch=3)    # without it the attempt would give way
     assert not validate(fresh, 1, 0.2) and validate(fresh, 2, 0.1) and fresh.gave_way and fresh.best == pytest.approx(0.2)
+    sparse = GiveWay("val/solved", 0.9, by_epoch=2)   # validation every other epoch: the first from by_epoch on
+    assert not validate(sparse, 0, 0.5) and validate(sparse, 2, 0.5)
     low = GiveWay("val/loss", 0.5, by_epoch=1, mode="min")
     assert not validate(low, 0, 0.4) and validate(GiveWay("val/loss", 0.5, by_epoch=1, mode="min"), 0, 0.6)
 

@@ -116,7 +116,8 @@ class GiveWay(pl.Callback):
             self.best = value
         learned = self.best is not None and (self.best >= self.threshold if self.mode == "max"
                                              else self.best <= self.threshold)
-        if trainer.current_epoch + 1 == self.by_epoch and not learned:
+        # ≥: the first validation from by_epoch on decides, also where validation skips epochs
+        if trainer.current_epoch + 1 >= self.by_epoch and not learned:
             self.gave_way = True
             trainer.should_stop = True
 
